@@ -1,0 +1,157 @@
+"""Named processes (Z1R, Mess3, the partition-preserving Z1R of eq. 8, ...) and a registry.
+
+Processes are plain tensors ``T[x, s, s']`` wrapped in :class:`lib.ghmm.GHMM`. Names compose with
+``_x_`` into Kronecker products, so ``get_process("mess3_x_mess3")`` is the fully factored
+Mess3 x Mess3 process of appendix A, with joint token v = v1 |V2| + v2 and initial vector the
+Kronecker product of the factors' initial vectors (never "the" stationary vector of the joint,
+which is not unique for products of periodic processes such as Z1R x Z1R).
+"""
+
+from __future__ import annotations
+
+from functools import reduce
+from typing import Callable
+
+import numpy as np
+
+from lib.ghmm import GHMM, ProcessError, stationary_distribution
+
+__all__ = ["z1r", "mess3", "pp_z1r", "pp_mess3", "product", "get_process", "REGISTRY", "PRODUCT_SEPARATOR"]
+
+PRODUCT_SEPARATOR = "_x_"
+
+
+def z1r() -> GHMM:
+    """Zero-One-Random: S0 emits 0 -> S1, S1 emits 1 -> SR, SR emits a fair coin -> S0.
+
+    Periodic with period 3, so its stationary vector (uniform) is unique but a product of two
+    copies has a three-fold degenerate eigenvalue 1.
+    """
+    transfer = np.zeros((2, 3, 3))
+    transfer[0, 0, 1] = 1.0  # S0 --0--> S1
+    transfer[1, 1, 2] = 1.0  # S1 --1--> SR
+    transfer[0, 2, 0] = 0.5  # SR --0--> S0
+    transfer[1, 2, 0] = 0.5  # SR --1--> S0
+    return GHMM(transfer, stationary_distribution(transfer.sum(0)), name="z1r")
+
+
+def mess3(x: float = 0.15, alpha: float = 0.6) -> GHMM:
+    """Mess3(x, alpha) of Marzen & Crutchfield: 3 states, 3 tokens, a fractal belief simplex.
+
+    With beta = (1 - alpha) / 2 and y = 1 - 2x, token a is emitted from state a with weight
+    alpha*y (staying) etc. Stationary distribution is uniform by symmetry.
+    """
+    if not (0 < x < 0.5 and 0 < alpha < 1):
+        raise ProcessError(f"mess3 needs 0 < x < 0.5 and 0 < alpha < 1, got x={x}, alpha={alpha}")
+    beta, y = (1 - alpha) / 2, 1 - 2 * x
+    transfer = np.empty((3, 3, 3))
+    for token in range(3):
+        for s in range(3):
+            for t in range(3):
+                weight = alpha if t == token else beta
+                transfer[token, s, t] = weight * (y if s == t else x)
+    name = "mess3" if (x, alpha) == (0.15, 0.6) else f"mess3({x},{alpha})"
+    return GHMM(transfer, stationary_distribution(transfer.sum(0)), name=name)
+
+
+def _sector_mixture(sector_stationaries: list[np.ndarray], weights: np.ndarray, sectors) -> np.ndarray:
+    """Initial vector of a non-ergodic process: weight w_i on sector i, spread as its own stationary vector."""
+    n_states = sum(len(s) for s in sectors)
+    initial = np.zeros(n_states)
+    for w, sector, pi in zip(weights, sectors, sector_stationaries):
+        initial[list(sector)] = w * pi
+    return initial
+
+
+def pp_z1r() -> GHMM:
+    """The partition-preserving Z1R-like process of eq. (8), with partition span{S0} (+) span{S1, SR}.
+
+    S0 emits 0 forever; S1 emits 1 -> SR and SR emits a fair coin -> S1. The process is
+    non-ergodic, so its stationary vector is not unique: following the foundation issue, each
+    sector gets weight 1/2 and its own stationary vector inside it, i.e. [1/2, 1/4, 1/4].
+    """
+    transfer = np.array(
+        [
+            [[1, 0, 0], [0, 0, 0], [0, 0.5, 0]],  # T'_0
+            [[0, 0, 0], [0, 0, 1], [0, 0.5, 0]],  # T'_1
+        ],
+        dtype=np.float64,
+    )
+    sectors = ((0,), (1, 2))
+    initial = _sector_mixture([np.ones(1), np.full(2, 0.5)], np.array([0.5, 0.5]), sectors)
+    return GHMM(transfer, initial, name="pp_z1r", partition=sectors, partition_labels=("S0", "S1SR"))
+
+
+def pp_mess3(first: tuple[float, float] = (0.15, 0.6), second: tuple[float, float] = (0.05, 0.85)) -> GHMM:
+    """Two Mess3 sectors with different (x, alpha) on a shared alphabet: Mess3 (+) Mess3'.
+
+    A partition-preserving process whose sector is *not* revealed after a few tokens (unlike
+    eq. 8, where one token 1 identifies it), so correlations between factors' sectors survive
+    long contexts. Used to show factor correlation that persists over the context.
+    """
+    a, b = mess3(*first), mess3(*second)
+    transfer = np.zeros((3, 6, 6))
+    transfer[:, :3, :3] = a.transfer
+    transfer[:, 3:, 3:] = b.transfer
+    sectors = ((0, 1, 2), (3, 4, 5))
+    initial = _sector_mixture([a.initial, b.initial], np.array([0.5, 0.5]), sectors)
+    return GHMM(transfer, initial, name="pp_mess3", partition=sectors, partition_labels=("M", "M'"))
+
+
+def product(*processes: GHMM) -> GHMM:
+    """Kronecker product of processes: T(v) = T_1(v_1) (x) T_2(v_2) (x) ..., v = v_1 |V_2| + v_2.
+
+    The initial vector is the Kronecker product of the factors' initial vectors; sectors are the
+    products of the factors' sectors (one sector per factor if it has no partition).
+    """
+    if len(processes) == 0:
+        raise ProcessError("product() needs at least one process")
+    if len(processes) == 1:
+        return processes[0]
+    transfer = reduce(
+        lambda acc, nxt: np.einsum("xab,ycd->xyacbd", acc, nxt).reshape(
+            acc.shape[0] * nxt.shape[0], acc.shape[1] * nxt.shape[1], acc.shape[2] * nxt.shape[2]
+        ),
+        [p.transfer for p in processes],
+    )
+    initial = reduce(np.kron, [p.initial for p in processes])
+    right = reduce(np.kron, [p.right for p in processes])
+    from lib.sfp import product_partition  # local import: sfp builds on this module
+
+    partition, labels = product_partition(processes)
+    factors = tuple(f for p in processes for f in (p.factors or (p,)))
+    return GHMM(
+        transfer,
+        initial,
+        name=PRODUCT_SEPARATOR.join(p.name for p in processes),
+        right=right,
+        hmm=all(p.hmm for p in processes),
+        partition=partition,
+        partition_labels=labels,
+        factor_states=tuple(f.n_states for f in factors),
+        factor_tokens=tuple(f.n_tokens for f in factors),
+        factors=factors,
+    )
+
+
+#: Atomic processes by name; products are written ``a_x_b``.
+REGISTRY: dict[str, Callable[[], GHMM]] = {
+    "z1r": z1r,
+    "mess3": mess3,
+    "pp_z1r": pp_z1r,
+    "pp_mess3": pp_mess3,
+}
+
+
+def get_process(name: str) -> GHMM:
+    """Build a process from its name: an atom of :data:`REGISTRY` or atoms joined by ``_x_``."""
+    if not isinstance(name, str) or not name:
+        raise ProcessError(f"process name must be a non-empty string, got {name!r}")
+    atoms = name.split(PRODUCT_SEPARATOR)
+    unknown = [a for a in atoms if a not in REGISTRY]
+    if unknown:
+        raise ProcessError(
+            f"unknown process {unknown[0]!r} in {name!r}; known processes: {', '.join(sorted(REGISTRY))} "
+            f"(join with {PRODUCT_SEPARATOR!r} for products)"
+        )
+    return product(*(REGISTRY[a]() for a in atoms))
