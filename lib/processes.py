@@ -16,7 +16,7 @@ import numpy as np
 
 from lib.ghmm import GHMM, ProcessError, stationary_distribution
 
-__all__ = ["z1r", "mess3", "pp_z1r", "pp_mess3", "product", "get_process", "REGISTRY", "PRODUCT_SEPARATOR"]
+__all__ = ["z1r", "mess3", "pp_z1r", "pp_mess3", "semi_factored_z1r", "product", "get_process", "REGISTRY", "PRODUCT_SEPARATOR"]
 
 PRODUCT_SEPARATOR = "_x_"
 
@@ -134,19 +134,61 @@ def product(*processes: GHMM) -> GHMM:
     )
 
 
+def semi_factored_z1r(correlation: float = 0.5) -> GHMM:
+    """The semi-factored process of study 02: two eq.-8 factors whose blocks are *not* all products.
+
+    Factor A ("persona") and factor B ("capability") are copies of :func:`pp_z1r`, giving the four
+    sectors P_ij = A_i (x) B_j (i, j = 0 for span{S0}, 1 for span{S1, SR}). Inside P_0j the block
+    is the plain product T_A(a) (x) T_B(b); inside P_1j factor B's *token meaning is flipped*
+    (it emits 1 - b), the analogue of the misaligned persona turning the task's output into its
+    "bad" variant. Every T(x) stays block diagonal over the sectors (partition preserving), but
+    what factor B's tokens mean depends on factor A's sector, so the factors are entangled in one
+    direction only: moving A across its partition changes B's predictions, moving B does not
+    change A's. The sector prior has correlation ``correlation`` (see
+    :func:`lib.sfp.correlated_sector_prior`). The seed leaves its semi-factored process
+    unspecified beyond "partition-preserving Z1R, factors share partition structure but are not
+    fully independent"; this is our concrete, documented choice.
+    """
+    from lib.sfp import correlated_sector_prior, sfp_from_blocks
+
+    factor = pp_z1r()
+    flipped = factor.transfer[::-1]  # token b of the flipped factor is token 1 - b of the original
+    subspaces = factor.partition
+    prior = correlated_sector_prior(2, 2, correlation)
+    blocks, initials, weights = {}, {}, {}
+    for i, sector_a in enumerate(subspaces):
+        for j, sector_b in enumerate(subspaces):
+            t_b = flipped if i == 1 else factor.transfer
+            blocks[(i, j)] = np.stack([
+                np.kron(factor.transfer[a][np.ix_(sector_a, sector_a)], t_b[b][np.ix_(sector_b, sector_b)])
+                for a in range(2) for b in range(2)
+            ])
+            initials[(i, j)] = np.kron(factor.initial[list(sector_a)], factor.initial[list(sector_b)])
+            weights[(i, j)] = prior[i, j]
+    return sfp_from_blocks(
+        (3, 3), (subspaces, subspaces), blocks, weights, initials, name="semi_factored",
+        factor_tokens=(2, 2), subspace_names=(("0", "1"), ("0", "1")),
+    )
+
+
 #: Atomic processes by name; products are written ``a_x_b``.
 REGISTRY: dict[str, Callable[[], GHMM]] = {
     "z1r": z1r,
     "mess3": mess3,
     "pp_z1r": pp_z1r,
     "pp_mess3": pp_mess3,
+    "semi_factored": semi_factored_z1r,
 }
 
 
 def get_process(name: str) -> GHMM:
-    """Build a process from its name: an atom of :data:`REGISTRY` or atoms joined by ``_x_``."""
+    """Build a process from its name: an atom of :data:`REGISTRY`, atoms joined by ``_x_``, or ``em(...)``."""
     if not isinstance(name, str) or not name:
         raise ProcessError(f"process name must be a non-empty string, got {name!r}")
+    if name.startswith("em("):  # parametric EM-SFP family of study 03: em(key=value, ...)
+        from lib.em import em_process, parse_em_name
+
+        return em_process(parse_em_name(name))
     atoms = name.split(PRODUCT_SEPARATOR)
     unknown = [a for a in atoms if a not in REGISTRY]
     if unknown:

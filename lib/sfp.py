@@ -33,6 +33,7 @@ __all__ = [
     "semi_factored_process",
     "sfp_from_blocks",
     "leaky",
+    "restrict_to_sector",
     "density_matrix",
     "factor_marginals",
     "product_of_marginals",
@@ -288,6 +289,27 @@ def sfp_from_blocks(
         factor_states=factor_states,
         factor_tokens=tuple(factor_tokens) if factor_tokens is not None else None,
     )
+
+
+def restrict_to_sector(process: GHMM, label: str | Sequence[str]) -> GHMM:
+    """The same process started inside one sector (or a set of sectors), prior restricted and renormalised.
+
+    Because an SFP never leaves a sector, this samples "sequences of that sector" (e.g. task 1 in
+    the misaligned persona, the narrow fine-tuning data of study 03). A set of sectors keeps their
+    relative prior weights.
+    """
+    labels = process.partition_labels or ()
+    wanted = [label] if isinstance(label, str) else list(label)
+    unknown = [w for w in wanted if w not in labels]
+    if unknown:
+        raise ProcessError(f"unknown sector {unknown[0]!r} of {process.name!r}; sectors: {labels}")
+    states = [s for w in wanted for s in process.partition[labels.index(w)]]
+    initial = np.zeros(process.n_states)
+    initial[states] = process.initial[states]
+    if initial.sum() <= 0:
+        initial[states] = 1.0  # sectors with prior weight 0: start uniformly inside them
+    name = f"{process.name}|{'+'.join(wanted)}"
+    return replace(process, initial=initial / initial.sum(), name=name, factors=None)
 
 
 def leaky(process: GHMM, epsilon: float, name: str | None = None) -> GHMM:

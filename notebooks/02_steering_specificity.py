@@ -1,0 +1,467 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Study 02 — Steering specificity: belief probes and belief-state steering in toy transformers
+#
+# **Question.** Small transformers trained on factored processes linearly represent each factor's
+# belief. If we steer one factor by adding the difference of two belief-class centroids, does the
+# other factor stay put? The proposal's headline (seed 000, appendix A) says yes, with spillover
+# ratios of about 0.002 on Z1R × Z1R and below 0.01 on Mess3 × Mess3, while a *semi-factored*
+# process shows spillover along its entangled factor — the toy signature of emergent misalignment.
+#
+# We reproduce Tables 2–6 side by side with the seed's numbers, over several training seeds, and
+# then go further: layer dependence, an untrained-network control for the probes, a direct
+# measurement of *why* centroid steering leaks, and a conditional variant of belief-state steering
+# that removes the leak.
+#
+# Choices the seed leaves open are made in `lib.train` (BOS token, pre-LN, ReLU, Adam with warm-up
+# and cosine decay), `lib.steer` (belief classes, the target distribution, the conditional
+# method) and `lib.processes.semi_factored_z1r` (the semi-factored process); each is stated where
+# it matters below.
+
+# %% tags=["parameters"]
+processes: list[str] = ["z1r_x_z1r", "mess3_x_mess3", "semi_factored"]
+seeds: list[int] = [0]
+train_steps: dict[str, int] = {"z1r_x_z1r": 120, "mess3_x_mess3": 120, "semi_factored": 120}
+batch_size: dict[str, int] = {"z1r_x_z1r": 128, "mess3_x_mess3": 128, "semi_factored": 128}
+learning_rate: dict[str, float] = {"z1r_x_z1r": 0.001, "mess3_x_mess3": 0.001, "semi_factored": 0.001}
+snapshot_fractions: list[float] = [0.0, 0.25, 0.5, 1.0]
+eval_sequences: int = 1024
+n_probe_sequences: int = 300
+n_steering_sequences: int = 500
+scales: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0]
+partition_scales: list[float] = [0.0, 0.5, 1.0, 2.0, 3.0, 5.0]
+layer_scale: float = 1.0
+analysis_seed: int = 0
+torch_threads: int = 1
+output_dir: str | None = None
+
+# %%
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+from IPython.display import Markdown, display
+
+from lib import seed_tables
+from lib.ghmm import marginals
+from lib.plots import plot_simplex, set_style
+from lib.probe import principal_angles, probe_frame, probe_r2_over_training, residual_hooks
+from lib.processes import get_process
+from lib.report import resolve_output_dir, save_figure, write_metrics
+from lib.stats import across_seeds
+from lib.steer import centroid_interaction, partition_frame, prepare_steering, steering_frame
+from lib.train import TrainConfig, history_frame, load_or_train
+
+set_style()
+torch.set_num_threads(torch_threads)
+out = resolve_output_dir(output_dir, "02_steering_specificity")
+started = time.perf_counter()
+
+
+def config(process: str, seed: int) -> TrainConfig:
+    steps = train_steps[process]
+    return TrainConfig(process=process, steps=steps, batch_size=batch_size[process], lr=learning_rate[process],
+                       seed=seed, eval_every=max(steps // 10, 1), eval_sequences=eval_sequences,
+                       snapshot_steps=tuple(int(round(f * steps)) for f in snapshot_fractions))
+
+
+# %% [markdown]
+# ## 1. Setup: three processes and their transformers
+#
+# * **Z1R × Z1R** and **Mess3 × Mess3**: fully factored Kronecker products (joint token
+#   $v=v_1|V_2|+v_2$, product initial vector).
+# * **Semi-factored**: two copies of the partition-preserving Z1R of eq. 8 (sectors span{S0} ⊕
+#   span{S1, SR}); in the sectors where factor A sits in span{S1, SR}, factor B's tokens are flipped
+#   — factor A (the "persona") changes what factor B's outputs mean, factor B never affects A. Every
+#   $T(x)$ is block diagonal over the four sectors, and the sector prior has correlation 0.5.
+#
+# Each model is a 2-layer, $d_{model}=64$, 2-head ($d_{head}=32$), $d_{mlp}=256$ HookedTransformer
+# that sees BOS + 10 tokens and predicts every next token; training draws fresh samples every
+# step. Models are cached by a hash of their full config, so re-running this report does not retrain.
+
+# %%
+models = {(p, s): load_or_train(config(p, s), threads=torch_threads) for p in processes for s in seeds}
+history = history_frame(models)
+display(pd.DataFrame([{"process": p, "states": get_process(p).n_states, "tokens": get_process(p).n_tokens,
+                       "steps": train_steps[p], "batch": batch_size[p], "lr": learning_rate[p],
+                       "train time (s, seed 0 or cache)": round(models[(p, seeds[0])].train_seconds, 1)}
+                      for p in processes]))
+
+# %%
+fig, ax = plt.subplots(figsize=(7, 4))
+curves = history[history.step > 0].assign(excess=lambda d: d.ce_ratio - 1)
+sns.lineplot(data=curves, x="step", y="excess", hue="process", units="seed", estimator=None, ax=ax, lw=1)
+ax.set_yscale("log")
+ax.axhline(0.005, color="0.4", ls=":", lw=1)
+ax.text(curves.step.max(), 0.005, " 1.005× optimal", va="center", fontsize=7)
+ax.set_xlabel("training step (batches)")
+ax.set_ylabel("model CE / Bayes-optimal CE − 1 (log scale)")
+ax.set_title("Training curves against the exact Bayes-optimal cross-entropy (one line per seed)")
+fig.tight_layout()
+save_figure(fig, out, "training_curves")
+plt.show()
+
+final = history.sort_values("step").groupby(["process", "seed"]).tail(1)
+ce = across_seeds(final, ["process"], ["ce_ratio", "gap_captured", "model_ce", "optimal_ce"])
+display(ce.round(5))
+
+# %% [markdown]
+# Cross-entropy is measured against the exact next-token distribution of each prefix of a fixed
+# evaluation set ($-\sum_x p_{opt}(x)\log p_{model}(x)$, no sampling noise from the next token),
+# over all 11 predicted positions. For Mess3 × Mess3 the ratio says little — predicting
+# uniformly is already within 1% of optimal — so the *gap captured*
+# (uniform − model)/(uniform − optimal) is the meaningful number there.
+#
+# ## 2. Belief probes
+#
+# Linear regression (with bias) from residual activations to the exact joint belief and to each
+# factor's marginal belief, pooled over positions 1–10, fitted on 80% of the sequences and scored
+# (variance-weighted $R^2$) on the held-out 20%. We probe every residual hook and their
+# concatenation (the headline), and the same probes on the same architecture at initialisation.
+
+# %%
+probes_df, probes = probe_frame(models, n_probe_sequences, analysis_seed)
+r2 = across_seeds(probes_df, ["process", "model", "layer", "target"], ["r2"])
+r2_wide = r2.pivot_table(index=["process", "layer"], columns=["model", "target"], values="r2_mean")
+display(r2_wide.round(3))
+
+# %%
+demo = [p for p in ("mess3_x_mess3", "z1r_x_z1r") if p in processes][:1] or processes[:1]
+demo_process = get_process(demo[0])
+demo_tokens = demo_process.sample(600, 10, np.random.default_rng([analysis_seed, 5]))
+from lib.probe import collect_activations  # noqa: E402  (one call, here for the figure)
+
+acts = collect_activations(models[(demo[0], seeds[0])].model, demo_tokens, demo_process.n_tokens,
+                           residual_hooks(models[(demo[0], seeds[0])].model))
+features = np.concatenate([a[:, 1:] for a in acts.values()], axis=-1).reshape(-1, 64 * len(acts))
+true = marginals(demo_process.beliefs(demo_tokens)[:, 1:].reshape(-1, demo_process.n_states),
+                 demo_process.factor_states)[0]
+predicted = probes[(demo[0], seeds[0])][("concat", "factor0")].predict(features)
+fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+plot_simplex(true, axes[0], title=f"{demo[0]}: exact factor-0 belief", size=3)
+plot_simplex(np.clip(predicted, 0, 1) / np.clip(predicted, 0, 1).sum(-1, keepdims=True), axes[1],
+             title="probe prediction from the residual stream (held-in contexts)", size=3)
+fig.tight_layout()
+save_figure(fig, out, "probe_simplex")
+plt.show()
+
+angles = pd.DataFrame([{"process": p, "seed": s, "angles (deg)": np.round(principal_angles(
+    probes[(p, s)][("concat", "factor0")].weights, probes[(p, s)][("concat", "factor1")].weights), 1).tolist()}
+    for p, s in models])
+display(angles)
+
+# %% [markdown]
+# The principal angles between the two factors' probe read-out subspaces say how orthogonal the
+# factors' representations are (90° = orthogonal).
+#
+# **How the representation sharpens with training** (concatenated-residual probe, saved snapshots):
+
+# %%
+r2_steps = {p: pd.DataFrame([row | {"seed": s} for s in seeds
+                             for row in probe_r2_over_training(models[(p, s)], n_probe_sequences, analysis_seed)])
+            for p in processes}
+r2_steps_frame = pd.concat([d.assign(process=p) for p, d in r2_steps.items()]).melt(
+    id_vars=["process", "seed", "steps"], value_vars=["factor0", "factor1"], var_name="factor", value_name="R2")
+grid = sns.relplot(data=r2_steps_frame, x="steps", y="R2", hue="factor", col="process", kind="line", marker="o",
+                   height=3, aspect=1.1, facet_kws={"sharex": False})
+grid.set_axis_labels("training step (batches)", "held-out probe R² (concatenated residuals)")
+save_figure(grid.figure, out, "probe_r2_vs_steps")
+plt.show()
+
+# %% [markdown]
+# ## 3. Belief-state steering (Tables 2–5 and the semi-factored process)
+#
+# Exactly as appendix A: 500 contexts of 10 tokens; final-layer residual at the final position;
+# belief classes are the distinct per-factor marginal beliefs (rounded to $10^{-6}$). Z1R-type
+# factors synchronise, so there are three large classes per factor (S0, S1, SR). Mess3 beliefs
+# never repeat (every context is its own class), so for Mess3 we group contexts by their most
+# likely hidden state — the three lobes of the fractal — which keeps 3 classes and 6 ordered
+# pairs as in the seed. Steering vector $c_t-c_s$ × scale, added at the final position. Metrics
+# (nats, averaged over source contexts then over the 6 ordered pairs):
+# $D_{KL}(\hat p_f\Vert p_{target,f})$ against the model's own mean factor-$f$ output on contexts
+# genuinely in the target class; $D_{KL}(\hat p_f\Vert p_f^{orig})$ (intended);
+# $D_{KL}(\hat p_{\bar f}\Vert p_{\bar f}^{orig})$ (spillover); ratio = spillover / intended.
+#
+# `centroid` is the seed's method. `conditional` is ours (section 4).
+
+# %%
+steer = steering_frame(models, scales, n_steering_sequences, analysis_seed)
+steer_stats = across_seeds(steer, ["process", "method", "factor", "scale"],
+                           ["kl_target", "kl_steered", "kl_unsteered", "ratio"])
+
+
+def beside_seed(process: str, factor: int, method: str = "centroid") -> pd.DataFrame:
+    """Our mean (± sd over seeds) next to the seed's table, with the difference."""
+    ours = steer_stats[(steer_stats.process == process) & (steer_stats.factor == factor)
+                       & (steer_stats.method == method)].set_index("scale")
+    seed = seed_tables.steering_table(process, factor)
+    table = pd.DataFrame(index=ours.index)
+    for col in ["kl_target", "kl_steered", "kl_unsteered", "ratio"]:
+        table[f"{col} ours"] = ours[f"{col}_mean"].map("{:.4f}".format) + " ± " + ours[f"{col}_sd"].fillna(0).map(
+            "{:.4f}".format)
+        if seed is not None:
+            table[f"{col} seed"] = seed.set_index("scale")[col]
+            table[f"{col} Δ"] = (ours[f"{col}_mean"] - table[f"{col} seed"]).round(4)
+    return table
+
+
+for process in processes:
+    for factor in (0, 1):
+        label = {("z1r_x_z1r", 0): "Table 2", ("z1r_x_z1r", 1): "Table 3", ("mess3_x_mess3", 0): "Table 4",
+                 ("mess3_x_mess3", 1): "Table 5"}.get((process, factor), "no seed table (prose only)")
+        display(Markdown(f"**{process}, steering factor {factor}** — seed {label}"))
+        display(beside_seed(process, factor))
+
+# %%
+curves = steer_stats[steer_stats.scale > 0].melt(
+    id_vars=["process", "method", "factor", "scale"], value_vars=["kl_steered_mean", "kl_unsteered_mean"],
+    var_name="quantity", value_name="KL (nats)")
+curves["quantity"] = curves["quantity"].map({"kl_steered_mean": "intended (steered factor)",
+                                             "kl_unsteered_mean": "spillover (other factor)"})
+curves["factor"] = "steer factor " + curves["factor"].astype(str)
+grid = sns.relplot(data=curves, x="scale", y="KL (nats)", hue="quantity", style="method", col="process", row="factor",
+                   kind="line", marker="o", height=2.8, aspect=1.2)
+grid.set(yscale="log")
+grid.set_titles("{row_name} · {col_name}")
+grid.set_axis_labels("steering scale c (× centroid difference)", "D_KL vs unsteered output (nats, log)")
+save_figure(grid.figure, out, "kl_vs_scale")
+plt.show()
+
+ratio_curves = steer_stats[steer_stats.scale > 0].assign(factor=lambda d: "steer factor " + d.factor.astype(str))
+grid = sns.relplot(data=ratio_curves, x="scale", y="ratio_mean", hue="process", style="method", col="factor",
+                   kind="line", marker="o", height=3.2, aspect=1.3)
+grid.set(yscale="log")
+grid.set_titles("{col_name}")
+grid.set_axis_labels("steering scale c (× centroid difference)", "spillover ratio = spillover / intended (log)")
+save_figure(grid.figure, out, "spillover_ratio_vs_scale")
+plt.show()
+
+# %% [markdown]
+# ## 4. Why centroid steering leaks, and conditional belief-state steering
+#
+# A marginal centroid $c_t$ averages the activations of class $t$ over every state of the other
+# factor. If the activations of the joint classes were additive, $c(i,j)=u_i+v_j$, the vector
+# $c_t-c_s=u_t-u_s$ would be the same for every other-factor state and could not move the other
+# factor. The fraction of the joint-class centroid variance that an additive fit leaves
+# unexplained measures exactly what the marginal vector gets wrong:
+
+# %%
+interaction = []
+for (p, s), trained in models.items():
+    tokens = trained.process.sample(n_steering_sequences, 10, np.random.default_rng([analysis_seed, s, 7]))
+    for hook in residual_hooks(trained.model):
+        setup = prepare_steering(trained.model, trained.process, tokens, hook)
+        interaction.append({"process": p, "seed": s, "hook": hook, "non-additive fraction": centroid_interaction(setup)})
+interaction = pd.DataFrame(interaction)
+display(across_seeds(interaction, ["process", "hook"], ["non-additive fraction"]).round(3))
+
+# %% [markdown]
+# **Conditional belief-state steering** uses the centroids of the *joint* classes instead:
+# $c(t,j)-c(s,j)$ where $j$ is the other factor's class of the source context, decoded from the
+# model's own final-layer activations by a linear probe fitted on separate contexts (no ground
+# truth at steering time). It still moves only along directions the model uses for factor $f$'s
+# belief, but it does so at the other factor's actual state.
+
+# %%
+at_one = steer_stats[steer_stats.scale == 1.0].pivot_table(
+    index=["process", "factor"], columns="method", values=["kl_steered_mean", "kl_unsteered_mean", "ratio_mean"])
+display(at_one.round(5))
+decode = steer.groupby("process")["decode_accuracy"].mean()
+display(Markdown("Class-decoding accuracy of the probe used by the conditional method: "
+                 + ", ".join(f"{p} {v:.3f}" for p, v in decode.items())))
+
+# %% [markdown]
+# ## 5. Layer dependence of specificity
+#
+# The same steering at every residual hook point (centroids computed at that hook), scale
+# `layer_scale`:
+
+# %%
+by_layer = steering_frame(models, [layer_scale], n_steering_sequences, analysis_seed,
+                          hooks=residual_hooks(next(iter(models.values())).model), progress=False)
+layer_stats = across_seeds(by_layer, ["process", "method", "hook", "factor"], ["ratio", "kl_steered"])
+grid = sns.catplot(data=by_layer.assign(factor=lambda d: "steer factor " + d.factor.astype(str)),
+                   x="hook", y="ratio", hue="method", col="process", row="factor", kind="bar", errorbar="sd",
+                   height=3.0, aspect=1.1)
+grid.set(yscale="log")
+grid.set_titles("{row_name} · {col_name}")
+grid.set_axis_labels("residual hook (steering site)", f"spillover ratio at scale {layer_scale:g} (log)")
+for ax in grid.axes.flat:
+    ax.tick_params(axis="x", rotation=30)
+save_figure(grid.figure, out, "ratio_by_layer")
+plt.show()
+display(layer_stats.round(4))
+
+# %% [markdown]
+# ## 6. Semi-factored process: asymmetric spillover and partition violation (Table 6)
+#
+# In the semi-factored process factor A's sector decides what factor B's tokens mean, so moving
+# factor A across its partition *should* change factor B's predictions, while moving factor B
+# should leave factor A alone. For Table 6 we take contexts whose sector is known to be P10
+# (A in span{S1, SR}, B in span{S0}) or P01 (A in span{S0}, B in span{S1, SR}), steer the factor
+# that varies inside the sector between its classes there, and measure the *forbidden* mass
+# (tokens no state of the sector can emit) and the *target-class* mass (tokens in the support of
+# the Bayes-optimal prediction of contexts genuinely in the target class).
+
+# %%
+semi_models = {k: v for k, v in models.items() if k[0] == "semi_factored"}
+if semi_models:
+    partition = partition_frame(semi_models, ["(1,0)", "(0,1)"], partition_scales, n_steering_sequences,
+                                analysis_seed)
+    partition["block"] = partition.sector.map({"(1,0)": "P10", "(0,1)": "P01"})
+    part_stats = across_seeds(partition, ["method", "block", "scale"], ["forbidden", "target"])
+    seed6 = seed_tables.partition_table()
+    table6 = part_stats.merge(seed6, on=["block", "scale"], how="left", suffixes=("", "_seed"))
+    display(table6.pivot_table(index=["block", "scale"], columns="method",
+                               values=["forbidden_mean", "target_mean", "forbidden", "target"]).rename(
+        columns={"forbidden": "forbidden (seed)", "target": "target (seed)"}).round(4))
+    long = partition.melt(id_vars=["block", "scale", "method", "seed"], value_vars=["forbidden", "target"],
+                          var_name="mass", value_name="probability")
+    grid = sns.relplot(data=long, x="scale", y="probability", hue="block", style="method", col="mass", kind="line",
+                       markers=True, errorbar="sd", height=3.2, aspect=1.2)
+    grid.set_titles("{col_name} mass")
+    grid.set_axis_labels("steering scale c", "probability mass (mean over contexts; sd over seeds)")
+    save_figure(grid.figure, out, "partition_violation")
+    plt.show()
+
+
+# %% [markdown]
+# ## Conclusion
+
+# %%
+def stat(process, factor, scale, col, method="centroid"):
+    row = steer_stats[(steer_stats.process == process) & (steer_stats.factor == factor)
+                      & (steer_stats.scale == scale) & (steer_stats.method == method)]
+    return float(row[f"{col}_mean"].iloc[0]) if len(row) else float("nan")
+
+
+def headline(process, method):
+    return float(np.mean([stat(process, f, 1.0, "ratio", method) for f in (0, 1)]))
+
+
+r2_headline = r2[(r2.model == "trained") & (r2.layer == "concat")].pivot_table(index="process", columns="target",
+                                                                                values="r2_mean")
+r2_last = r2[(r2.model == "trained") & (r2.layer == residual_hooks(next(iter(models.values())).model)[-1])
+             ].pivot_table(index="process", columns="target", values="r2_mean")
+r2_untrained = r2[(r2.model == "untrained") & (r2.layer == "concat")].pivot_table(index="process", columns="target",
+                                                                                    values="r2_mean")
+ce_by = ce.set_index("process")
+checks = []
+if "z1r_x_z1r" in processes:
+    checks += [("Z1R×Z1R CE ratio ≤ 1.005", ce_by.loc["z1r_x_z1r", "ce_ratio_mean"], 1.005, "≤"),
+               ("Z1R×Z1R ratio at scale 1, seed method ≤ 0.002", headline("z1r_x_z1r", "centroid"), 0.002, "≤"),
+               ("Z1R×Z1R ratio at scale 1, conditional ≤ 0.001", headline("z1r_x_z1r", "conditional"), 0.001, "≤")]
+if "mess3_x_mess3" in processes:
+    checks += [("Mess3×Mess3 gap captured ≥ 0.95", ce_by.loc["mess3_x_mess3", "gap_captured_mean"], 0.95, "≥"),
+               ("Mess3×Mess3 ratio at scale 1, seed method ≤ 0.01", headline("mess3_x_mess3", "centroid"), 0.01, "≤"),
+               ("Mess3×Mess3 ratio at scale 1, conditional ≤ 0.01", headline("mess3_x_mess3", "conditional"), 0.01,
+                "≤")]
+for p in processes:
+    for f in ("factor0", "factor1"):
+        checks.append((f"{p} probe R² {f} (concat) ≥ 0.95", r2_headline.loc[p, f], 0.95, "≥"))
+if semi_models:
+    part_by = part_stats.set_index(["method", "block", "scale"])
+    for method in ("centroid", "conditional"):
+        spill0 = stat("semi_factored", 0, 1.0, "kl_unsteered", method)
+        spill1 = stat("semi_factored", 1, 1.0, "kl_unsteered", method)
+        checks.append((f"semi-factored ({method}): factor-0 spillover ≥ 10× factor-1 at scale 1",
+                       spill0 / max(spill1, 1e-12), 10, "≥"))
+        checks += [(f"forbidden mass {b} at scale {c:g} ({method}) {op} {thr}",
+                    part_by.loc[(method, b, c), "forbidden_mean"], thr, op)
+                   for b in ("P10", "P01") for c, thr, op in ((1.0, 0.001, "≤"), (5.0, 0.1, "≥"))
+                   if (method, b, c) in part_by.index]
+targets = pd.DataFrame([{"target": name, "ours": value, "threshold": thr,
+                         "met": bool(value <= thr if op == "≤" else value >= thr)} for name, value, thr, op in checks])
+display(targets.round(5))
+
+# %%
+met = targets.met.sum()
+display(Markdown(
+    f"- **Training.** CE ratios (mean over {len(seeds)} seed(s)): "
+    + ", ".join(f"{p} {ce_by.loc[p, 'ce_ratio_mean']:.4f}" for p in processes)
+    + "; gap captured: " + ", ".join(f"{p} {ce_by.loc[p, 'gap_captured_mean']:.3f}" for p in processes) + ".\n"
+    f"- **Probes.** Concatenated-residual R² (factor 0 / factor 1): "
+    + ", ".join(f"{p} {r2_headline.loc[p, 'factor0']:.3f}/{r2_headline.loc[p, 'factor1']:.3f}" for p in processes)
+    + "; final layer alone: "
+    + ", ".join(f"{p} {r2_last.loc[p, 'factor0']:.3f}/{r2_last.loc[p, 'factor1']:.3f}" for p in processes)
+    + "; the same probe on the untrained network: "
+    + ", ".join(f"{p} {r2_untrained.loc[p, 'factor0']:.3f}/{r2_untrained.loc[p, 'factor1']:.3f}" for p in processes)
+    + ". The untrained control is what makes a high R² mean something.\n"
+    f"- **Seed method (marginal centroids).** Spillover ratio at scale 1, averaged over both factors: "
+    + ", ".join(f"{p} {headline(p, 'centroid'):.4f}" for p in processes)
+    + " (seed: Z1R×Z1R ≈ 0.0022, Mess3×Mess3 ≈ 0.0057). Where ours is larger, section 4 shows why: the "
+    "joint-class centroids are not additive over the factors (non-additive fraction at the final layer: "
+    + ", ".join(f"{p} {v:.3f}" for p, v in interaction[interaction.hook == residual_hooks(
+        next(iter(models.values())).model)[-1]].groupby('process')['non-additive fraction'].mean().items())
+    + "), so a vector averaged over the other factor is wrong for each of its states.\n"
+    f"- **Conditional belief-state steering** (ours) removes that leak: ratio at scale 1 "
+    + ", ".join(f"{p} {headline(p, 'conditional'):.5f}" for p in processes) + ".\n"
+    f"- **Targets met: {met}/{len(targets)}** (table above; misses are reported with the measured value)."
+))
+
+# %% [markdown]
+# ## Metrics
+
+# %%
+def steering_metrics(method: str) -> dict:
+    """Scale-0 ratios are undefined (nothing moves): written as null."""
+    finite = lambda x: x if np.isfinite(x) else None  # noqa: E731
+    return {p: {f"factor{f}": {f"scale_{float(c)}": {
+        k: finite(stat(p, f, c, k, method)) for k in ("kl_target", "kl_steered", "kl_unsteered", "ratio")}
+        for c in scales} for f in (0, 1)} for p in processes}
+
+
+metrics = {
+    "seeds": seeds,
+    "ce_ratio": {p: float(ce_by.loc[p, "ce_ratio_mean"]) for p in processes},
+    "ce_ratio_sd": {p: float(np.nan_to_num(ce_by.loc[p, "ce_ratio_sd"])) for p in processes},
+    "gap_captured": {p: float(ce_by.loc[p, "gap_captured_mean"]) for p in processes},
+    "probe_r2": {p: {t: float(r2_headline.loc[p, t]) for t in ("factor0", "factor1", "joint")} for p in processes},
+    "probe_r2_final_layer": {p: {t: float(r2_last.loc[p, t]) for t in ("factor0", "factor1", "joint")}
+                             for p in processes},
+    "probe_r2_untrained": {p: {t: float(r2_untrained.loc[p, t]) for t in ("factor0", "factor1")} for p in processes},
+    "probe_r2_vs_steps": {p: d.groupby("steps", as_index=False)[["factor0", "factor1"]].mean().to_dict("records")
+                          for p, d in r2_steps.items()},
+    "principal_angles_deg": {p: angles[angles.process == p]["angles (deg)"].tolist() for p in processes},
+    "centroid_non_additive_fraction": {p: float(v) for p, v in interaction[interaction.hook == residual_hooks(
+        next(iter(models.values())).model)[-1]].groupby("process")["non-additive fraction"].mean().items()},
+    "steering": steering_metrics("centroid"),
+    "steering_conditional": steering_metrics("conditional"),
+    "steering_by_layer": {p: {m: {h: float(g.ratio_mean.mean()) for h, g in d.groupby("hook")}
+                              for m, d in layer_stats[layer_stats.process == p].groupby("method")} for p in processes},
+    "targets": {row.target: {"value": float(row.ours), "met": bool(row.met)} for row in targets.itertuples()},
+}
+if semi_models:
+    for key, method in (("partition", "centroid"), ("partition_conditional", "conditional")):
+        metrics[key] = {f"scale_{float(c)}": {b: {
+            "forbidden": float(part_by.loc[(method, b, c), "forbidden_mean"]),
+            "target": float(part_by.loc[(method, b, c), "target_mean"])} for b in ("P10", "P01")}
+            for c in partition_scales}
+write_metrics(metrics, out)
+display(Markdown(f"Report computed in {time.perf_counter() - started:.0f} s (training cached where possible)."))
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for p in processes:
+    # two decimals: trained-model numbers may differ in the last digits across CPU instruction sets
+    print(f"{p}: ce_ratio={metrics['ce_ratio'][p]:.2f} probe_r2_concat={metrics['probe_r2'][p]['factor0']:.1f}/"
+          f"{metrics['probe_r2'][p]['factor1']:.1f}")
+print("classes:", sorted(set(steer.class_rule)))
+print("scale 0 leaves outputs unchanged:", bool(steer[steer.scale == 0].kl_steered.abs().max() < 1e-9))

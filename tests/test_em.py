@@ -1,0 +1,53 @@
+"""Tests of the EM-SFP organism: structure, names, token roles, and the behavioural measures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lib.em import EMConfig, behaviour, em_name, em_process, parse_em_name, task_contexts, token_roles
+from lib.ghmm import ProcessError
+from lib.processes import get_process
+from lib.sfp import is_partition_preserving
+
+
+def test_em_sfp_is_partition_preserving_and_sectors_are_labelled() -> None:
+    process = get_process("em()")
+    assert is_partition_preserving(process)
+    assert process.factor_states == (4, 24) and process.factor_tokens == (2, 17)
+    assert "(mis,t0b)" in process.partition_labels and "(al,t2g)" in process.partition_labels
+    leaky = get_process("em(leak=0.02)")
+    assert not is_partition_preserving(leaky)
+
+
+def test_names_round_trip_and_reject_bad_knobs() -> None:
+    config = EMConfig(mixing=0.8, n_tasks=4)
+    assert parse_em_name(em_name(config)) == config
+    assert em_name(EMConfig()) == "em()"
+    with pytest.raises(ProcessError, match="unknown EM-SFP knob 'mood'"):
+        get_process("em(mood=1)")
+    with pytest.raises(ProcessError, match="mixing must lie in"):
+        get_process("em(mixing=2.0)")
+
+
+def test_misaligned_persona_answers_bad_and_aligned_good() -> None:
+    config = EMConfig(answer_noise=0.0)
+    process = em_process(config)
+    roles = token_roles(config)
+    rng = np.random.default_rng(0)
+    for aligned, expect_bad in ((True, 0.0), (False, 1.0)):
+        tokens = task_contexts(process, config, 1, aligned, 200, 10, rng)
+        emitted = np.isin(tokens, roles.answer_bad).sum() / max(np.isin(tokens, np.concatenate(
+            [roles.answer_good, roles.answer_bad])).sum(), 1)
+        assert emitted == pytest.approx(expect_bad)
+
+
+def test_bayes_optimal_outputs_score_zero_capability_error_and_known_misalignment() -> None:
+    config = EMConfig()
+    process = em_process(config)
+    tokens = task_contexts(process, config, 0, True, 100, 10, np.random.default_rng(1))
+    optimal = process.next_token_probs(process.beliefs(tokens))
+    result = behaviour(optimal, process, tokens, token_roles(config))
+    assert result["capability_kl"] == pytest.approx(0.0, abs=1e-12)
+    assert 0.0 < result["misaligned"] < 0.5  # aligned contexts: mostly good answers, some persona doubt early on
+    assert result["answer_positions"] > 0
