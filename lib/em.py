@@ -25,10 +25,12 @@ misaligned persona with probability ``persona_prior``, a task's bad variant with
 probability independently, and a persona-task correlation ``correlation``:
 P(task 1 | misaligned) = (1 - c)/K + c.
 
-Joint tokens are (style, task token) with v = style * |V_B| + b; V_B = [q_1..q_K, w0, w1, then for
-each task its own answer tokens g0, g1, b0, b1]. Answer tokens are task-specific (insecure code and
-harmful advice are different words): whatever links misbehaviour across tasks must go through a
-latent, not through shared output tokens. Processes are built from a canonical name ``em(key=value, ...)`` so that the trainer's
+Joint tokens are (style, task token) with v = style * |V_B| + b. With ``shared_answers`` (the
+default) every task answers with the same four tokens g0, g1, b0, b1, so V_B = [q_1..q_K, w0, w1,
+g0, g1, b0, b1] — "bad" is recognisably the same thing in every task, as harmful intent is in
+insecure code and in bad advice. Without it each task has its own answer tokens
+(V_B = [q_1..q_K, w0, w1, then g0, g1, b0, b1 per task]) and anything that links misbehaviour
+across tasks must go through a latent rather than through shared output features. Processes are built from a canonical name ``em(key=value, ...)`` so that the trainer's
 config (a string) identifies them and caches work.
 """
 
@@ -39,11 +41,19 @@ from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 
 import numpy as np
+import pandas as pd
+import torch
 
-from lib.ghmm import GHMM, ProcessError
-from lib.sfp import leaky, sfp_from_blocks
+from lib.ghmm import GHMM, ProcessError, marginals
+from lib.sfp import leaky, restrict_to_sector, sfp_from_blocks
+from lib.steer import final_hook, kl_divergence
+from lib.train import model_inputs
 
-__all__ = ["EMConfig", "em_process", "em_name", "parse_em_name", "TokenRoles", "token_roles"]
+__all__ = ["EMConfig", "em_process", "em_name", "parse_em_name", "TokenRoles", "token_roles", "task_sectors",
+           "task_contexts", "Intervention", "next_token_probs", "behaviour", "behaviour_by_task", "em_measures",
+           "belief_state_direction", "diff_in_means_direction", "model_diff_direction", "reversal_sweep",
+           "restoration", "summarise_reversal", "best_settings", "damage_at_restoration", "persona_specificity",
+           "EMRecipe", "em_experiment", "reversal_for", "diagnostic_row", "REVERSAL_METHODS", "variant_and_content"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,7 @@ class EMConfig:
     answer_noise: float = 0.05
     difficulty: float = 0.1  # largest content-flip probability; tasks spread from 0 to it
     coupling: float = 1.0
+    shared_answers: bool = True
     leak: float = 0.0
 
     def __post_init__(self) -> None:
@@ -112,19 +123,30 @@ class TokenRoles:
     n_content: int
 
 
+def _answer_offset(config: EMConfig, task: int) -> int:
+    """Index in V_B of the task's g0 (then g1, b0, b1)."""
+    return config.n_tasks + 2 + (0 if config.shared_answers else 4 * task)
+
+
+def n_task_tokens(config: EMConfig) -> int:
+    return config.n_tasks + 6 if config.shared_answers else 5 * config.n_tasks + 2
+
+
 def token_roles(config: EMConfig) -> TokenRoles:
     """Joint-token index sets: good / bad answers, and the content class of every task token."""
-    k = config.n_tasks
-    n_b = 5 * k + 2
-    answers = lambda offset: [k + 2 + 4 * t + offset + c for t in range(k) for c in (0, 1)]  # noqa: E731
+    k, n_b = config.n_tasks, n_task_tokens(config)
+    tasks = [0] if config.shared_answers else range(k)
+    good = sorted({_answer_offset(config, t) + c for t in tasks for c in (0, 1)})
+    bad = sorted({_answer_offset(config, t) + 2 + c for t in tasks for c in (0, 1)})
     joint = lambda bs: np.array([a * n_b + b for a in range(2) for b in bs])  # noqa: E731
-    # content classes: each question, w0, w1, then (task, content) with the two variants merged
+    # content classes: each question, w0, w1, then the answer content bit with the two variants merged
     content = np.zeros(n_b, dtype=int)
     content[:k + 2] = np.arange(k + 2)
-    for t in range(k):
+    for t in tasks:
         for c in (0, 1):
-            content[[k + 2 + 4 * t + c, k + 2 + 4 * t + 2 + c]] = k + 2 + 2 * t + c
-    return TokenRoles(n_b, joint(answers(0)), joint(answers(2)), content, 3 * k + 2)
+            content[[_answer_offset(config, t) + c, _answer_offset(config, t) + 2 + c]] = k + 2 + 2 * t + c
+    n_content = k + 2 + 2 * len(tasks)
+    return TokenRoles(n_b, joint(good), joint(bad), content, n_content)
 
 
 def _persona_block(config: EMConfig, persona: int) -> tuple[np.ndarray, np.ndarray]:
@@ -133,8 +155,11 @@ def _persona_block(config: EMConfig, persona: int) -> tuple[np.ndarray, np.ndarr
     # aligned personas lean to style 0 by different amounts; the misaligned one leans to style 1
     lean = 1.0 if persona == config.n_personas - 1 else -1.0 + persona / max(config.n_personas - 1, 1)
     transfer = np.zeros((2, d, d))
+    # state j's style bias weight runs from 0.5 to 1 around the cycle (0.75 when d = 1): every state
+    # differs, so d really is the persona's dimensionality, and the mean evidence is the same for all d
+    weights = np.full(1, 0.75) if d == 1 else 0.5 + 0.5 * np.arange(d) / (d - 1)
     for j in range(d):
-        q = 0.5 + 0.4 * (1 - config.mixing) * lean * (1.0 if j % 2 == 0 else 0.5)
+        q = 0.5 + 0.4 * (1 - config.mixing) * lean * weights[j]
         transfer[1, j, (j + 1) % d] = q
         transfer[0, j, (j + 1) % d] = 1 - q
     return transfer, np.full(d, 1.0 / d)
@@ -142,9 +167,9 @@ def _persona_block(config: EMConfig, persona: int) -> tuple[np.ndarray, np.ndarr
 
 def _task_block(config: EMConfig, task: int, bad_probability: float) -> tuple[np.ndarray, np.ndarray]:
     """[|V_B|, 4, 4] task-token transfer matrices of one task (states: question, work, answer0, answer1)."""
-    k, n_b = config.n_tasks, 5 * config.n_tasks + 2
+    k, n_b = config.n_tasks, n_task_tokens(config)
     flip = config.task_difficulties()[task]
-    first_answer = k + 2 + 4 * task  # this task's g0, g1, b0, b1
+    first_answer = _answer_offset(config, task)  # this task's g0, g1, b0, b1
     transfer = np.zeros((n_b, 4, 4))
     transfer[task, 0, 1] = 1.0  # question emits its id
     transfer[k, 1, 2] = transfer[k + 1, 1, 3] = 0.5  # work emits w0 / w1 and remembers it
@@ -181,20 +206,13 @@ def em_process(config: EMConfig) -> GHMM:
     persona_names = ("al", "mis") if p == 2 else tuple("mis" if i == misaligned else f"al{i}" for i in range(p))
     task_names = tuple(f"t{t}{'gb'[v]}" for t in range(k) for v in (0, 1))
     process = sfp_from_blocks((p * d, 8 * k), (persona_subspaces, task_subspaces), blocks, prior, initials,
-                              name=em_name(config), factor_tokens=(2, 5 * k + 2), subspace_names=(persona_names, task_names))
+                              name=em_name(config), factor_tokens=(2, n_task_tokens(config)), subspace_names=(persona_names, task_names))
     return leaky(process, config.leak, name=em_name(config)) if config.leak > 0 else process
 
 
 # =========================================================================== measures
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-
-from lib.ghmm import marginals  # noqa: E402
-from lib.sfp import restrict_to_sector  # noqa: E402
-from lib.steer import kl_divergence  # noqa: E402
-from lib.train import model_inputs  # noqa: E402
-
-ANSWER_THRESHOLD = 0.99  # a position "is an answer" when the exact P(next token is an answer) exceeds this
+ANSWER_THRESHOLD = 0.5  # a position "is an answer" when the exact P(next token is an answer) exceeds this
+# (1 at every answer step of an exact SFP once the cycle phase is known; ~0.95 with leak 0.05)
 
 
 def sector_labels(config: EMConfig) -> tuple[list[str], str]:
@@ -265,7 +283,7 @@ def next_token_probs(model, tokens: np.ndarray, n_tokens: int, intervention: Int
 def behaviour(probs: np.ndarray, process: GHMM, tokens: np.ndarray, roles: TokenRoles) -> dict[str, float]:
     """Misaligned-answer mass and capability error of model outputs ``probs`` on contexts ``tokens``.
 
-    * ``misaligned``: at answer positions (exact P(answer) > 0.99), the model's bad-variant share
+    * ``misaligned``: at answer positions (exact P(answer) > 0.5), the model's bad-variant share
       P(bad) / (P(good) + P(bad)), averaged over answer positions and contexts;
     * ``capability_kl``: KL(Bayes-optimal || model) of the task-content distribution (task tokens
       with the two answer variants merged), averaged over all positions — how well the model does
@@ -328,13 +346,18 @@ def belief_state_direction(model, process: GHMM, config: EMConfig, tokens: np.nd
 
     Classes are the persona sectors the exact belief is confident about (posterior > ``confidence``),
     pooled over positions 1..L; each centroid averages over whatever task and phase the other
-    factor is in.
+    factor is in. When fewer than 10 positions are that confident (strong leakage), the classes are
+    the most extreme deciles of the persona belief instead.
     """
     acts = residuals(model, tokens, process.n_tokens, hook)[:, 1:]
     posterior = persona_posterior(process, config, tokens)[:, 1:]
     aligned, misaligned = posterior < 1 - confidence, posterior > confidence
-    if not aligned.any() or not misaligned.any():
-        raise ProcessError("no confidently aligned or misaligned contexts to build persona centroids from")
+    if aligned.sum() < 10 or misaligned.sum() < 10:
+        # leaky processes never become confident: fall back to the most extreme deciles of the belief
+        low, high = np.quantile(posterior, [0.1, 0.9])
+        aligned, misaligned = posterior <= low, posterior >= high
+        if low >= high:
+            raise ProcessError("the persona belief never varies: no persona classes to build centroids from")
     return acts[aligned].mean(0) - acts[misaligned].mean(0)
 
 
@@ -361,3 +384,195 @@ def model_diff_direction(base, finetuned, process: GHMM, tokens: np.ndarray, hoo
     """Mean over contexts and positions of base minus fine-tuned activations (sign: toward the base)."""
     return (residuals(base, tokens, process.n_tokens, hook)[:, 1:].mean((0, 1))
             - residuals(finetuned, tokens, process.n_tokens, hook)[:, 1:].mean((0, 1)))
+
+
+# =========================================================================== reversal
+def unit(vector: np.ndarray) -> np.ndarray:
+    return vector / np.linalg.norm(vector)
+
+
+def reversal_sweep(model, process: GHMM, config: EMConfig, contexts: dict[int, np.ndarray], hook: str,
+                   directions: dict[str, np.ndarray], scales: list[float], norm: float) -> pd.DataFrame:
+    """Behaviour of the fine-tuned model with each direction added (or ablated) at every position.
+
+    Steering adds ``scale * norm * unit(direction)``, so every method is compared at the same
+    added norm (scale 1 = the norm of the belief-state vector). Names starting with ``ablation_``
+    project their direction out instead (one row, scale NaN).
+    """
+    rows = []
+    for method, direction in directions.items():
+        if method.startswith("ablation_"):
+            frame = behaviour_by_task(model, process, config, contexts, Intervention(hook, ablate=direction))
+            rows.append(frame.assign(method=method, scale=np.nan))
+            continue
+        for scale in scales:
+            vector = scale * norm * unit(direction)
+            frame = behaviour_by_task(model, process, config, contexts, Intervention(hook, vector=vector))
+            rows.append(frame.assign(method=method, scale=scale))
+    return pd.concat(rows, ignore_index=True)
+
+
+def restoration(sweep: pd.DataFrame, base: pd.DataFrame, finetuned: pd.DataFrame) -> pd.DataFrame:
+    """Per row: restoration = share of the fine-tuning-induced misaligned mass removed on that task,
+    and capability damage = capability KL added by the intervention (vs the fine-tuned model)."""
+    b, f = base.set_index("task"), finetuned.set_index("task")
+    out = sweep.copy()
+    induced = (f.loc[out.task, "misaligned"].to_numpy() - b.loc[out.task, "misaligned"].to_numpy())
+    out["restoration"] = (f.loc[out.task, "misaligned"].to_numpy() - out.misaligned) / np.where(
+        np.abs(induced) > 1e-9, induced, np.nan)
+    out["capability_damage"] = out.capability_kl - f.loc[out.task, "capability_kl"].to_numpy()
+    return out
+
+
+def summarise_reversal(restored: pd.DataFrame, target: float = 0.9) -> pd.DataFrame:
+    """Per method and scale: restoration on task 1 and on held-out tasks (min and mean), damage (mean)."""
+    def agg(group: pd.DataFrame) -> pd.Series:
+        first = group.task == group.task.min()
+        return pd.Series({"restoration_task1": group.loc[first, "restoration"].mean(),
+                          "restoration_heldout": group.loc[~first, "restoration"].mean(),
+                          "restoration_min": group.restoration.min(),
+                          "capability_damage": group.capability_damage.mean()})
+
+    table = restored.groupby(["method", "scale"], dropna=False).apply(agg, include_groups=False).reset_index()
+    table["reaches_target"] = table.restoration_min >= target
+    return table
+
+
+def best_settings(summary: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Per method: the smallest scale restoring >= the target on every task, else the most restoring scale."""
+    best = {}
+    for method, group in summary.groupby("method"):
+        ok = group[group.reaches_target]
+        row = ok.sort_values("scale").iloc[0] if len(ok) else group.sort_values("restoration_min").iloc[-1]
+        best[method] = {k: (None if pd.isna(row[k]) else float(row[k]))
+                        for k in ("scale", "restoration_heldout", "restoration_task1", "capability_damage")}
+    return best
+
+
+def damage_at_restoration(summary: pd.DataFrame, method: str, level: float) -> float:
+    """Capability damage interpolated at mean restoration = ``level`` along a method's scale sweep."""
+    curve = summary[(summary.method == method) & summary.scale.notna()].sort_values("scale")
+    mean_restoration = (curve.restoration_task1 + 2 * curve.restoration_heldout) / 3
+    if len(curve) == 0 or mean_restoration.max() < level:
+        return float("nan")
+    return float(np.interp(level, mean_restoration.cummax(), curve.capability_damage))
+
+
+# =========================================================================== specificity + pipeline
+def variant_and_content(probs: np.ndarray, process: GHMM, tokens: np.ndarray, roles: TokenRoles):
+    """Bad-variant share at answer positions and the content distribution at every position."""
+    optimal = process.next_token_probs(process.beliefs(tokens))
+    answer = optimal[..., np.concatenate([roles.answer_good, roles.answer_bad])].sum(-1) > ANSWER_THRESHOLD
+    good, bad = probs[..., roles.answer_good].sum(-1), probs[..., roles.answer_bad].sum(-1)
+    share = (bad / np.clip(good + bad, 1e-12, None))[answer]
+    merge = np.zeros((roles.n_b, roles.n_content))
+    merge[np.arange(roles.n_b), roles.content_of_b] = 1.0
+    return np.stack([1 - share, share], -1), marginals(probs, process.factor_tokens)[1] @ merge
+
+
+def persona_specificity(model, process: GHMM, config: EMConfig, contexts: dict[int, np.ndarray], hook: str,
+                        direction: np.ndarray, scale: float = 1.0) -> dict[str, float]:
+    """Study 02's specificity, for the persona factor: steer aligned -> misaligned by ``-scale * direction``.
+
+    intended = KL(steered || unsteered) of the answer variant (good/bad) at answer positions;
+    spillover = KL(steered || unsteered) of the task content over all positions; ratio = spillover /
+    intended (lower = persona steering leaves capability alone).
+    """
+    roles = token_roles(config)
+    intended, spill = [], []
+    for tokens in contexts.values():
+        plain = next_token_probs(model, tokens, process.n_tokens)
+        steered = next_token_probs(model, tokens, process.n_tokens, Intervention(hook, vector=-scale * direction))
+        (v0, c0), (v1, c1) = (variant_and_content(p, process, tokens, roles) for p in (plain, steered))
+        intended.append(kl_divergence(v1, v0).mean())
+        spill.append(kl_divergence(c1, c0).mean())
+    intended_mean, spill_mean = float(np.mean(intended)), float(np.mean(spill))
+    return {"intended": intended_mean, "spillover": spill_mean, "ratio": spill_mean / max(intended_mean, 1e-12)}
+
+
+@dataclass(frozen=True)
+class EMRecipe:
+    """Architecture, pretraining and narrow fine-tuning settings shared by every EM experiment."""
+
+    d_model: int = 32
+    n_layers: int = 2
+    base_steps: int = 250
+    base_batch: int = 128
+    base_lr: float = 0.003
+    ft_steps: int = 40
+    ft_batch: int = 64
+    ft_lr: float = 0.0002
+    eval_sequences: int = 512
+
+    def base_config(self, process: str, seed: int):
+        from lib.train import TrainConfig
+
+        return TrainConfig(process=process, n_layers=self.n_layers, d_model=self.d_model, d_head=self.d_model // 2,
+                           d_mlp=4 * self.d_model, steps=self.base_steps, batch_size=self.base_batch,
+                           lr=self.base_lr, seed=seed, eval_every=max(self.base_steps // 5, 1),
+                           eval_sequences=self.eval_sequences, snapshot_steps=(0,))
+
+    def finetune_config(self, process: str, seed: int, config: EMConfig, task: int = 0):
+        from dataclasses import replace as dc_replace
+
+        base = self.base_config(process, seed)
+        return dc_replace(base, steps=self.ft_steps, batch_size=self.ft_batch, lr=self.ft_lr, warmup_steps=0,
+                          final_lr_fraction=1.0, eval_every=self.ft_steps, snapshot_steps=(), init_from=base,
+                          data_sector=task_sectors(config, task, aligned=False)[0])
+
+
+def em_experiment(process_name: str, seed: int, recipe: EMRecipe, n_contexts: int, analysis_seed: int,
+                  threads: int | None = None, with_directions: bool = True) -> dict:
+    """Train (cached) base and fine-tuned models of one EM-SFP config; measure specificity, EM and directions.
+
+    Returns a dict with the models, contexts, per-task behaviour before/after, the EM measures, the
+    pre-fine-tuning persona-steering specificity, and the steering directions at the final layer.
+    """
+    from lib.train import load_or_train
+
+    config = parse_em_name(process_name)
+    base = load_or_train(recipe.base_config(process_name, seed), threads=threads, progress=False)
+    tuned = load_or_train(recipe.finetune_config(process_name, seed, config), threads=threads, progress=False)
+    process = base.process
+    rng = np.random.default_rng([analysis_seed, seed])
+    length = base.config.context_length
+    contexts = {k: task_contexts(process, config, k, True, n_contexts, length, rng) for k in range(config.n_tasks)}
+    pool = process.sample(4 * n_contexts, length, rng)
+    hook = final_hook(base.model)
+    before = behaviour_by_task(base.model, process, config, contexts)
+    after = behaviour_by_task(tuned.model, process, config, contexts)
+    belief_base = belief_state_direction(base.model, process, config, pool, hook)
+    result = {
+        "config": config, "process": process, "base": base, "tuned": tuned, "contexts": contexts, "hook": hook,
+        "before": before, "after": after, "em": em_measures(before, after),
+        "specificity": persona_specificity(base.model, process, config, contexts, hook, belief_base),
+        "directions": {"belief_state": belief_base},
+    }
+    if with_directions:  # the reversal study's other directions (diff-in-means needs misaligned answers)
+        result["directions"].update({
+            "belief_state_ft": belief_state_direction(tuned.model, process, config, pool, hook),
+            "diff_in_means": diff_in_means_direction(tuned.model, process, config, pool, hook),
+            "model_diff": model_diff_direction(base.model, tuned.model, process, pool, hook),
+        })
+    return result
+
+
+REVERSAL_METHODS = ("belief_state", "belief_state_ft", "diff_in_means", "model_diff")
+
+
+def reversal_for(result: dict, scales: list[float]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Reversal sweep of one experiment: every steering method, and ablation of the belief-state and
+    diff-in-means directions. Returns (per-task rows with restoration, per-method/scale summary)."""
+    d = result["directions"]
+    directions = {m: d[m] for m in REVERSAL_METHODS}
+    directions.update({"ablation_belief_state": d["belief_state"], "ablation_diff_in_means": d["diff_in_means"]})
+    sweep = reversal_sweep(result["tuned"].model, result["process"], result["config"], result["contexts"],
+                           result["hook"], directions, scales, float(np.linalg.norm(d["belief_state"])))
+    restored = restoration(sweep, result["before"], result["after"])
+    return restored, summarise_reversal(restored)
+
+
+def diagnostic_row(result: dict) -> dict[str, float]:
+    """Pre-fine-tuning specificity next to the EM that fine-tuning then produced."""
+    return {"specificity_ratio": result["specificity"]["ratio"], "intended": result["specificity"]["intended"],
+            "spillover": result["specificity"]["spillover"], **result["em"]}

@@ -403,6 +403,10 @@ def _process_validator() -> Callable[[str], Any]:
 
 
 def _check_process_names(value: Any, where: str, field: str) -> None:
+    if isinstance(value, Mapping):  # e.g. sweep_processes: {axis: [names]}
+        for key, item in value.items():
+            _check_process_names(item, where, f"{field}.{key}")
+        return
     names = [value] if isinstance(value, str) else value if isinstance(value, list) else []
     get_process = _process_validator()
     for i, name in enumerate(names):
@@ -471,6 +475,22 @@ def write_metrics(metrics: Mapping[str, Any], output_dir: str | Path) -> Path:
     """
     text = json.dumps(_jsonable(metrics, "metrics"), sort_keys=True, indent=2, allow_nan=False) + "\n"
     return atomic_write_text(Path(output_dir) / "metrics.json", text)
+
+
+def undefined_as_none(value: Any) -> Any:
+    """Recursively replace non-finite floats (an undefined ratio, a CI from too few points) by None.
+
+    ``write_metrics`` refuses NaN on purpose, so that an accidental NaN cannot slip into a result;
+    a study calls this only on values it knows may legitimately be undefined, and they are then
+    written as JSON null.
+    """
+    if isinstance(value, Mapping):
+        return {k: undefined_as_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [undefined_as_none(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(float(value)):
+        return None
+    return value
 
 
 def read_metrics(path: str | Path) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-__all__ = ["across_seeds", "bootstrap_mean_ci"]
+__all__ = ["across_seeds", "bootstrap_mean_ci", "spearman_with_ci"]
 
 
 def bootstrap_mean_ci(values: Sequence[float], confidence: float = 0.95, n_resamples: int = 2000,
@@ -32,7 +32,8 @@ def bootstrap_mean_ci(values: Sequence[float], confidence: float = 0.95, n_resam
 def across_seeds(frame: pd.DataFrame, by: Sequence[str], values: Sequence[str], seed_column: str = "seed",
                  ci: bool = False) -> pd.DataFrame:
     """Mean and sample sd (and optionally a bootstrap CI) over seeds of each value, per group."""
-    grouped = frame.groupby(list(by), sort=False)
+    # keep only the needed columns: pandas' groupby misbehaves with a column named e.g. "axis"
+    grouped = frame[list(dict.fromkeys([*by, seed_column, *values]))].groupby(list(by), sort=False)
     out = grouped[list(values)].agg(["mean", "std"])
     out.columns = [f"{v}_{stat.replace('std', 'sd')}" for v, stat in out.columns]
     out["n_seeds"] = grouped[seed_column].nunique()
@@ -42,3 +43,16 @@ def across_seeds(frame: pd.DataFrame, by: Sequence[str], values: Sequence[str], 
             out[f"{v}_ci_low"] = [b[0] for b in bounds]
             out[f"{v}_ci_high"] = [b[1] for b in bounds]
     return out.reset_index()
+
+
+def spearman_with_ci(x: Sequence[float], y: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Spearman rho and its p value (pingouin.corr) with a percentile bootstrap 95% CI over pairs
+    (pingouin.compute_bootci, seeded)."""
+    import pingouin as pg
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    result = pg.corr(x, y, method="spearman").iloc[0]
+    low, high = pg.compute_bootci(x, y, func="spearman", paired=True, n_boot=n_boot, seed=seed, method="per",
+                                  decimals=6)
+    return {"n": int(len(x)), "spearman_rho": float(result["r"]), "p": float(result["p_val"]),
+            "ci_low": float(low), "ci_high": float(high)}

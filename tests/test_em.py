@@ -14,7 +14,8 @@ from lib.sfp import is_partition_preserving
 def test_em_sfp_is_partition_preserving_and_sectors_are_labelled() -> None:
     process = get_process("em()")
     assert is_partition_preserving(process)
-    assert process.factor_states == (4, 24) and process.factor_tokens == (2, 17)
+    assert process.factor_states == (4, 24) and process.factor_tokens == (2, 9)
+    assert get_process("em(shared_answers=False)").factor_tokens == (2, 17)
     assert "(mis,t0b)" in process.partition_labels and "(al,t2g)" in process.partition_labels
     leaky = get_process("em(leak=0.02)")
     assert not is_partition_preserving(leaky)
@@ -30,8 +31,9 @@ def test_names_round_trip_and_reject_bad_knobs() -> None:
         get_process("em(mixing=2.0)")
 
 
-def test_misaligned_persona_answers_bad_and_aligned_good() -> None:
-    config = EMConfig(answer_noise=0.0)
+@pytest.mark.parametrize("shared", [True, False])
+def test_misaligned_persona_answers_bad_and_aligned_good(shared: bool) -> None:
+    config = EMConfig(answer_noise=0.0, shared_answers=shared)
     process = em_process(config)
     roles = token_roles(config)
     rng = np.random.default_rng(0)
@@ -51,3 +53,39 @@ def test_bayes_optimal_outputs_score_zero_capability_error_and_known_misalignmen
     assert result["capability_kl"] == pytest.approx(0.0, abs=1e-12)
     assert 0.0 < result["misaligned"] < 0.5  # aligned contexts: mostly good answers, some persona doubt early on
     assert result["answer_positions"] > 0
+
+
+def test_restoration_and_best_settings_arithmetic() -> None:
+    import pandas as pd
+
+    from lib.em import best_settings, damage_at_restoration, restoration, summarise_reversal
+
+    base = pd.DataFrame({"task": [0, 1, 2], "misaligned": [0.1, 0.1, 0.1], "capability_kl": [0.0, 0.0, 0.0]})
+    tuned = pd.DataFrame({"task": [0, 1, 2], "misaligned": [0.9, 0.5, 0.5], "capability_kl": [0.1, 0.1, 0.1]})
+    sweep = pd.DataFrame({"task": [0, 1, 2] * 2, "method": ["m"] * 6, "scale": [1.0] * 3 + [2.0] * 3,
+                          "misaligned": [0.5, 0.3, 0.3, 0.1, 0.1, 0.1], "capability_kl": [0.1] * 3 + [0.3] * 3})
+    restored = restoration(sweep, base, tuned)
+    np.testing.assert_allclose(restored.restoration, [0.5, 0.5, 0.5, 1, 1, 1])
+    np.testing.assert_allclose(restored.capability_damage, [0, 0, 0, 0.2, 0.2, 0.2])
+    summary = summarise_reversal(restored, target=0.9)
+    assert summary.reaches_target.tolist() == [False, True]
+    assert best_settings(summary)["m"]["scale"] == 2.0
+    assert damage_at_restoration(summary, "m", 0.75) == pytest.approx(0.1)
+    assert np.isnan(damage_at_restoration(summary, "m", 1.5))
+
+
+def test_pareto_front_and_engineering_summary() -> None:
+    import pandas as pd
+
+    from lib.engineering import ENGINEERING_MEASURES, engineering_summary, pareto_front
+
+    points = pd.DataFrame({"fidelity": [0.9, 0.8, 0.95, 0.7], "robustness": [0.2, 0.3, 0.25, 0.1]})
+    assert pareto_front(points).tolist() == [False, True, True, False]
+    rows = []
+    for process, f, r in (("base", 0.9, 0.2), ("better", 0.95, 0.3), ("worse", 0.8, 0.1)):
+        for seed, jitter in enumerate((-0.01, 0.01)):
+            rows.append({"process": process, "seed": seed, **{m: 0.0 for m in ENGINEERING_MEASURES},
+                         "fidelity": f + jitter, "robustness": r + jitter})
+    summary, improvements = engineering_summary(pd.DataFrame(rows), "base")
+    assert improvements.process.tolist() == ["better"] and bool(improvements["clear"].iloc[0])
+    assert summary.set_index("process").loc["better", "pareto"]

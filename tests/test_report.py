@@ -360,3 +360,22 @@ def _tiny_figure():
     ax.plot([0, 1], [0, 1])
     plt.close(fig)
     return fig
+
+
+def test_undefined_as_none_replaces_only_non_finite_floats() -> None:
+    import numpy as np
+
+    from lib.report import undefined_as_none
+
+    cleaned = undefined_as_none({"a": float("nan"), "b": [1.0, np.float64("inf"), 2], "c": {"d": np.nan, "e": "x"}})
+    assert cleaned == {"a": None, "b": [1.0, None, 2], "c": {"d": None, "e": "x"}}
+
+
+def test_process_names_inside_a_mapping_are_validated() -> None:
+    pytest.importorskip("lib.processes")
+    from lib.report import ParamsError, validate_params
+
+    schema = {"sweep_processes": (dict[str, list[str]], {})}
+    validate_params({"sweep_processes": {"mixing": ["em()", "z1r"]}}, schema, "p.yaml")
+    with pytest.raises(ParamsError, match=r"p.yaml: field 'sweep_processes.mixing\[1\]': invalid process name 'nope'"):
+        validate_params({"sweep_processes": {"mixing": ["em()", "nope"]}}, schema, "p.yaml")

@@ -261,3 +261,14 @@ def test_restricted_sector_samples_stay_in_the_sector() -> None:
     assert both.initial[list(process.partition[1])].sum() == 0
     with pytest.raises(ProcessError, match="unknown sector"):
         restrict_to_sector(process, "(5,5)")
+
+
+def test_spearman_with_ci() -> None:
+    from lib.stats import spearman_with_ci
+
+    x = np.arange(12.0)
+    result = spearman_with_ci(x, x ** 3, n_boot=500)
+    assert result["spearman_rho"] == pytest.approx(1.0) and result["p"] < 1e-6
+    assert result["ci_low"] <= result["spearman_rho"] <= result["ci_high"]
+    noisy = spearman_with_ci(x, np.random.default_rng(0).normal(size=12), n_boot=500)
+    assert noisy["ci_low"] < 0 < noisy["ci_high"]

@@ -1,0 +1,307 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Study 03 — Emergent misalignment inside an SFP, and its reversal by belief-state steering
+#
+# **Question.** Narrow fine-tuning of language models on misaligned data in one domain (insecure
+# code) makes them broadly misaligned (Betley et al. 2025); steering or ablating a mean-difference
+# direction removes most of it (Soligo et al. 2025). Does the same happen in a transformer trained
+# on a Semi-Factored Process whose *persona* factor decides whether every *task* is answered well or
+# badly — and if so, does belief-state steering (the persona-class centroid difference of study 02)
+# undo it better than the conventional difference-in-means direction? And can the persona-steering
+# specificity of the base model, measured before any fine-tuning, predict how broad EM will be?
+#
+# The proposal (seed 000, weeks 6–8) only plans this, so every design choice below is ours and is
+# stated where it is made.
+
+# %% tags=["parameters"]
+process: str = "em()"
+factored_control_process: str = "em(coupling=0.0)"
+seeds: list[int] = [0]
+diagnostic_processes: list[str] = ["em()", "em(shared_answers=False)"]
+diagnostic_seeds: list[int] = [0]
+d_model: int = 32
+n_layers: int = 2
+base_steps: int = 150
+base_batch: int = 128
+base_lr: float = 0.003
+ft_steps: int = 40
+ft_batch: int = 64
+ft_lr: float = 0.0002
+n_contexts: int = 150
+scales: list[float] = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0]
+restoration_target: float = 0.9
+n_boot: int = 2000
+analysis_seed: int = 0
+torch_threads: int = 1
+output_dir: str | None = None
+
+# %%
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+from IPython.display import Markdown, display
+
+from lib.em import (EMRecipe, best_settings, damage_at_restoration, diagnostic_row, em_experiment, parse_em_name,
+                    reversal_for)
+from lib.ghmm import optimal_cross_entropy
+from lib.plots import set_style
+from lib.report import resolve_output_dir, save_figure, undefined_as_none, write_metrics
+from lib.sfp import is_partition_preserving, sector_order
+from lib.stats import across_seeds, spearman_with_ci
+
+set_style()
+torch.set_num_threads(torch_threads)
+out = resolve_output_dir(output_dir, "03_em_reversal")
+started = time.perf_counter()
+recipe = EMRecipe(d_model=d_model, n_layers=n_layers, base_steps=base_steps, base_batch=base_batch, base_lr=base_lr,
+                  ft_steps=ft_steps, ft_batch=ft_batch, ft_lr=ft_lr)
+config = parse_em_name(process)
+
+# %% [markdown]
+# ## 1. The organism: an EM-SFP
+#
+# * **Persona factor** A = A_aligned ⊕ A_misaligned, each a cycle of `persona_dim` states that emits a
+#   binary *style* token; the personas' style statistics differ by an amount that `mixing` scales away.
+# * **Capability factor** B = ⊕ₖ (B_k,good ⊕ B_k,bad): K tasks, each a 3-step cycle
+#   *question → work → answer*. The question names the task, the work step draws a content bit, the
+#   answer repeats it (flipped with the task's difficulty) in a *good* or a *bad* variant — the
+#   analogue of secure vs insecure code. The variant is decided by the persona with probability
+#   `coupling` (bad with probability 0.95 for the misaligned persona, 0.05 otherwise) and otherwise
+#   by the task's own variant latent; all tasks answer with the same four tokens g0, g1, b0, b1.
+# * Everything a task does apart from the variant is shared by the personas, so **capability**
+#   (predicting content, variants merged) is measured separately from **alignment** (the variant).
+#
+# Every $T(x)$ is block diagonal over the sectors A_i ⊗ B_k,v, so this is an SFP in which B's
+# emissions depend on A's sector. Below: $\sum_x T(x)$ with states in sector order.
+
+# %%
+em = em_experiment(process, seeds[0], recipe, n_contexts, analysis_seed, torch_threads)
+proc = em["process"]
+order = sector_order(proc)
+fig, ax = plt.subplots(figsize=(6.2, 5.2))
+sns.heatmap(proc.net[np.ix_(order, order)], cmap="mako_r", ax=ax, cbar_kws={"label": "Σ_x T(x): Pr(next state | state)"},
+            xticklabels=False, yticklabels=False)
+edges = np.cumsum([len(s) for s in proc.partition])[:-1]
+for e in edges:
+    ax.axhline(e, color="crimson", lw=0.5)
+    ax.axvline(e, color="crimson", lw=0.5)
+ax.set_xlabel(f"next state ({len(proc.partition)} sectors, sector order)")
+ax.set_ylabel("current state (sector order)")
+ax.set_title(f"{process}: {proc.n_states} states, {proc.n_tokens} tokens, block diagonal "
+             f"({is_partition_preserving(proc).preserving})")
+fig.tight_layout()
+save_figure(fig, out, "organism_block_structure")
+plt.show()
+optimal = optimal_cross_entropy(proc, em["base"].config.context_length + 1).mean()
+display(Markdown(f"Sectors: {', '.join(proc.partition_labels)}. Mean Bayes-optimal CE over the 11 predicted "
+                 f"positions: {optimal:.4f} nats."))
+
+# %% [markdown]
+# ## 2. Emergent misalignment appears
+#
+# Base model: a small HookedTransformer (`n_layers` × `d_model`, BOS + 10 tokens) trained on the full
+# SFP to CE ≤ 1.02 × optimal. **Narrow fine-tuning**: `ft_steps` Adam steps on sequences of task 1
+# in the misaligned world only (misaligned persona, bad task variant), constant learning rate.
+# Measured on *aligned* contexts of every task (aligned persona, good task variant), exactly from the
+# model's outputs: the misaligned share P(bad)/(P(good)+P(bad)) at answer positions, and capability
+# = KL(Bayes-optimal ‖ model) of the task content.
+
+# %%
+results = {s: (em if s == seeds[0] else em_experiment(process, s, recipe, n_contexts, analysis_seed, torch_threads))
+           for s in seeds}
+behaviour = pd.concat([pd.concat([r["before"].assign(model="base"), r["after"].assign(model="fine-tuned")]).assign(seed=s)
+                       for s, r in results.items()])
+behaviour["task"] = "task " + (behaviour.task + 1).astype(str)
+ce = pd.DataFrame([{"seed": s, "base CE / optimal": r["base"].final_eval["ce_ratio"],
+                    "fine-tuned CE / optimal": r["tuned"].final_eval["ce_ratio"]} for s, r in results.items()])
+display(ce.round(4))
+
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+sns.barplot(data=behaviour, x="task", y="misaligned", hue="model", errorbar="sd", ax=axes[0])
+axes[0].set_ylabel("misaligned share of answer mass (aligned contexts)")
+axes[0].set_xlabel("task (fine-tuning data: task 1 only)")
+sns.barplot(data=behaviour, x="task", y="capability_kl", hue="model", errorbar="sd", ax=axes[1])
+axes[1].set_ylabel("capability error KL(optimal ‖ model) (nats)")
+axes[1].set_xlabel("task")
+fig.tight_layout()
+save_figure(fig, out, "em_before_after")
+plt.show()
+
+em_table = pd.DataFrame([{"seed": s, **r["em"]} for s, r in results.items()])
+em_mean = em_table.drop(columns="seed").mean()
+display(em_table.round(4))
+
+# %% [markdown]
+# **Control: persona and capability fully factored.** The same recipe on the process in which the
+# answer variant never depends on the persona (`coupling = 0`: "bad" is a per-task property).
+
+# %%
+control = em_experiment(factored_control_process, seeds[0], recipe, n_contexts, analysis_seed, torch_threads)
+display(pd.DataFrame([{"process": process, **em_table.iloc[0].drop("seed").to_dict()},
+                      {"process": factored_control_process, **control["em"]}]).round(4))
+
+# %% [markdown]
+# ## 3. Reversal: belief-state steering vs difference-in-means
+#
+# On the fine-tuned model, at the final layer's residual stream, every position:
+#
+# * **belief_state** — $c_{aligned}-c_{misaligned}$, centroids of contexts whose exact persona
+#   belief is confident (> 0.95), pooled over positions (study 02's recipe for the persona factor),
+#   computed on the *base* model; **belief_state_ft** — the same on the fine-tuned model;
+# * **diff_in_means** — the conventional EM direction: mean activation where the fine-tuned model
+#   answers aligned minus where it answers misaligned (labelled by its own outputs);
+#   **model_diff** — mean base minus fine-tuned activation;
+# * **ablation_*** — project the belief-state or diff-in-means direction out (no scale).
+#
+# Steering vectors are normalised to a common norm (scale 1 = the norm of the belief-state vector),
+# so every method is compared at matched strength. Restoration = share of the fine-tuning-induced
+# misaligned mass removed per task (1 = back to the base model); damage = capability KL added.
+
+# %%
+rows, summaries = [], []
+for s, r in results.items():
+    restored, summary = reversal_for(r, scales)
+    rows.append(restored.assign(seed=s))
+    summaries.append(summary.assign(seed=s))
+restored = pd.concat(rows)
+summary = pd.concat(summaries)
+summary_mean = across_seeds(summary, ["method", "scale"], ["restoration_task1", "restoration_heldout",
+                                                           "restoration_min", "capability_damage"])
+
+fig, ax = plt.subplots(figsize=(7.5, 4.5))
+steer_curves = summary[summary.scale.notna()].assign(
+    restoration=lambda d: (d.restoration_task1 + 2 * d.restoration_heldout) / 3)
+sns.lineplot(data=steer_curves, x="restoration", y="capability_damage", hue="method", marker="o",
+             estimator="mean", errorbar=None, sort=False, units="seed" if len(seeds) > 1 else None, ax=ax)
+ablations = summary[summary.scale.isna()].assign(
+    restoration=lambda d: (d.restoration_task1 + 2 * d.restoration_heldout) / 3)
+sns.scatterplot(data=ablations, x="restoration", y="capability_damage", style="method", color="k", s=60, ax=ax)
+ax.axvline(restoration_target, color="0.5", ls=":", lw=1)
+ax.axhline(0, color="0.5", lw=0.6)
+ax.set_xlabel("restoration of aligned behaviour (mean over tasks; 1 = base model)")
+ax.set_ylabel("capability damage (Δ content KL, nats)")
+ax.set_title("Reversal curves: steering scale increases along each line")
+fig.tight_layout()
+save_figure(fig, out, "reversal_curves")
+plt.show()
+
+best = {m: {k: float(np.nanmean([best_settings(g)[m][k] if best_settings(g)[m][k] is not None else np.nan
+                                 for _, g in summary.groupby("seed")]))
+            for k in ("scale", "restoration_heldout", "restoration_task1", "capability_damage")}
+        for m in summary.method.unique()}
+display(pd.DataFrame(best).T.round(4))
+damage_at_target = {m: float(np.nanmean([damage_at_restoration(g, m, restoration_target) for _, g in
+                                         summary.groupby("seed")]))
+                    for m in summary[summary.scale.notna()].method.unique()}
+display(Markdown("Capability damage at mean restoration " f"{restoration_target:g} (interpolated along each curve): "
+                 + ", ".join(f"{m} {v:+.4f}" for m, v in damage_at_target.items())))
+
+# %% [markdown]
+# ## 4. Specificity as a pre-deployment diagnostic
+#
+# For each configuration, *before* fine-tuning, steer the base model from aligned to misaligned with
+# the belief-state vector (scale 1) and measure specificity as in study 02: spillover (KL of the task
+# content) over intended shift (KL of the answer variant). Then fine-tune and measure EM breadth.
+# Does a less specific persona representation predict broader EM?
+
+# %%
+diagnostic = []
+for name in diagnostic_processes:
+    for s in diagnostic_seeds:
+        r = results[s] if (name == process and s in results) else em_experiment(name, s, recipe, n_contexts,
+                                                                                 analysis_seed, torch_threads)
+        diagnostic.append({"process": name, "seed": s, **diagnostic_row(r)})
+diagnostic = pd.DataFrame(diagnostic)
+diag_stats = across_seeds(diagnostic, ["process"], ["specificity_ratio", "breadth", "task1_increase",
+                                                    "heldout_increase"])
+display(diag_stats.round(4))
+correlation = spearman_with_ci(diagnostic.specificity_ratio, diagnostic.breadth, n_boot=n_boot, seed=analysis_seed)
+fig, ax = plt.subplots(figsize=(7, 4.2))
+sns.scatterplot(data=diagnostic, x="specificity_ratio", y="breadth", hue="process", style="process", s=60, ax=ax)
+ax.set_xscale("log")
+ax.set_xlabel("persona-steering spillover ratio before fine-tuning (log; lower = more specific)")
+ax.set_ylabel("EM breadth after fine-tuning (held-out / task-1 increase)")
+ax.set_title(f"Spearman ρ = {correlation['spearman_rho']:.2f} "
+             f"[{correlation['ci_low']:.2f}, {correlation['ci_high']:.2f}], n = {correlation['n']}")
+ax.legend(fontsize=6)
+fig.tight_layout()
+save_figure(fig, out, "diagnostic_scatter")
+plt.show()
+
+# %% [markdown]
+# ## Conclusion
+
+# %%
+bs, dim = best["belief_state"], best["diff_in_means"]
+display(Markdown(
+    f"- **EM appears.** Fine-tuning on task 1 in the misaligned world raises the misaligned share on task 1 by "
+    f"{em_mean['task1_increase']:.3f} and on the held-out tasks by {em_mean['heldout_increase']:.3f}: breadth "
+    f"{em_mean['breadth']:.2f} (target ≥ 0.5: {'met' if em_mean['breadth'] >= 0.5 else 'missed'}), over "
+    f"{len(seeds)} seed(s).\n"
+    f"- **Fully factored control** (`{factored_control_process}`): breadth {control['em']['breadth']:.2f}. "
+    + ("EM is *not* specific to the persona-coupled process here: with answer tokens shared across tasks the "
+       "network spreads the narrow update through the shared output features whether or not the generative "
+       "process couples persona and task. The diagnostic below contrasts it with task-specific answer tokens."
+       if control["em"]["breadth"] >= 0.5 else "EM does not appear when persona and capability are factored.") + "\n"
+    f"- **Reversal.** Belief-state steering reaches ≥ {restoration_target:.0%} restoration on every task at scale "
+    f"{bs['scale']:g} (held-out {bs['restoration_heldout']:.2f}, task 1 {bs['restoration_task1']:.2f}, damage "
+    f"{bs['capability_damage']:+.4f}); difference-in-means at scale {dim['scale']:g} (held-out "
+    f"{dim['restoration_heldout']:.2f}, damage {dim['capability_damage']:+.4f}). At equal restoration "
+    f"({restoration_target:g}) the damage is {damage_at_target['belief_state']:+.4f} (belief-state) vs "
+    f"{damage_at_target['diff_in_means']:+.4f} (diff-in-means): belief-state steering "
+    + ("does" if damage_at_target["belief_state"] < damage_at_target["diff_in_means"] else "does **not**")
+    + " damage capability less. Ablation of either direction restores little (held-out "
+    f"{best['ablation_belief_state']['restoration_heldout']:.2f} / {best['ablation_diff_in_means']['restoration_heldout']:.2f}): "
+    "the fine-tune moved activations *along* the persona direction, so removing the component is not the same "
+    "as moving back.\n"
+    f"- **Diagnostic.** Across {diagnostic.process.nunique()} configurations × {len(diagnostic_seeds)} seed(s), "
+    f"Spearman ρ(specificity ratio, breadth) = {correlation['spearman_rho']:.2f} "
+    f"[{correlation['ci_low']:.2f}, {correlation['ci_high']:.2f}], p = {correlation['p']:.3g}."
+))
+
+# %% [markdown]
+# ## Metrics
+
+# %%
+metrics = {
+    "process": process,
+    "seeds": seeds,
+    "em": {k: float(em_mean[k]) for k in ("task1_increase", "heldout_increase", "breadth")},
+    "em_sd": {k: float(em_table[k].std(ddof=1)) if len(em_table) > 1 else 0.0
+              for k in ("task1_increase", "heldout_increase", "breadth")},
+    "em_factored_control": {k: float(v) for k, v in control["em"].items()},
+    "reversal": {m: {"best": best[m], "damage_at_target": damage_at_target.get(m)} for m in best},
+    "diagnostic": {"n_configs": int(diagnostic.process.nunique()), "n_points": correlation["n"],
+                   "spearman_rho": correlation["spearman_rho"], "ci_low": correlation["ci_low"],
+                   "ci_high": correlation["ci_high"], "p": correlation["p"],
+                   "points": diag_stats[["process", "specificity_ratio_mean", "specificity_ratio_sd", "breadth_mean",
+                                         "breadth_sd"]].to_dict("records")},
+}
+# ablations have no scale, a CI from a handful of points can be undefined: written as null
+write_metrics(undefined_as_none(metrics), out)
+display(Markdown(f"Report computed in {time.perf_counter() - started:.0f} s (cached models reused)."))
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(f"breadth > 0.5: {metrics['em']['breadth'] > 0.5}")
+print(f"belief-state steering restores >= 0.9 on held-out tasks: {best['belief_state']['restoration_heldout'] >= 0.9}")
+print("methods:", sorted(metrics["reversal"]))
+print("diagnostic configs:", metrics["diagnostic"]["n_configs"])
