@@ -21,6 +21,7 @@ import yaml
 
 from lib.probe import residual_hooks
 from lib.steer import partition_frame, steering_frame
+from lib.threads import limit_threads
 from lib.train import TrainConfig, load_or_train
 
 STUDY = "02_steering_specificity"
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cache-dir", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        limit_threads(args.threads)
     root = Path(__file__).resolve().parents[1]
     p = yaml.safe_load((root / "params" / STUDY / f"{args.params}.yaml").read_text())
     timings: dict[str, float] = {}

@@ -242,7 +242,10 @@ class GHMM:
         """Sample ``[n_sequences, length]`` token sequences.
 
         Sampling goes through the belief (Pr(x | belief) then update), which is valid for any GHMM,
-        stationary or not, and is vectorised over the batch.
+        stationary or not, and is vectorised over the batch. The update multiplies the beliefs that
+        drew token x by T(x), one matrix product per distinct token, rather than gathering a
+        ``[batch, S, S]`` stack of T(token) per position (that copy was most of a toy model's
+        training step on a CPU).
         """
         if n_sequences < 0 or length < 0:
             raise ProcessError(f"process {self.name!r}: cannot sample {n_sequences} sequences of length {length}")
@@ -255,7 +258,10 @@ class GHMM:
             draws = rng.random(n_sequences) * cumulative[:, -1]
             token = np.minimum((draws[:, None] >= cumulative).sum(axis=1), self.n_tokens - 1)
             tokens[:, t] = token
-            unnormalised = np.einsum("bs,bst->bt", belief, self.transfer[token])
+            unnormalised = np.empty_like(belief)
+            for x in np.unique(token):
+                rows = token == x
+                unnormalised[rows] = belief[rows] @ self.transfer[x]
             belief = unnormalised / (unnormalised @ self.right)[:, None]
         return tokens
 

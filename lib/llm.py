@@ -49,6 +49,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from lib.report import REPO_ROOT  # noqa: E402
+from lib.threads import limit_threads  # noqa: E402
 
 __all__ = [
     "MODEL_NAME",
@@ -174,7 +175,7 @@ def load_llm(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if threads is not None:
-        torch.set_num_threads(int(threads))
+        limit_threads(int(threads))
     path = weights_path() if weights is None else Path(weights)
     if not path.is_file():
         raise LLMError(f"weights file not found: {path}")

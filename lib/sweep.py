@@ -28,7 +28,9 @@ def _job(args: tuple) -> dict:
     axis, name, seed, params, device, cache_dir = args
     import torch
 
-    torch.set_num_threads(1)
+    from lib.threads import limit_threads
+
+    limit_threads(1)
     if device.startswith("cuda"):
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
     from lib import train

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from lib.ghmm import GHMM, entropy
 from lib.processes import get_process
 from lib.sfp import restrict_to_sector
+from lib.threads import limit_threads
 
 __all__ = ["TrainConfig", "TrainedModel", "train", "load_or_train", "evaluate", "model_inputs",
            "build_model", "cache_path", "default_device"]
@@ -237,7 +238,7 @@ def train(config: TrainConfig, device: str | None = None, threads: int | None = 
     so the history shows what the narrow data does to general performance.
     """
     if threads:
-        torch.set_num_threads(threads)
+        limit_threads(threads)
     device = device or default_device()
     process = get_process(config.process)
     data_process = get_process(config.data_process) if config.data_process is not None else process

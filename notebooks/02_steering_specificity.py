@@ -67,10 +67,11 @@ from lib.processes import get_process
 from lib.report import resolve_output_dir, save_figure, write_metrics
 from lib.stats import across_seeds
 from lib.steer import centroid_interaction, partition_frame, prepare_steering, steering_frame
+from lib.threads import limit_threads
 from lib.train import TrainConfig, history_frame, load_or_train
 
 set_style()
-torch.set_num_threads(torch_threads)
+limit_threads(torch_threads)
 out = resolve_output_dir(output_dir, "02_steering_specificity")
 started = time.perf_counter()
 

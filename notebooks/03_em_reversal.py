@@ -66,9 +66,10 @@ from lib.plots import set_style
 from lib.report import resolve_output_dir, save_figure, undefined_as_none, write_metrics
 from lib.sfp import is_partition_preserving, sector_order
 from lib.stats import across_seeds, spearman_with_ci
+from lib.threads import limit_threads
 
 set_style()
-torch.set_num_threads(torch_threads)
+limit_threads(torch_threads)
 out = resolve_output_dir(output_dir, "03_em_reversal")
 started = time.perf_counter()
 recipe = EMRecipe(d_model=d_model, n_layers=n_layers, base_steps=base_steps, base_batch=base_batch, base_lr=base_lr,

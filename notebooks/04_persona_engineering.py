@@ -72,10 +72,11 @@ from lib.processes import get_process
 from lib.report import REPO_ROOT, resolve_output_dir, save_figure, undefined_as_none, write_metrics
 from lib.sfp import is_partition_preserving
 from lib.stats import spearman_with_ci
+from lib.threads import limit_threads
 from lib.train import load_or_train
 
 set_style()
-torch.set_num_threads(torch_threads)
+limit_threads(torch_threads)
 out = resolve_output_dir(output_dir, "04_persona_engineering")
 recipe = EMRecipe(d_model=d_model, n_layers=n_layers, base_steps=base_steps, base_batch=base_batch, base_lr=base_lr,
                   ft_steps=ft_steps, ft_batch=ft_batch, ft_lr=ft_lr)
