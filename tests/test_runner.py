@@ -172,3 +172,13 @@ def test_strip_unchecked_outputs() -> None:
     stripped = runner.strip_unchecked_outputs(notebook)
     assert [c.execution_count for c in stripped.cells] == [None, 2]
     assert [len(c.outputs) for c in stripped.cells] == [0, 1]
+
+
+SHIPPED_PARAMS = sorted((runner.REPO_ROOT / "params").glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_PARAMS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_shipped_params_file_validates_against_its_notebook(path):
+    """A params file that drifts from its notebook's parameters cell fails here, not after an hour of reports."""
+    params = runner.validate_all([path.parent.name], path.stem)
+    assert params[path.parent.name], f"{path} loaded no parameters"
