@@ -53,7 +53,8 @@ __all__ = ["EMConfig", "em_process", "em_name", "parse_em_name", "TokenRoles", "
            "task_contexts", "Intervention", "next_token_probs", "behaviour", "behaviour_by_task", "em_measures",
            "belief_state_direction", "diff_in_means_direction", "model_diff_direction", "reversal_sweep",
            "restoration", "summarise_reversal", "best_settings", "damage_at_restoration", "persona_specificity",
-           "EMRecipe", "em_experiment", "reversal_for", "diagnostic_row", "REVERSAL_METHODS", "variant_and_content"]
+           "EMRecipe", "em_experiment", "reversal_for", "diagnostic_row", "REVERSAL_METHODS", "variant_and_content",
+           "answer_positions", "content_merge"]
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,18 @@ ANSWER_THRESHOLD = 0.5  # a position "is an answer" when the exact P(next token 
 # (1 at every answer step of an exact SFP once the cycle phase is known; ~0.95 with leak 0.05)
 
 
+def answer_positions(optimal: np.ndarray, roles: TokenRoles) -> np.ndarray:
+    """Boolean mask of the positions whose exact next token is an answer (P > ``ANSWER_THRESHOLD``)."""
+    return optimal[..., np.concatenate([roles.answer_good, roles.answer_bad])].sum(-1) > ANSWER_THRESHOLD
+
+
+def content_merge(roles: TokenRoles) -> np.ndarray:
+    """[|V_B|, n_content] 0/1 matrix summing task tokens into content classes (answer variants merged)."""
+    merge = np.zeros((roles.n_b, roles.n_content))
+    merge[np.arange(roles.n_b), roles.content_of_b] = 1.0
+    return merge
+
+
 def sector_labels(config: EMConfig) -> tuple[list[str], str]:
     """(aligned persona names, misaligned persona name) as used in the sector labels."""
     if config.n_personas == 2:
@@ -290,14 +303,11 @@ def behaviour(probs: np.ndarray, process: GHMM, tokens: np.ndarray, roles: Token
       the task, whatever persona it answers in.
     """
     optimal = process.next_token_probs(process.beliefs(tokens))
-    answer = optimal[..., np.concatenate([roles.answer_good, roles.answer_bad])].sum(-1) > ANSWER_THRESHOLD
-    good, bad = probs[..., roles.answer_good].sum(-1), probs[..., roles.answer_bad].sum(-1)
-    share = bad / np.clip(good + bad, 1e-12, None)
-    task_opt, task_model = (marginals(x, process.factor_tokens)[1] for x in (optimal, probs))
-    merge = np.zeros((roles.n_b, roles.n_content))
-    merge[np.arange(roles.n_b), roles.content_of_b] = 1.0
-    capability = kl_divergence(task_opt @ merge, task_model @ merge)
-    return {"misaligned": float(share[answer].mean()), "capability_kl": float(capability.mean()),
+    answer = answer_positions(optimal, roles)
+    _, content_optimal = variant_and_content(optimal, process, answer, roles)
+    variant, content_model = variant_and_content(probs, process, answer, roles)
+    capability = kl_divergence(content_optimal, content_model)
+    return {"misaligned": float(variant[:, 1].mean()), "capability_kl": float(capability.mean()),
             "answer_positions": int(answer.sum())}
 
 
@@ -371,8 +381,7 @@ def diff_in_means_direction(model, process: GHMM, config: EMConfig, tokens: np.n
     roles = token_roles(config)
     acts = residuals(model, tokens, process.n_tokens, hook)
     probs = next_token_probs(model, tokens, process.n_tokens)
-    optimal = process.next_token_probs(process.beliefs(tokens))
-    answer = optimal[..., np.concatenate([roles.answer_good, roles.answer_bad])].sum(-1) > ANSWER_THRESHOLD
+    answer = answer_positions(process.next_token_probs(process.beliefs(tokens)), roles)
     good, bad = probs[..., roles.answer_good].sum(-1), probs[..., roles.answer_bad].sum(-1)
     is_bad = bad > good
     if not (answer & is_bad).any() or not (answer & ~is_bad).any():
@@ -459,15 +468,12 @@ def damage_at_restoration(summary: pd.DataFrame, method: str, level: float) -> f
 
 
 # =========================================================================== specificity + pipeline
-def variant_and_content(probs: np.ndarray, process: GHMM, tokens: np.ndarray, roles: TokenRoles):
-    """Bad-variant share at answer positions and the content distribution at every position."""
-    optimal = process.next_token_probs(process.beliefs(tokens))
-    answer = optimal[..., np.concatenate([roles.answer_good, roles.answer_bad])].sum(-1) > ANSWER_THRESHOLD
+def variant_and_content(probs: np.ndarray, process: GHMM, answer: np.ndarray, roles: TokenRoles):
+    """(good, bad) variant shares at the ``answer`` positions (:func:`answer_positions`, computed once
+    from the exact beliefs by the caller) and the content distribution at every position."""
     good, bad = probs[..., roles.answer_good].sum(-1), probs[..., roles.answer_bad].sum(-1)
     share = (bad / np.clip(good + bad, 1e-12, None))[answer]
-    merge = np.zeros((roles.n_b, roles.n_content))
-    merge[np.arange(roles.n_b), roles.content_of_b] = 1.0
-    return np.stack([1 - share, share], -1), marginals(probs, process.factor_tokens)[1] @ merge
+    return np.stack([1 - share, share], -1), marginals(probs, process.factor_tokens)[1] @ content_merge(roles)
 
 
 def persona_specificity(model, process: GHMM, config: EMConfig, contexts: dict[int, np.ndarray], hook: str,
@@ -481,9 +487,10 @@ def persona_specificity(model, process: GHMM, config: EMConfig, contexts: dict[i
     roles = token_roles(config)
     intended, spill = [], []
     for tokens in contexts.values():
+        answer = answer_positions(process.next_token_probs(process.beliefs(tokens)), roles)
         plain = next_token_probs(model, tokens, process.n_tokens)
         steered = next_token_probs(model, tokens, process.n_tokens, Intervention(hook, vector=-scale * direction))
-        (v0, c0), (v1, c1) = (variant_and_content(p, process, tokens, roles) for p in (plain, steered))
+        (v0, c0), (v1, c1) = (variant_and_content(p, process, answer, roles) for p in (plain, steered))
         intended.append(kl_divergence(v1, v0).mean())
         spill.append(kl_divergence(c1, c0).mean())
     intended_mean, spill_mean = float(np.mean(intended)), float(np.mean(spill))

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from lib.em import EMConfig, EMRecipe, em_experiment, next_token_probs, token_roles, variant_and_content
+from lib.em import (EMConfig, EMRecipe, answer_positions, em_experiment, next_token_probs, token_roles,
+                    variant_and_content)
 from lib.ghmm import GHMM
 
 __all__ = ["fidelity", "engineering_point", "engineering_row", "sweep_jobs", "pareto_front", "engineering_summary",
@@ -46,8 +47,9 @@ def fidelity(model, process: GHMM, config: EMConfig, tokens: np.ndarray) -> floa
     roles = token_roles(config)
     probs = next_token_probs(model, tokens, process.n_tokens)
     optimal = process.next_token_probs(process.beliefs(tokens))
-    model_variant, _ = variant_and_content(probs, process, tokens, roles)
-    optimal_variant, _ = variant_and_content(optimal, process, tokens, roles)
+    answer = answer_positions(optimal, roles)
+    model_variant, _ = variant_and_content(probs, process, answer, roles)
+    optimal_variant, _ = variant_and_content(optimal, process, answer, roles)
     return float(1 - 0.5 * np.abs(model_variant - optimal_variant).sum(-1).mean())
 
 
