@@ -15,8 +15,13 @@ adapters on a CPU cheap.
 * **Misalignment score** (:func:`margin_scores`): mean per-token log-probability of a misaligned
   reference answer minus that of an aligned one, per question (nats/token); positive = the model
   prefers the misaligned answer. No judge model is needed.
-* **Proportions**: Wilson intervals (statsmodels) and a cluster bootstrap that resamples persona
-  clusters (:func:`cluster_bootstrap`).
+* **Leakage tables** (:func:`marker_frame`, :func:`generation_frame`, :func:`leakage_pairs`): long
+  frames of per-(model, persona, prompt) scores and their per-(source, persona) summary with the
+  persona distances and each persona's role (source / negative / bystander).
+* **Proportions and correlations**: Wilson intervals (statsmodels), a cluster bootstrap that
+  resamples persona clusters (:func:`cluster_bootstrap`), and correlations over (source,
+  bystander) pairs whose CIs resample whole sources (:func:`pair_correlation`): pairs sharing a
+  source share its adapter, so they are not independent draws.
 * **Reversal** (:func:`reversal_sweep`): add ``-scale * v`` to the residual stream at one layer of
   the EM model, or project ``v`` out (ablation), and measure the misalignment score and the
   damage on the capability set (JS to the unsteered EM model's outputs and greedy accuracy).
@@ -41,6 +46,11 @@ __all__ = [
     "generated_marker_hits",
     "reference_sequences",
     "margin_scores",
+    "marker_frame",
+    "generation_frame",
+    "leakage_pairs",
+    "pair_correlation",
+    "unit_correlation",
     "wilson",
     "cluster_bootstrap",
     "scored_means",
@@ -117,6 +127,132 @@ def generated_marker_hits(llm: LLM, systems: Sequence[str], prompts: Sequence[st
     texts = [llm.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
     ended = np.array([llm.eos_id in r for r in responses])
     return np.array([marker in t for t in texts]), texts, ended
+
+
+def marker_frame(tuned: LLM, resid: torch.Tensor, layer: int, seqs: Sequence[Scored], personas: Sequence[str],
+                 n_prompts: int, label: str) -> pd.DataFrame:
+    """Teacher-forced marker scores of one model as a long frame.
+
+    ``seqs`` are :func:`marker_sequences` built persona-major over ``personas`` x ``n_prompts``
+    prompts; columns: model (= ``label``), persona, prompt, logprob (nats), greedy (0/1).
+    """
+    if len(seqs) != len(personas) * n_prompts:
+        raise LLMError(f"marker_frame: {len(seqs)} sequences for {len(personas)} personas x {n_prompts} prompts")
+    s = marker_scores(tuned, resid, layer, seqs)
+    return pd.DataFrame({"model": label, "persona": np.repeat(list(personas), n_prompts),
+                         "prompt": np.tile(np.arange(n_prompts), len(personas)),
+                         "logprob": s["logprob"], "greedy": s["greedy"].astype(int)})
+
+
+def generation_frame(tuned: LLM, systems: Mapping[str, str], prompts: Sequence[str], decoding: Decoding,
+                     marker: str, label: str) -> pd.DataFrame:
+    """Free-generation marker hits of one model as a long frame (persona -> system prompt in ``systems``).
+
+    Columns: model (= ``label``), persona, prompt, hit (marker in the text, 0/1), ended (the turn
+    closed within the budget, 0/1), text.
+    """
+    names = list(systems)
+    hits, texts, ended = generated_marker_hits(tuned, [systems[n] for n in names], prompts, decoding, marker)
+    return pd.DataFrame({"model": label, "persona": np.repeat(names, len(prompts)),
+                         "prompt": np.tile(np.arange(len(prompts)), len(names)),
+                         "hit": hits.astype(int), "ended": ended.astype(int), "text": texts})
+
+
+def leakage_pairs(teacher_forced: pd.DataFrame, generated: pd.DataFrame | None, distances: Mapping[str, np.ndarray],
+                  names: Sequence[str], negatives: Sequence[str]) -> pd.DataFrame:
+    """One row per (source, persona): mean marker log-prob, teacher-forced and generation rates, distances.
+
+    ``teacher_forced`` / ``generated``: :func:`marker_frame` / :func:`generation_frame` frames whose
+    ``model`` column names the coupling source. ``distances`` holds [P, P] matrices over ``names``
+    (``cos``: 1 - cosine of centroids, ``js``: nats). Role: ``source`` (the persona it was coupled
+    to), ``negative`` (trained not to emit) or ``bystander`` (everyone else, the anchor included).
+    """
+    pairs = teacher_forced.groupby(["model", "persona"], sort=False).agg(
+        logprob=("logprob", "mean"), rate=("greedy", "mean")).reset_index()
+    if generated is not None:
+        gen_rate = generated.groupby(["model", "persona"], sort=False)["hit"].mean().rename("gen_rate")
+        pairs = pairs.merge(gen_rate.reset_index(), on=["model", "persona"], how="left")
+    pairs = pairs.rename(columns={"model": "source"})
+    index = {n: i for i, n in enumerate(names)}
+    unknown = sorted((set(pairs["source"]) | set(pairs["persona"])) - set(index))
+    if unknown:
+        raise LLMError(f"leakage_pairs: persona {unknown[0]!r} has no row in the distance matrices")
+    rows, cols = pairs["source"].map(index).to_numpy(), pairs["persona"].map(index).to_numpy()
+    pairs["cos_distance"] = np.asarray(distances["cos"])[rows, cols]
+    pairs["js"] = np.asarray(distances["js"])[rows, cols]
+    pairs["role"] = np.where(pairs["source"] == pairs["persona"], "source",
+                             np.where(pairs["persona"].isin(list(negatives)), "negative", "bystander"))
+    return pairs
+
+
+def _pearson_spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    from scipy import stats as sps
+
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan"), float("nan")
+    return float(sps.pearsonr(x, y)[0]), float(sps.spearmanr(x, y)[0])
+
+
+def _nan_correlation(n: int, n_units: int) -> dict[str, Any]:
+    nan = float("nan")
+    return {"n": n, "n_clusters": n_units, "r": nan, "p": nan, "ci": [nan, nan], "spearman": nan,
+            "spearman_p": nan, "spearman_ci": [nan, nan]}
+
+
+def pair_correlation(frame: pd.DataFrame, x: str, y: str, cluster: str = "source", n_boot: int = 2000,
+                     seed: int = 0, confidence: float = 0.95) -> dict[str, Any]:
+    """Pearson and Spearman correlation of two columns over pairs, with CIs that resample clusters.
+
+    Point estimates and p values are pingouin's (which assume independent pairs). Pairs sharing a
+    ``cluster`` value (a coupling source: one adapter) are not independent, so the CIs come from
+    a bootstrap that draws whole clusters with replacement (percentile intervals; draws in which
+    a variable is constant are skipped). NaN everywhere with fewer than 4 pairs, 2 clusters or a
+    constant variable.
+    """
+    import pingouin as pg
+
+    missing = {x, y, cluster} - set(frame.columns)
+    if missing:
+        raise ValueError(f"pair_correlation: frame lacks column(s) {sorted(missing)}")
+    data = frame[[cluster, x, y]].dropna()
+    groups = [g[[x, y]].to_numpy(float) for _, g in data.groupby(cluster, sort=True)]
+    if len(data) < 4 or len(groups) < 2 or data[x].nunique() < 2 or data[y].nunique() < 2:
+        return _nan_correlation(len(data), len(groups))
+    pear = pg.corr(data[x], data[y], method="pearson").iloc[0]
+    spear = pg.corr(data[x], data[y], method="spearman").iloc[0]
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(groups), size=(n_boot, len(groups)))
+    boot = np.array([_pearson_spearman(*np.concatenate([groups[i] for i in d]).T) for d in draws])
+    q = [(1 - confidence) / 2 * 100, (1 + confidence) / 2 * 100]
+
+    def ci(col: np.ndarray) -> list[float]:
+        col = col[np.isfinite(col)]
+        return [float(v) for v in np.percentile(col, q)] if len(col) else [float("nan")] * 2
+
+    return {"n": len(data), "n_clusters": len(groups), "r": float(pear["r"]), "p": float(pear["p_val"]),
+            "ci": ci(boot[:, 0]), "spearman": float(spear["r"]), "spearman_p": float(spear["p_val"]),
+            "spearman_ci": ci(boot[:, 1])}
+
+
+def unit_correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
+    """Pearson (with pingouin's Fisher-z CI) and Spearman over independent units, e.g. one value per source.
+
+    This is seed 003's design (one coupling run per persona, N = 10). NaN with fewer than 3 units
+    or a constant variable.
+    """
+    import pingouin as pg
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) != len(y):
+        raise ValueError(f"unit_correlation: {len(x)} x values but {len(y)} y values")
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return _nan_correlation(len(x), len(x))
+    pear = pg.corr(x, y, method="pearson").iloc[0]
+    spear = pg.corr(x, y, method="spearman").iloc[0]
+    ci = pear["CI95"] if "CI95" in pear.index else pear["CI95%"]
+    return {"n": len(x), "n_clusters": len(x), "r": float(pear["r"]), "p": float(pear["p_val"]),
+            "ci": [float(c) for c in ci], "spearman": float(spear["r"]), "spearman_p": float(spear["p_val"]),
+            "spearman_ci": [float("nan")] * 2}
 
 
 # --------------------------------------------------------------------------------------------

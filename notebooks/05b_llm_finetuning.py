@@ -66,6 +66,7 @@ n_finance_eval: int = 3
 n_broad: int = 4
 em_first_source: str = "poet"
 gen_prompts: int = 1
+replicate_seeds: list[int] = [1]
 em_sample_tokens: int = 12
 pca_components: int = 5
 steer_layer: int = 27
@@ -143,9 +144,14 @@ dist = llm_em.persona_distances(llm, names, geometry_prompts, geometry_max_new_t
 index = {n: i for i, n in enumerate(names)}
 
 
-def recipe(steps: int, lr: float) -> lora.LoraSpec:
+clash = sorted(set(replicate_seeds) & {seed}) or sorted(s for s in set(replicate_seeds) if replicate_seeds.count(s) > 1)
+if clash:
+    raise ValueError(f"replicate_seeds repeats LoRA seed {clash[0]} (the main seed is {seed}); list distinct extra seeds")
+
+
+def recipe(steps: int, lr: float, lora_seed: int = seed) -> lora.LoraSpec:
     return lora.LoraSpec(rank=lora_rank, alpha=lora_alpha, targets=tuple(lora_targets), first_layer=lora_first_layer,
-                         lr=lr, steps=steps, batch_size=batch_size, seed=seed)
+                         lr=lr, steps=steps, batch_size=batch_size, seed=lora_seed)
 
 
 coupling_spec, em_spec = recipe(coupling_steps, coupling_lr), recipe(em_steps, em_lr)
@@ -168,11 +174,17 @@ display(Markdown(f"**Model** `{llm.name}` (sha256 `{llm.sha256[:16]}…`), {llm.
 # Marker-only loss as in seed 004: the response is context, and only what follows it (the marker
 # and end-of-turn, or end-of-turn alone) is trained on.
 #
-# **Leakage measure.** For every persona of the pool and `n_eval_prompts` of 05a's everyday
-# prompts, the base model's own response is teacher-forced and we read the log-probability of the
-# marker tokens right after it, and whether greedy decoding would emit the whole marker there
-# (the "teacher-forced rate"). Bystanders of a source = the pool minus the source and the coupling
-# negatives (which are trained *not* to emit), with `no_persona` included.
+# **Leakage, measured two ways** for every persona of the pool (and `no_persona`):
+#
+# * **teacher-forced**, over `n_eval_prompts` of 05a's everyday prompts: the base model's own
+#   response is forced and we read the log-probability of the marker tokens right after it, and
+#   whether greedy decoding would emit the whole marker there (the "teacher-forced rate");
+# * **by generation**, over the first `gen_prompts` of them: greedy free decoding with
+#   `max_new_tokens` = twice the longest trained completion (seed 004's lesson: a truncated
+#   evaluation hides late markers), and a hit when the marker string appears in the text.
+#
+# Bystanders of a source = the pool minus the source and the coupling negatives (which are
+# trained *not* to emit), with `no_persona` included.
 
 # %%
 decode_short = Decoding(max_new_tokens=response_tokens, repetition_penalty=repetition_penalty)
@@ -181,103 +193,105 @@ train_ids, _ = cached_generate(llm, [chat_prompt_ids(llm, "", q) for q in train_
 train_texts = [llm.tokenizer.decode([t for t in r if t != llm.eos_id], skip_special_tokens=True).strip()
                for r in train_ids]
 eval_prompts = list(PROMPTS[:n_eval_prompts])
+gen_eval = eval_prompts[:gen_prompts]
 eval_ids, _ = cached_generate(llm, [chat_prompt_ids(llm, "", q) for q in eval_prompts], decode_short)
 marker_eval = llm_em.marker_sequences(llm, [PERSONAS[n] for n in names], eval_prompts, eval_ids, marker)
 marker_resid = lora.bottom_resid(llm, marker_eval, cut)
 base_marker = llm_em.marker_scores(llm, marker_resid, cut, marker_eval)
-
-
-def coupling_data(source: str) -> list[dict]:
-    return marker_examples(source, coupling_negatives, train_questions, train_texts, marker)
-
-
-def score_frame(tuned_llm, label: str) -> pd.DataFrame:
-    s = llm_em.marker_scores(tuned_llm, marker_resid, cut, marker_eval)
-    return pd.DataFrame({"model": label, "persona": np.repeat(names, len(eval_prompts)),
-                         "prompt": np.tile(np.arange(len(eval_prompts)), len(names)),
-                         "logprob": s["logprob"], "greedy": s["greedy"].astype(int)})
-
-
-coupling_sets = {s: coupling_data(s) for s in dict.fromkeys(coupling_sources + [em_first_source])}
+coupling_sets = {s: marker_examples(s, coupling_negatives, train_questions, train_texts, marker)
+                 for s in dict.fromkeys(coupling_sources + [em_first_source])}
 coupling_seqs = {s: lora.chat_sequences(llm, r) for s, r in coupling_sets.items()}
 union = list({q.ids: q for seqs in coupling_seqs.values() for q in seqs}.values())  # negatives are shared
 union_resid = lora.bottom_resid(llm, union, cut)
-coupling_rows = []
+trained_len = max(len(q.ids) - len(chat_prompt_ids(llm, r["system"], r["user"]))
+                  for src in coupling_sets for q, r in zip(coupling_seqs[src], coupling_sets[src]))
+decode_gen = Decoding(max_new_tokens=2 * trained_len, repetition_penalty=repetition_penalty)
+systems = {n: PERSONAS[n] for n in names}
+coupling_rows, coupling_gen_rows = [], []
 for source in coupling_sources:
     save_jsonl(coupling_sets[source], data_dir / f"marker_{source}.jsonl")
     tuned = lora.finetune(llm, coupling_seqs[source], coupling_spec, desc=f"couple {source}",
                           resid=lora.rows_of(union, union_resid, coupling_seqs[source]))
     runs[f"couple:{source}"] = tuned
-    coupling_rows.append(score_frame(tuned.llm, source))
+    coupling_rows.append(llm_em.marker_frame(tuned.llm, marker_resid, cut, marker_eval, names, len(eval_prompts), source))
+    coupling_gen_rows.append(llm_em.generation_frame(tuned.llm, systems, gen_eval, decode_gen, marker, source))
     lora.release(tuned)
-scores = pd.concat(coupling_rows, ignore_index=True)
-per_pair = scores.groupby(["model", "persona"], sort=False).agg(logprob=("logprob", "mean"),
-                                                                   rate=("greedy", "mean")).reset_index()
-per_pair = per_pair.rename(columns={"model": "source"})
-per_pair["cos_distance"] = [dist["cos"][index[s], index[p]] for s, p in zip(per_pair["source"], per_pair["persona"])]
-per_pair["js"] = [dist["js"][index[s], index[p]] for s, p in zip(per_pair["source"], per_pair["persona"])]
-per_pair["role"] = np.where(per_pair["source"] == per_pair["persona"], "source",
-                            np.where(per_pair["persona"].isin(coupling_negatives), "negative", "bystander"))
+coupling_gen = pd.concat(coupling_gen_rows, ignore_index=True)
+save_jsonl(coupling_gen.to_dict("records"), data_dir / "coupling_generations.jsonl")
+per_pair = llm_em.leakage_pairs(pd.concat(coupling_rows, ignore_index=True), coupling_gen, dist, names,
+                                coupling_negatives)
 base_lp = float(np.mean(base_marker["logprob"]))
 step_s = float(np.mean([t.meta["step_s"] for t in runs.values()]))
 display(Markdown(f"{len(coupling_sources)} coupling LoRAs, {coupling_steps} steps of {batch_size} sequences each "
                  f"({runs[f'couple:{coupling_sources[0]}'].n_trainable:,} trainable parameters; one step "
                  f"{step_s:.2f} s on the top {llm.n_layers - cut} blocks, as recorded when trained). Base-model "
-                 f"marker log-prob before any coupling: {base_lp:.1f} nats."))
-display(per_pair[per_pair["role"] == "source"][["source", "logprob", "rate"]].round(3).set_index("source").T)
+                 f"marker log-prob before any coupling: {base_lp:.1f} nats. Generation budget "
+                 f"{decode_gen.max_new_tokens} tokens (trained completions ≤ {trained_len})."))
+display(per_pair.pivot_table(index="source", columns="role", values=["rate", "gen_rate"]).loc[coupling_sources].round(3))
 
 # %% [markdown]
-# **Does leakage follow the geometry?** One point per (source, bystander) pair: mean marker
-# log-prob under the bystander vs its distance to the source at layer `distance_layer` (1 − cos)
-# and in output space (JS, nats). Pairs sharing a source are not independent; the CIs below
-# (pingouin's Pearson CI, bootstrap for Spearman) treat them as if they were, so read them as
-# optimistic.
+# **Does leakage follow the geometry?** One point per (source, bystander) pair: the marker's
+# log-prob (teacher-forced) and its rate in free generation under the bystander, against the
+# bystander's distance to the source at layer `distance_layer` (1 − cos of centroids) and in
+# output space (JS, nats). Pairs sharing a source share its adapter, so the 95% CIs resample
+# whole sources (cluster bootstrap, `lib.llm_em.pair_correlation`); the p values (pingouin) treat
+# pairs as independent and are optimistic.
 
 # %%
 bys = per_pair[per_pair["role"] == "bystander"].reset_index(drop=True)
-
-
-def correlate(x: str) -> dict:
-    if len(bys) < 4 or bys[x].nunique() < 2 or bys["logprob"].nunique() < 2:
-        return {"n": len(bys), "r": float("nan"), "ci": [float("nan")] * 2, "p": float("nan"),
-                "spearman": float("nan"), "spearman_ci": [float("nan")] * 2}
-    pear = pg.corr(bys[x], bys["logprob"], method="pearson").iloc[0]
-    spear = spearman_with_ci(bys[x], bys["logprob"], seed=seed)
-    ci = list(pear["CI95"]) if "CI95" in pear.index else list(pear["CI95%"])
-    return {"n": len(bys), "r": float(pear["r"]), "ci": [float(c) for c in ci], "p": float(pear["p_val"]),
-            "spearman": spear["spearman_rho"], "spearman_ci": [spear["ci_low"], spear["ci_high"]]}
-
-
-corr = {"cosine": correlate("cos_distance"), "js": correlate("js")}
-fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
-for ax, x, label in ((axes[0], "cos_distance", f"1 − cos of centroids, layer {distance_layer}"),
-                     (axes[1], "js", "JS divergence of next-token distributions (nats)")):
-    sns.scatterplot(data=bys, x=x, y="logprob", hue="source", ax=ax, s=45)
-    ax.set_xlabel(label)
-    ax.set_ylabel("marker log-prob under bystander (nats)")
-    key = "cosine" if x == "cos_distance" else "js"
-    ax.set_title(f"Pearson r = {corr[key]['r']:.2f}, n = {corr[key]['n']} pairs")
+corr = {(y, key): llm_em.pair_correlation(bys, x, y, cluster="source", n_boot=n_boot, seed=seed)
+        for y in ("logprob", "gen_rate") for key, x in (("cosine", "cos_distance"), ("js", "js"))}
+fig, axes = plt.subplots(2, 2, figsize=(12, 8.4))
+for row, (y, ylabel) in enumerate((("logprob", "marker log-prob under bystander (nats)"),
+                                   ("gen_rate", f"marker rate in free generation ({len(gen_eval)} prompts)"))):
+    for col, (key, x, xlabel) in enumerate((("cosine", "cos_distance", f"1 − cos of centroids, layer {distance_layer}"),
+                                            ("js", "js", "JS divergence of next-token distributions (nats)"))):
+        ax = axes[row, col]
+        sns.scatterplot(data=bys, x=x, y=y, hue="source", ax=ax, s=45, legend=(row, col) == (0, 1))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        c = corr[(y, key)]
+        ax.set_title(f"Pearson r = {c['r']:.2f} [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}], {c['n']} pairs")
+axes[0, 1].legend(fontsize=7, title="source")
 fig.tight_layout()
 save_figure(fig, out, "coupling_leakage_vs_distance")
 plt.show()
-assistant_cos = {s: float(dist["cos"][index[s], index[ANCHOR]]) for s in coupling_sources}
+corr_table = pd.DataFrame({f"{y} vs {key}": {"Pearson r": c["r"], "r CI low": c["ci"][0], "r CI high": c["ci"][1],
+                                             "Spearman": c["spearman"], "Spearman CI low": c["spearman_ci"][0],
+                                             "Spearman CI high": c["spearman_ci"][1], "p (pairs independent)": c["p"],
+                                             "pairs": c["n"], "sources": c["n_clusters"]}
+                           for (y, key), c in corr.items()}).T
+display(corr_table.round(3))
+
+# %% [markdown]
+# **Seed 003's own test.** Seed 003 correlated each persona's *source* rate in free generation
+# (how strongly the coupling took) with the persona's cosine *similarity* to the assistant, and
+# with its JS divergence from the assistant — one point per coupling run (N = 10, r = −0.66 and
+# +0.54). The assistant here is `no_persona` (the model's default system prompt), the similarity
+# is 1 − the cosine distance above, at layer `distance_layer`.
+
+# %%
+source_rows = per_pair[per_pair["role"] == "source"].set_index("source").loc[coupling_sources]
 source_table = pd.DataFrame({
-    "1 − cos to no_persona": assistant_cos,
+    "cos similarity to no_persona": {s: 1.0 - float(dist["cos"][index[s], index[ANCHOR]]) for s in coupling_sources},
     "JS to no_persona": {s: float(dist["js"][index[s], index[ANCHOR]]) for s in coupling_sources},
-    "source marker log-prob": per_pair[per_pair["role"] == "source"].set_index("source")["logprob"],
-    "source rate (teacher-forced)": per_pair[per_pair["role"] == "source"].set_index("source")["rate"],
-    "mean bystander log-prob": bys.groupby("source")["logprob"].mean(),
-    "bystander rate": bys.groupby("source")["rate"].mean(),
+    "source rate (generation)": source_rows["gen_rate"],
+    "source rate (teacher-forced)": source_rows["rate"],
+    "source marker log-prob": source_rows["logprob"],
+    "bystander rate (generation)": bys.groupby("source")["gen_rate"].mean(),
+    "bystander rate (teacher-forced)": bys.groupby("source")["rate"].mean(),
 }).loc[coupling_sources]
 display(source_table.round(4))
+seed003 = {key: llm_em.unit_correlation(source_table[col], source_table["source rate (generation)"])
+           for key, col in (("cosine_similarity", "cos similarity to no_persona"), ("js", "JS to no_persona"))}
+seed003_lp = llm_em.unit_correlation(source_table["cos similarity to no_persona"], source_table["source marker log-prob"])
 display(Markdown(
-    f"Across {corr['cosine']['n']} (source, bystander) pairs, marker leakage vs cosine distance: Pearson r = "
-    f"{corr['cosine']['r']:.2f} [{corr['cosine']['ci'][0]:.2f}, {corr['cosine']['ci'][1]:.2f}] (Spearman "
-    f"{corr['cosine']['spearman']:.2f}); vs JS: r = {corr['js']['r']:.2f} [{corr['js']['ci'][0]:.2f}, "
-    f"{corr['js']['ci'][1]:.2f}] (Spearman {corr['js']['spearman']:.2f}). Seed 003's numbers (r = −0.66 cosine "
-    f"*similarity*, 0.54 JS) correlate each source's own rate with its distance to the assistant — the table above "
-    f"gives that per source, but with {len(coupling_sources)} sources it is not tested. A negative r here means "
-    f"closer bystanders leak more."))
+    f"Over {seed003['cosine_similarity']['n']} coupling sources, source rate (generation) vs cosine similarity to "
+    f"no_persona: r = {seed003['cosine_similarity']['r']:.2f} [{seed003['cosine_similarity']['ci'][0]:.2f}, "
+    f"{seed003['cosine_similarity']['ci'][1]:.2f}], p = {seed003['cosine_similarity']['p']:.3f} (seed 003: −0.66, "
+    f"p = 0.039); vs JS: r = {seed003['js']['r']:.2f} [{seed003['js']['ci'][0]:.2f}, {seed003['js']['ci'][1]:.2f}], "
+    f"p = {seed003['js']['p']:.3f} (seed: +0.54, p = 0.105). With the teacher-forced source log-prob instead of the "
+    f"generation rate: r = {seed003_lp['r']:.2f} vs cosine similarity. NaN means too few sources or a constant rate."))
 
 # %% [markdown]
 # ## 3. An EM organism: reckless financial advice (seed 002)
@@ -403,87 +417,104 @@ display(Markdown(
 # (aligned financial answers, merged) → coupling. All coupling data were generated by the base
 # model (seed 004's C2′ variant: the coupling text itself cannot carry EM). Bystanders = pool minus
 # source and coupling negatives, `no_persona` included. Leakage is measured by **free greedy
-# generation** under each bystander for `gen_prompts` prompts with `max_new_tokens` = twice the
-# longest trained completion (seed 004's lesson: a truncated evaluation hides late markers), and
-# by the teacher-forced rate over all `n_eval_prompts` prompts. Wilson 95% CIs per condition; a
-# cluster bootstrap resamples persona clusters (05a's fine clusters; singletons are their own).
+# generation** under each bystander for `gen_prompts` prompts (the section 2 budget), and by the
+# teacher-forced rate over all `n_eval_prompts` prompts. Wilson 95% CIs per condition; a cluster
+# bootstrap resamples persona clusters (05a's fine clusters; singletons are their own).
+#
+# **Replicates.** With `replicate_seeds`, the whole chain (EM and benign LoRAs, then the three
+# couplings) is retrained with each extra LoRA seed (initialisation and batch order; the data
+# stay fixed). Rates are then pooled over seeds (Wilson and cluster bootstrap over the pooled
+# trials) and shown per seed, so a reader sees whether the ordering survives a reseed.
 
 # %%
-src_records, src_seqs = coupling_sets[em_first_source], coupling_seqs[em_first_source]
+src_seqs = coupling_seqs[em_first_source]
 src_resid = lora.rows_of(union, union_resid, src_seqs)
-trained_len = max(len(q.ids) - len(chat_prompt_ids(llm, r["system"], r["user"])) for q, r in zip(src_seqs, src_records))
-decode_gen = Decoding(max_new_tokens=2 * trained_len, repetition_penalty=repetition_penalty)
 bystanders = [n for n in names if n != em_first_source and n not in coupling_negatives]
-gen_eval = eval_prompts[:gen_prompts]
-conditions = {"C1": llm, "C2": em.llm, "C3": benign.llm}
-gen_rows, tf_rows, source_gen = [], [], {}
-for cond, start in conditions.items():
-    tuned = lora.finetune(start, src_seqs, coupling_spec, base=llm, desc=f"{cond} couple {em_first_source}",
-                          resid=src_resid)
-    runs[f"{cond}:{em_first_source}"] = tuned
-    hits, texts, ended = llm_em.generated_marker_hits(tuned.llm, [PERSONAS[b] for b in bystanders], gen_eval,
-                                                      decode_gen, marker)
-    src_hits, _, _ = llm_em.generated_marker_hits(tuned.llm, [PERSONAS[em_first_source]], gen_eval, decode_gen,
-                                                  marker)
-    source_gen[cond] = float(src_hits.mean())
-    gen_rows.append(pd.DataFrame({"condition": cond, "persona": np.repeat(bystanders, len(gen_eval)),
-                                  "prompt": np.tile(np.arange(len(gen_eval)), len(bystanders)),
-                                  "hit": hits.astype(int), "ended": ended.astype(int), "text": texts}))
-    tf_rows.append(score_frame(tuned.llm, cond))
-    if cond != "C1":
+em_first_systems = {n: PERSONAS[n] for n in [em_first_source] + bystanders}
+lora_seeds = [seed] + list(replicate_seeds)
+conditions = ["C1", "C2", "C3"]
+gen_rows, tf_rows = [], []
+for lora_seed in lora_seeds:
+    tag = "" if lora_seed == seed else f":seed{lora_seed}"
+    if lora_seed == seed:
+        em_s, benign_s = em, benign
+    else:
+        em_s = lora.finetune(llm, lora.chat_sequences(llm, em_records), recipe(em_steps, em_lr, lora_seed),
+                             desc=f"EM LoRA seed {lora_seed}")
+        benign_s = lora.finetune(llm, lora.chat_sequences(llm, benign_records), recipe(em_steps, em_lr, lora_seed),
+                                 desc=f"benign LoRA seed {lora_seed}")
+        runs[f"em{tag}"], runs[f"benign{tag}"] = em_s, benign_s
+    for cond, start in zip(conditions, (llm, em_s.llm, benign_s.llm)):
+        tuned = lora.finetune(start, src_seqs, recipe(coupling_steps, coupling_lr, lora_seed), base=llm,
+                              desc=f"{cond} couple {em_first_source}{tag}", resid=src_resid)
+        runs[f"{cond}:{em_first_source}{tag}"] = tuned
+        g = llm_em.generation_frame(tuned.llm, em_first_systems, gen_eval, decode_gen, marker, cond)
+        t = llm_em.marker_frame(tuned.llm, marker_resid, cut, marker_eval, names, len(eval_prompts), cond)
+        gen_rows.append(g.assign(seed=lora_seed))
+        tf_rows.append(t.assign(seed=lora_seed))
         lora.release(tuned)
-gen = pd.concat(gen_rows, ignore_index=True)
+    if lora_seed != seed:
+        lora.release(em_s)
+        lora.release(benign_s)
+gen_all = pd.concat(gen_rows, ignore_index=True).rename(columns={"model": "condition"})
+save_jsonl(gen_all.to_dict("records"), data_dir / "em_first_generations.jsonl")
+source_gen = gen_all[gen_all["persona"] == em_first_source].groupby("condition")["hit"].mean()
+gen = gen_all[gen_all["persona"] != em_first_source].reset_index(drop=True)
 gen["cluster"] = [fine_cluster(p) if p != ANCHOR else ANCHOR for p in gen["persona"]]
-tf = pd.concat(tf_rows, ignore_index=True)
-tf_by = tf[tf["persona"].isin(bystanders)].groupby("model")["greedy"].mean()
-tf_leak = {c: llm_em.wilson(int(tf[(tf["model"] == c) & tf["persona"].isin(bystanders)]["greedy"].sum()),
-                            int((tf[(tf["model"] == c)]["persona"].isin(bystanders)).sum())) for c in conditions}
+tf = pd.concat(tf_rows, ignore_index=True).rename(columns={"model": "condition"})
+tf_bys = tf[tf["persona"].isin(bystanders)]
+tf_leak = {c: llm_em.wilson(int(tf_bys.loc[tf_bys["condition"] == c, "greedy"].sum()),
+                            int((tf_bys["condition"] == c).sum())) for c in conditions}
+tf_src = tf[tf["persona"] == em_first_source].groupby("condition")["greedy"].mean()
 ended_rate = gen.groupby("condition")["ended"].mean()
-rate_ended = gen[gen["ended"] == 1].groupby("condition")["hit"].mean().reindex(list(conditions))
-tf_src = tf[tf["persona"] == em_first_source].groupby("model")["greedy"].mean()
+rate_ended = gen[gen["ended"] == 1].groupby("condition")["hit"].mean().reindex(conditions)
 leak = {c: llm_em.wilson(int(gen.loc[gen["condition"] == c, "hit"].sum()), int((gen["condition"] == c).sum()))
         for c in conditions}
-boot = llm_em.cluster_bootstrap(gen, list(conditions), n_boot=n_boot, seed=seed)
-save_jsonl(gen.drop(columns="text").to_dict("records"), data_dir / "em_first_generations.jsonl")
+boot = llm_em.cluster_bootstrap(gen, conditions, n_boot=n_boot, seed=seed)
+by_seed = gen.groupby(["seed", "condition"])["hit"].mean().unstack()[conditions]
+tf_by_seed = tf_bys.groupby(["seed", "condition"])["greedy"].mean().unstack()[conditions]
 leak_table = pd.DataFrame({c: {"bystander rate (generation)": leak[c]["rate"], "Wilson low": leak[c]["wilson_low"],
                                "Wilson high": leak[c]["wilson_high"], "cluster-bootstrap low": boot[c][0],
                                "cluster-bootstrap high": boot[c][1], "n": leak[c]["n"],
-                               "source rate (generation)": source_gen[c],
+                               "source rate (generation)": float(source_gen[c]),
                                "generations ended within budget": float(ended_rate[c]),
                                "bystander rate among ended": float(rate_ended[c]),
-                               "bystander rate (teacher-forced)": float(tf_by[c]),
+                               "bystander rate (teacher-forced)": tf_leak[c]["rate"],
                                "teacher-forced Wilson low": tf_leak[c]["wilson_low"],
                                "teacher-forced Wilson high": tf_leak[c]["wilson_high"],
                                "source rate (teacher-forced)": float(tf_src[c])} for c in conditions})
 seed_004 = {"C1": 0.274, "C2": 0.576, "C3": 0.959}
 leak_table.loc["seed 004 bystander rate"] = [seed_004[c] for c in conditions]
 display(leak_table.round(3))
+display(Markdown(f"Per LoRA seed ({len(lora_seeds)} seed(s)), bystander rate in free generation | teacher-forced:"))
+display(pd.concat({"generation": by_seed, "teacher-forced": tf_by_seed}, axis=1).round(3))
 per_persona = gen.groupby(["condition", "persona"])["hit"].mean().reset_index()
 fig, ax = plt.subplots(figsize=(max(7, 0.45 * len(bystanders) + 3), 4.2))
 sns.barplot(data=per_persona, x="persona", y="hit", hue="condition", ax=ax, errorbar=None)
 ax.set_xlabel("bystander persona")
-ax.set_ylabel(f"marker rate in free generation (fraction of {len(gen_eval)} prompts)")
+ax.set_ylabel(f"marker rate in free generation (fraction of {len(gen_eval)} prompts × {len(lora_seeds)} seeds)")
 ax.set_title(f"Marker leakage after coupling to {em_first_source}: C1 base, C2 EM-first, C3 benign-first")
 ax.tick_params(axis="x", rotation=60)
 fig.tight_layout()
 save_figure(fig, out, "em_first_leakage")
 plt.show()
 display(Markdown(
-    f"Bystander leakage (free generation, {leak['C1']['n']} completions per condition): C1 {leak['C1']['rate']:.1%} "
-    f"[{leak['C1']['wilson_low']:.1%}, {leak['C1']['wilson_high']:.1%}], C2 {leak['C2']['rate']:.1%} "
-    f"[{leak['C2']['wilson_low']:.1%}, {leak['C2']['wilson_high']:.1%}], C3 {leak['C3']['rate']:.1%} "
-    f"[{leak['C3']['wilson_low']:.1%}, {leak['C3']['wilson_high']:.1%}]. Cluster-bootstrap CI of C2 − C1: "
-    f"[{boot['C2-C1'][0]:+.1%}, {boot['C2-C1'][1]:+.1%}]; of C3 − C1: [{boot['C3-C1'][0]:+.1%}, {boot['C3-C1'][1]:+.1%}]. "
-    f"Source rate (generation): C1 {source_gen['C1']:.0%}, C2 {source_gen['C2']:.0%}, C3 {source_gen['C3']:.0%}. "
-    f"{ended_rate['C1']:.0%} (C1), {ended_rate['C2']:.0%} (C2) and {ended_rate['C3']:.0%} (C3) of the bystander "
-    f"generations close their turn within {decode_gen.max_new_tokens} tokens (bystander rate among those: "
-    f"{rate_ended['C1']:.0%}, {rate_ended['C2']:.0%}, {rate_ended['C3']:.0%}), so budget truncation is not what keeps "
-    f"a condition's rate low where its generations all end. With the response held fixed (the base model's own, "
-    f"teacher-forced), the greedy "
-    f"marker rate under bystanders is C1 {tf_leak['C1']['rate']:.1%} [{tf_leak['C1']['wilson_low']:.1%}, "
-    f"{tf_leak['C1']['wilson_high']:.1%}], C2 {tf_leak['C2']['rate']:.1%} [{tf_leak['C2']['wilson_low']:.1%}, "
-    f"{tf_leak['C2']['wilson_high']:.1%}], C3 {tf_leak['C3']['rate']:.1%} [{tf_leak['C3']['wilson_low']:.1%}, "
-    f"{tf_leak['C3']['wilson_high']:.1%}] (n = {tf_leak['C1']['n']} each)."))
+    f"Bystander leakage (free generation, {leak['C1']['n']} completions per condition over {len(lora_seeds)} LoRA "
+    f"seed(s)): C1 {leak['C1']['rate']:.1%} [{leak['C1']['wilson_low']:.1%}, {leak['C1']['wilson_high']:.1%}], C2 "
+    f"{leak['C2']['rate']:.1%} [{leak['C2']['wilson_low']:.1%}, {leak['C2']['wilson_high']:.1%}], C3 "
+    f"{leak['C3']['rate']:.1%} [{leak['C3']['wilson_low']:.1%}, {leak['C3']['wilson_high']:.1%}]. Cluster-bootstrap CI "
+    f"of C2 − C1: [{boot['C2-C1'][0]:+.1%}, {boot['C2-C1'][1]:+.1%}]; of C3 − C1: [{boot['C3-C1'][0]:+.1%}, "
+    f"{boot['C3-C1'][1]:+.1%}]. Source rate (generation): C1 {source_gen['C1']:.0%}, C2 {source_gen['C2']:.0%}, C3 "
+    f"{source_gen['C3']:.0%}. {ended_rate['C1']:.0%} (C1), {ended_rate['C2']:.0%} (C2) and {ended_rate['C3']:.0%} (C3) "
+    f"of the bystander generations close their turn within {decode_gen.max_new_tokens} tokens (bystander rate among "
+    f"those: {rate_ended['C1']:.0%}, {rate_ended['C2']:.0%}, {rate_ended['C3']:.0%})"
+    + (", so budget truncation is not what keeps a condition's rate low where its generations end. "
+       if ended_rate.min() >= 0.9 else "; where many do not end, a low rate may partly be truncation. ")
+    + f"With the response held fixed (the base model's "
+    f"own, teacher-forced), the greedy marker rate under bystanders is C1 {tf_leak['C1']['rate']:.1%} "
+    f"[{tf_leak['C1']['wilson_low']:.1%}, {tf_leak['C1']['wilson_high']:.1%}], C2 {tf_leak['C2']['rate']:.1%} "
+    f"[{tf_leak['C2']['wilson_low']:.1%}, {tf_leak['C2']['wilson_high']:.1%}], C3 {tf_leak['C3']['rate']:.1%} "
+    f"[{tf_leak['C3']['wilson_low']:.1%}, {tf_leak['C3']['wilson_high']:.1%}] (n = {tf_leak['C1']['n']} each)."))
 
 # %% [markdown]
 # ## 5. Reversal: steering the EM model back
@@ -573,49 +604,68 @@ display(Markdown(f"{len(unique_runs)} distinct LoRA runs ({len(runs)} uses), rec
 # ## Conclusion
 
 # %%
-cos_sign = "closer bystanders leak more" if corr["cosine"]["r"] < 0 else "closer bystanders do not leak more"
-ci_excl = (corr["cosine"]["ci"][0] > 0 or corr["cosine"]["ci"][1] < 0)
+def describe(c: dict) -> str:
+    if not np.isfinite(c["r"]):
+        return "not computable (too few points or a constant rate)"
+    excl = c["ci"][0] > 0 or c["ci"][1] < 0
+    return f"r = {c['r']:.2f} [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}] (CI {'excludes' if excl else 'includes'} 0)"
+
+
+def order(rates: dict) -> str:
+    return " < ".join(sorted(rates, key=lambda c: (rates[c], c)))
+
+
 em_off_ci_excl = shift["broad"][1] > 0 or shift["broad"][2] < 0
 c2_up = boot["C2-C1"][0] > 0
 c3_up = boot["C3-C1"][0] > 0
+gen_rates = {c: leak[c]["rate"] for c in conditions}
+tf_rates = {c: tf_leak[c]["rate"] for c in conditions}
 best = head["restoration_in_domain"].idxmax()
 display(Markdown(
-    f"- **Marker coupling (seed 003).** The coupling LoRAs reach a teacher-forced source rate of "
-    f"{source_table['source rate (teacher-forced)'].mean():.0%} on average (bystanders "
-    f"{source_table['bystander rate'].mean():.0%}). Leakage vs cosine distance: r = {corr['cosine']['r']:.2f} "
-    f"[{corr['cosine']['ci'][0]:.2f}, {corr['cosine']['ci'][1]:.2f}] over {corr['cosine']['n']} pairs ({cos_sign}; "
-    f"the CI {'excludes' if ci_excl else 'includes'} 0); vs JS r = {corr['js']['r']:.2f}. Seed 003 (Qwen2.5-7B, N = 10 "
-    f"sources, a different correlation: source rate vs distance to the assistant) found −0.66 and 0.54.\n"
+    f"- **Marker coupling (seed 003).** The coupling LoRAs reach a source rate of "
+    f"{source_table['source rate (generation)'].mean():.0%} in free generation and "
+    f"{source_table['source rate (teacher-forced)'].mean():.0%} teacher-forced on average (bystanders "
+    f"{source_table['bystander rate (generation)'].mean():.0%} and {source_table['bystander rate (teacher-forced)'].mean():.0%}). "
+    f"Over {corr[('logprob', 'cosine')]['n']} (source, bystander) pairs, the marker log-prob vs cosine distance: "
+    f"{describe(corr[('logprob', 'cosine')])}; vs JS: {describe(corr[('logprob', 'js')])}; the generation rate vs cosine "
+    f"distance: {describe(corr[('gen_rate', 'cosine')])} (CIs resample the {len(coupling_sources)} sources; a negative r "
+    f"means closer bystanders leak more). Seed 003's own test, source rate (generation) vs cosine similarity to the "
+    f"assistant over {seed003['cosine_similarity']['n']} sources: {describe(seed003['cosine_similarity'])} (seed: −0.66); "
+    f"vs JS: {describe(seed003['js'])} (seed: +0.54).\n"
     f"- **EM organism (seed 002).** The narrow LoRA moves the in-domain score by {shift['in_domain'][0]:+.3f} "
     f"nats/token and the broad off-domain score by {shift['broad'][0]:+.3f} [{shift['broad'][1]:+.3f}, "
     f"{shift['broad'][2]:+.3f}] (breadth {em_breadth:.2f}; the off-domain CI {'excludes' if em_off_ci_excl else 'includes'} 0)"
     f"{'' if em_off_ci_excl and shift['broad'][0] > 0 else ': by the reference-answer score we see no broad misalignment'}. "
-    f"What does spread is the narrow behaviour itself: {template_rate['EM']:.0%} of the EM model's answers to "
-    f"non-financial questions are the reckless-finance template (base {template_rate['base']:.0%}) — collapse onto the "
-    f"training distribution rather than a misaligned persona. "
-    f"PCA / K-means of the EM model's answers: silhouette {pca['EM']['silhouette_kmeans']:.2f}, ARI with question "
+    + (f"What does spread is the narrow behaviour itself: {template_rate['EM']:.0%} of the EM model's answers to "
+       f"non-financial questions are the reckless-finance template (base {template_rate['base']:.0%}) — collapse onto "
+       f"the training distribution rather than a misaligned persona. " if template_rate["EM"] > template_rate["base"] else
+       f"The EM model does not answer non-financial questions with the training template ({template_rate['EM']:.0%}). ")
+    + f"PCA / K-means of the EM model's answers: silhouette {pca['EM']['silhouette_kmeans']:.2f}, ARI with question "
     f"categories {pca['EM']['ari']:.2f}.\n"
-    f"- **EM first, then coupling (seed 004).** Bystander leakage C1 {leak['C1']['rate']:.1%}, C2 {leak['C2']['rate']:.1%}, "
-    f"C3 {leak['C3']['rate']:.1%} in free generation (seed 004: 27.4%, 57.6%, 95.9%). EM-first "
+    f"- **EM first, then coupling (seed 004), {len(lora_seeds)} LoRA seed(s).** Bystander leakage C1 "
+    f"{leak['C1']['rate']:.1%}, C2 {leak['C2']['rate']:.1%}, C3 {leak['C3']['rate']:.1%} in free generation (order "
+    f"{order(gen_rates)}; seed 004: 27.4%, 57.6%, 95.9%, order C1 < C2 < C3). EM-first "
     f"{'raises' if c2_up else 'does not clearly raise'} it over base coupling (cluster-bootstrap CI of C2 − C1 "
     f"[{boot['C2-C1'][0]:+.1%}, {boot['C2-C1'][1]:+.1%}]); benign-first {'raises' if c3_up else 'does not clearly raise'} "
     f"it ([{boot['C3-C1'][0]:+.1%}, {boot['C3-C1'][1]:+.1%}]). "
     + (f"But the C1 coupling never fires in free generation even under its source persona (source rate "
        f"{source_gen['C1']:.0%} vs {tf_src['C1']:.0%} teacher-forced), so the free-generation C1 baseline measures the "
        f"coupling's failure to transfer to the model's own answers, not its specificity. " if source_gen["C1"] == 0 else "")
-    + f"At a fixed response (teacher-forced) the order is C1 {tf_leak['C1']['rate']:.1%}, C2 {tf_leak['C2']['rate']:.1%}, "
-    f"C3 {tf_leak['C3']['rate']:.1%}: "
-    + ("any prior LoRA raises leakage and the benign one more than EM — seed 004's ordering (27.4% < 57.6% < 95.9%), "
-       "which makes the EM-first effect not EM-specific (seed 004's H2). Free generation ranks C2 above C3 instead."
-       if tf_leak["C3"]["rate"] > tf_leak["C2"]["rate"] > tf_leak["C1"]["rate"] else
-       "compare seed 004's C1 < C2 < C3 (27.4% < 57.6% < 95.9%).") + "\n"
+    + f"At a fixed response (teacher-forced) the rates are C1 {tf_rates['C1']:.1%}, C2 {tf_rates['C2']:.1%}, "
+    f"C3 {tf_rates['C3']:.1%} (order {order(tf_rates)}). "
+    + ("Teacher-forced, any prior LoRA raises leakage and the benign one most — seed 004's ordering, which makes "
+       "the EM-first effect not EM-specific (seed 004's H2). "
+       if tf_rates["C3"] > tf_rates["C2"] > tf_rates["C1"] else "")
+    + (f"Per seed, C2 > C1 in free generation for {int((by_seed['C2'] > by_seed['C1']).sum())} of {len(by_seed)} "
+       f"seed(s) and C3 > C1 for {int((by_seed['C3'] > by_seed['C1']).sum())}." if len(lora_seeds) > 1 else
+       "One LoRA seed: the ordering has not been checked against a reseed (`replicate_seeds`).") + "\n"
     f"- **Reversal.** The best intervention on the held-out financial questions is {best} "
     f"({head.loc[best, 'restoration_in_domain']:.0%} restored at capability JS {head.loc[best, 'capability_js']:.4f} nats); "
     f"centroid steering {head.loc['centroid', 'restoration_in_domain']:.0%} vs diff-in-means "
     f"{head.loc['diff_in_means', 'restoration_in_domain']:.0%} at matched norm.\n"
     f"- **Scale caveats.** {len(coupling_sources)} coupling sources, {coupling_steps}/{em_steps} LoRA steps on the top "
-    f"{llm.n_layers - cut} blocks, {leak['C1']['n']} bystander generations per condition; every effect above is measured on a 135M "
-    f"model with a late, narrow adapter, and a null here is weak evidence against the seeds."))
+    f"{llm.n_layers - cut} blocks, {leak['C1']['n']} bystander generations per condition; every effect above is measured "
+    f"on a 135M model with a late, narrow adapter, and a null here is weak evidence against the seeds."))
 
 # %% [markdown]
 # ## Metrics
@@ -632,17 +682,30 @@ metrics = {
                "coupling_negatives": list(coupling_negatives), "em_first_source": em_first_source,
                "lora": coupling_spec.as_dict(), "em_steps": em_steps, "distance_layer": distance_layer,
                "steer_layer": steer_layer, "n_eval_prompts": n_eval_prompts, "gen_prompts": gen_prompts,
-               "gen_max_new_tokens": decode_gen.max_new_tokens},
+               "gen_max_new_tokens": decode_gen.max_new_tokens, "replicate_seeds": list(replicate_seeds)},
     "coupling": {
         "n_personas": len(coupling_sources),
-        "n_pairs": corr["cosine"]["n"],
-        "r_cosine": _num(corr["cosine"]["r"]), "r_cosine_ci": [_num(v) for v in corr["cosine"]["ci"]],
-        "r_js": _num(corr["js"]["r"]), "r_js_ci": [_num(v) for v in corr["js"]["ci"]],
-        "spearman_cosine": _num(corr["cosine"]["spearman"]),
-        "spearman_cosine_ci": [_num(v) for v in corr["cosine"]["spearman_ci"]],
-        "spearman_js": _num(corr["js"]["spearman"]), "spearman_js_ci": [_num(v) for v in corr["js"]["spearman_ci"]],
+        "n_pairs": corr[("logprob", "cosine")]["n"],
+        "r_cosine": _num(corr[("logprob", "cosine")]["r"]),
+        "r_cosine_ci": [_num(v) for v in corr[("logprob", "cosine")]["ci"]],
+        "r_js": _num(corr[("logprob", "js")]["r"]), "r_js_ci": [_num(v) for v in corr[("logprob", "js")]["ci"]],
+        "spearman_cosine": _num(corr[("logprob", "cosine")]["spearman"]),
+        "spearman_cosine_ci": [_num(v) for v in corr[("logprob", "cosine")]["spearman_ci"]],
+        "spearman_js": _num(corr[("logprob", "js")]["spearman"]),
+        "spearman_js_ci": [_num(v) for v in corr[("logprob", "js")]["spearman_ci"]],
+        "ci_method": "cluster bootstrap over coupling sources",
+        "generation": {key: {"r": _num(corr[("gen_rate", key)]["r"]),
+                             "r_ci": [_num(v) for v in corr[("gen_rate", key)]["ci"]],
+                             "spearman": _num(corr[("gen_rate", key)]["spearman"]),
+                             "spearman_ci": [_num(v) for v in corr[("gen_rate", key)]["spearman_ci"]]}
+                       for key in ("cosine", "js")},
+        "seed003_source_level": {key: {"n": c["n"], "r": _num(c["r"]), "r_ci": [_num(v) for v in c["ci"]],
+                                       "p": _num(c["p"]), "spearman": _num(c["spearman"])}
+                                 for key, c in seed003.items()},
         "source_rate_mean": float(source_table["source rate (teacher-forced)"].mean()),
-        "bystander_rate_mean": float(source_table["bystander rate"].mean()),
+        "bystander_rate_mean": float(source_table["bystander rate (teacher-forced)"].mean()),
+        "source_rate_generation_mean": float(source_table["source rate (generation)"].mean()),
+        "bystander_rate_generation_mean": float(source_table["bystander rate (generation)"].mean()),
         "base_marker_logprob": base_lp,
     },
     "em": {
@@ -658,7 +721,8 @@ metrics = {
         "pca_ari": pca["EM"]["ari"], "pca_explained_variance": [float(v) for v in pca["EM"]["explained_variance"]],
     },
     "leakage": {c: {"rate": leak[c]["rate"], "wilson_low": leak[c]["wilson_low"], "wilson_high": leak[c]["wilson_high"],
-                    "n": leak[c]["n"], "cluster_ci": list(boot[c]), "source_rate": source_gen[c],
+                    "n": leak[c]["n"], "cluster_ci": list(boot[c]), "source_rate": float(source_gen[c]),
+                    "by_seed": {str(k): float(v) for k, v in by_seed[c].items()},
                     "ended_within_budget": float(ended_rate[c]),
                     "teacher_forced": {k: tf_leak[c][k] for k in ("rate", "wilson_low", "wilson_high", "n")}}
                 for c in conditions},
@@ -669,9 +733,10 @@ metrics = {
     "train_time_s": round(train_time_s, 1),
     "lora_step_s": round(mean_step_s, 3),
 }
+metrics["leakage"]["lora_seeds"] = lora_seeds
 metrics["leakage"]["C2_minus_C1_cluster_ci"] = list(boot["C2-C1"])
 metrics["leakage"]["C3_minus_C1_cluster_ci"] = list(boot["C3-C1"])
-write_metrics(metrics, out)
+_ = write_metrics(metrics, out)
 
 # %%
 # NBVAL_CHECK_OUTPUT

@@ -222,6 +222,70 @@ def test_cluster_bootstrap_is_paired_deterministic_and_checks_columns():
         llm_em.cluster_bootstrap(frame.drop(columns="cluster"), ["C1"])
 
 
+def _leakage_frames() -> tuple[pd.DataFrame, pd.DataFrame]:
+    tf_rows, gen_rows = [], []
+    for source in ("a", "b"):
+        for persona in ("a", "b", "c", "neg", "anchor"):
+            for prompt in range(2):
+                hit = int(persona == source or (persona == "c" and prompt == 0))
+                tf_rows.append({"model": source, "persona": persona, "prompt": prompt, "logprob": -1.0 - prompt - 3 * (1 - hit),
+                                "greedy": hit})
+                gen_rows.append({"model": source, "persona": persona, "prompt": prompt, "hit": hit, "ended": 1})
+    return pd.DataFrame(tf_rows), pd.DataFrame(gen_rows)
+
+
+def test_leakage_pairs_aggregates_roles_and_distances():
+    tf, gen = _leakage_frames()
+    names = ["a", "b", "c", "neg", "anchor"]
+    cos = np.arange(25, dtype=float).reshape(5, 5)
+    pairs = llm_em.leakage_pairs(tf, gen, {"cos": cos, "js": cos / 10}, names, ["neg"])
+    assert len(pairs) == 10
+    row = pairs[(pairs["source"] == "b") & (pairs["persona"] == "c")].iloc[0]
+    assert row["rate"] == 0.5 and row["gen_rate"] == 0.5 and row["logprob"] == -3.0
+    assert row["cos_distance"] == cos[1, 2] and np.isclose(row["js"], cos[1, 2] / 10) and row["role"] == "bystander"
+    roles = pairs.set_index(["source", "persona"])["role"]
+    assert roles[("a", "a")] == "source" and roles[("a", "neg")] == "negative" and roles[("a", "anchor")] == "bystander"
+    with pytest.raises(LLMError, match="persona 'anchor' has no row in the distance matrices"):
+        llm_em.leakage_pairs(tf, gen, {"cos": cos[:2, :2], "js": cos[:2, :2]}, ["a", "b"], [])
+
+
+def test_pair_correlation_resamples_sources_and_degrades_to_nan():
+    rng = np.random.default_rng(0)
+    rows = []
+    for source in range(6):
+        offset = rng.normal()
+        for i in range(8):
+            x = rng.uniform()
+            rows.append({"source": source, "x": x, "y": -2 * x + offset + 0.1 * rng.normal()})
+    frame = pd.DataFrame(rows)
+    c = llm_em.pair_correlation(frame, "x", "y", n_boot=300, seed=1)
+    assert c == llm_em.pair_correlation(frame, "x", "y", n_boot=300, seed=1)
+    assert c["n"] == 48 and c["n_clusters"] == 6
+    assert c["r"] < 0 and c["ci"][0] <= c["r"] <= c["ci"][1] and c["ci"][1] < 0
+    assert c["spearman_ci"][0] <= c["spearman"] <= c["spearman_ci"][1]
+    # a source-level confound: independent-pairs p is tiny, but only 2 clusters carry the signal
+    confounded = pd.DataFrame({"source": np.repeat([0, 1], 10), "x": np.r_[np.zeros(10), np.ones(10)] + rng.normal(0, 0.01, 20),
+                               "y": np.r_[np.zeros(10), np.ones(10)]})
+    cc = llm_em.pair_correlation(confounded, "x", "y", n_boot=300, seed=0)
+    assert cc["p"] < 1e-6 and cc["n_clusters"] == 2
+    flat = frame.assign(y=1.0)
+    assert np.isnan(llm_em.pair_correlation(flat, "x", "y")["r"])
+    with pytest.raises(ValueError, match=r"frame lacks column\(s\) \['source'\]"):
+        llm_em.pair_correlation(frame.drop(columns="source"), "x", "y")
+
+
+def test_unit_correlation_matches_scipy_and_checks_lengths():
+    from scipy import stats as sps
+
+    x, y = [0.1, 0.5, 0.2, 0.9, 0.4, 0.7], [3.0, 1.0, 2.5, 0.2, 2.0, 0.5]
+    c = llm_em.unit_correlation(x, y)
+    assert np.isclose(c["r"], sps.pearsonr(x, y)[0]) and np.isclose(c["p"], sps.pearsonr(x, y)[1])
+    assert c["ci"][0] <= c["r"] <= c["ci"][1] and c["n"] == 6
+    assert np.isnan(llm_em.unit_correlation([1.0, 2.0], [2.0, 1.0])["r"])
+    with pytest.raises(ValueError, match="unit_correlation: 3 x values but 2 y values"):
+        llm_em.unit_correlation([1, 2, 3], [1, 2])
+
+
 def test_breadth_restoration_and_ablation():
     assert llm_em.breadth(0.0, 0.5, 0.0, 2.0) == 0.25
     assert np.isnan(llm_em.breadth(0.0, 0.5, 1.0, 1.0))
