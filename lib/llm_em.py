@@ -196,7 +196,24 @@ def _pearson_spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 def _nan_correlation(n: int, n_units: int) -> dict[str, Any]:
     nan = float("nan")
     return {"n": n, "n_clusters": n_units, "r": nan, "p": nan, "ci": [nan, nan], "spearman": nan,
-            "spearman_p": nan, "spearman_ci": [nan, nan]}
+            "spearman_p": nan, "spearman_ci": [nan, nan], "within_r": nan, "within_p": nan, "within_ci": [nan, nan]}
+
+
+def _within_cluster(data: pd.DataFrame, x: str, y: str, cluster: str) -> tuple[float, float, list[float]]:
+    """Repeated-measures correlation (pingouin.rm_corr): the common within-cluster slope's r, p, 95% CI.
+
+    NaN with fewer than 3 clusters (pingouin's minimum), when some cluster has a single pair, or
+    when no cluster varies in both variables.
+    """
+    import pingouin as pg
+
+    sizes = data.groupby(cluster).size()
+    varies = data.groupby(cluster)[[x, y]].nunique().min(axis=1) > 1
+    if len(sizes) < 3 or (sizes < 2).any() or not varies.any():
+        return float("nan"), float("nan"), [float("nan")] * 2
+    res = pg.rm_corr(data=data, x=x, y=y, subject=cluster).iloc[0]
+    ci = res["CI95"] if "CI95" in res.index else res["CI95%"]
+    return float(res["r"]), float(res["pval"]), [float(c) for c in ci]
 
 
 def pair_correlation(frame: pd.DataFrame, x: str, y: str, cluster: str = "source", n_boot: int = 2000,
@@ -206,8 +223,11 @@ def pair_correlation(frame: pd.DataFrame, x: str, y: str, cluster: str = "source
     Point estimates and p values are pingouin's (which assume independent pairs). Pairs sharing a
     ``cluster`` value (a coupling source: one adapter) are not independent, so the CIs come from
     a bootstrap that draws whole clusters with replacement (percentile intervals; draws in which
-    a variable is constant are skipped). NaN everywhere with fewer than 4 pairs, 2 clusters or a
-    constant variable.
+    a variable is constant are skipped). The pooled r mixes two questions — do sources that
+    leak more sit farther from their bystanders, and within one source, do closer bystanders
+    leak more — so the within-cluster repeated-measures correlation (``within_*``,
+    pingouin.rm_corr) answers the second alone. NaN everywhere with fewer than 4 pairs,
+    2 clusters or a constant variable.
     """
     import pingouin as pg
 
@@ -229,9 +249,10 @@ def pair_correlation(frame: pd.DataFrame, x: str, y: str, cluster: str = "source
         col = col[np.isfinite(col)]
         return [float(v) for v in np.percentile(col, q)] if len(col) else [float("nan")] * 2
 
+    within_r, within_p, within_ci = _within_cluster(data, x, y, cluster)
     return {"n": len(data), "n_clusters": len(groups), "r": float(pear["r"]), "p": float(pear["p_val"]),
             "ci": ci(boot[:, 0]), "spearman": float(spear["r"]), "spearman_p": float(spear["p_val"]),
-            "spearman_ci": ci(boot[:, 1])}
+            "spearman_ci": ci(boot[:, 1]), "within_r": within_r, "within_p": within_p, "within_ci": within_ci}
 
 
 def unit_correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
@@ -252,7 +273,8 @@ def unit_correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
     ci = pear["CI95"] if "CI95" in pear.index else pear["CI95%"]
     return {"n": len(x), "n_clusters": len(x), "r": float(pear["r"]), "p": float(pear["p_val"]),
             "ci": [float(c) for c in ci], "spearman": float(spear["r"]), "spearman_p": float(spear["p_val"]),
-            "spearman_ci": [float("nan")] * 2}
+            "spearman_ci": [float("nan")] * 2, "within_r": float("nan"), "within_p": float("nan"),
+            "within_ci": [float("nan")] * 2}
 
 
 # --------------------------------------------------------------------------------------------

@@ -235,7 +235,10 @@ display(per_pair.pivot_table(index="source", columns="role", values=["rate", "ge
 # bystander's distance to the source at layer `distance_layer` (1 − cos of centroids) and in
 # output space (JS, nats). Pairs sharing a source share its adapter, so the 95% CIs resample
 # whole sources (cluster bootstrap, `lib.llm_em.pair_correlation`); the p values (pingouin) treat
-# pairs as independent and are optimistic.
+# pairs as independent and are optimistic. The pooled r mixes between-source differences (some
+# couplings leak everywhere) with the question asked here — *within* one source, do closer
+# bystanders leak more? — which the repeated-measures correlation (pingouin's `rm_corr`, one
+# common slope with a per-source intercept) answers alone.
 
 # %%
 bys = per_pair[per_pair["role"] == "bystander"].reset_index(drop=True)
@@ -259,6 +262,8 @@ plt.show()
 corr_table = pd.DataFrame({f"{y} vs {key}": {"Pearson r": c["r"], "r CI low": c["ci"][0], "r CI high": c["ci"][1],
                                              "Spearman": c["spearman"], "Spearman CI low": c["spearman_ci"][0],
                                              "Spearman CI high": c["spearman_ci"][1], "p (pairs independent)": c["p"],
+                                             "within-source r": c["within_r"], "within CI low": c["within_ci"][0],
+                                             "within CI high": c["within_ci"][1], "within p": c["within_p"],
                                              "pairs": c["n"], "sources": c["n_clusters"]}
                            for (y, key), c in corr.items()}).T
 display(corr_table.round(3))
@@ -604,11 +609,11 @@ display(Markdown(f"{len(unique_runs)} distinct LoRA runs ({len(runs)} uses), rec
 # ## Conclusion
 
 # %%
-def describe(c: dict) -> str:
-    if not np.isfinite(c["r"]):
+def describe(c: dict, key: str = "r", ci: str = "ci") -> str:
+    if not np.isfinite(c[key]):
         return "not computable (too few points or a constant rate)"
-    excl = c["ci"][0] > 0 or c["ci"][1] < 0
-    return f"r = {c['r']:.2f} [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}] (CI {'excludes' if excl else 'includes'} 0)"
+    excl = c[ci][0] > 0 or c[ci][1] < 0
+    return f"r = {c[key]:.2f} [{c[ci][0]:.2f}, {c[ci][1]:.2f}] (CI {'excludes' if excl else 'includes'} 0)"
 
 
 def order(rates: dict) -> str:
@@ -629,7 +634,9 @@ display(Markdown(
     f"Over {corr[('logprob', 'cosine')]['n']} (source, bystander) pairs, the marker log-prob vs cosine distance: "
     f"{describe(corr[('logprob', 'cosine')])}; vs JS: {describe(corr[('logprob', 'js')])}; the generation rate vs cosine "
     f"distance: {describe(corr[('gen_rate', 'cosine')])} (CIs resample the {len(coupling_sources)} sources; a negative r "
-    f"means closer bystanders leak more). Seed 003's own test, source rate (generation) vs cosine similarity to the "
+    f"means closer bystanders leak more). Within sources (repeated-measures correlation), log-prob vs cosine distance: "
+    f"{describe(corr[('logprob', 'cosine')], 'within_r', 'within_ci')}; vs JS: "
+    f"{describe(corr[('logprob', 'js')], 'within_r', 'within_ci')}. Seed 003's own test, source rate (generation) vs cosine similarity to the "
     f"assistant over {seed003['cosine_similarity']['n']} sources: {describe(seed003['cosine_similarity'])} (seed: −0.66); "
     f"vs JS: {describe(seed003['js'])} (seed: +0.54).\n"
     f"- **EM organism (seed 002).** The narrow LoRA moves the in-domain score by {shift['in_domain'][0]:+.3f} "
@@ -694,8 +701,13 @@ metrics = {
         "spearman_js": _num(corr[("logprob", "js")]["spearman"]),
         "spearman_js_ci": [_num(v) for v in corr[("logprob", "js")]["spearman_ci"]],
         "ci_method": "cluster bootstrap over coupling sources",
+        "within_source": {key: {"r": _num(corr[("logprob", key)]["within_r"]),
+                                "r_ci": [_num(v) for v in corr[("logprob", key)]["within_ci"]],
+                                "p": _num(corr[("logprob", key)]["within_p"])} for key in ("cosine", "js")},
         "generation": {key: {"r": _num(corr[("gen_rate", key)]["r"]),
                              "r_ci": [_num(v) for v in corr[("gen_rate", key)]["ci"]],
+                             "within_r": _num(corr[("gen_rate", key)]["within_r"]),
+                             "within_r_ci": [_num(v) for v in corr[("gen_rate", key)]["within_ci"]],
                              "spearman": _num(corr[("gen_rate", key)]["spearman"]),
                              "spearman_ci": [_num(v) for v in corr[("gen_rate", key)]["spearman_ci"]]}
                        for key in ("cosine", "js")},

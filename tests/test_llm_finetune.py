@@ -268,6 +268,13 @@ def test_pair_correlation_resamples_sources_and_degrades_to_nan():
                                "y": np.r_[np.zeros(10), np.ones(10)]})
     cc = llm_em.pair_correlation(confounded, "x", "y", n_boot=300, seed=0)
     assert cc["p"] < 1e-6 and cc["n_clusters"] == 2
+    # ... and within each source y does not vary at all, so there is no within-source slope
+    assert np.isnan(cc["within_r"])
+    # opposite slopes: between sources x and y rise together, within each source y falls with x
+    between = pd.DataFrame({"source": np.repeat(np.arange(5), 4), "x": np.repeat(np.arange(5.0), 4) + np.tile(np.arange(4) / 10, 5)})
+    between["y"] = 2 * between["source"] - 3 * (between["x"] - between["source"]) + rng.normal(0, 0.01, 20)
+    cb = llm_em.pair_correlation(between, "x", "y", n_boot=200, seed=0)
+    assert cb["r"] > 0.9 and cb["within_r"] < -0.9 and cb["within_ci"][1] < 0
     flat = frame.assign(y=1.0)
     assert np.isnan(llm_em.pair_correlation(flat, "x", "y")["r"])
     with pytest.raises(ValueError, match=r"frame lacks column\(s\) \['source'\]"):
