@@ -181,7 +181,7 @@ r2_steps = {p: pd.DataFrame([row | {"seed": s} for s in seeds
 r2_steps_frame = pd.concat([d.assign(process=p) for p, d in r2_steps.items()]).melt(
     id_vars=["process", "seed", "steps"], value_vars=["factor0", "factor1"], var_name="factor", value_name="R2")
 grid = sns.relplot(data=r2_steps_frame, x="steps", y="R2", hue="factor", col="process", kind="line", marker="o",
-                   height=3, aspect=1.1, facet_kws={"sharex": False})
+                   errorbar=("ci", 95), seed=analysis_seed, height=3, aspect=1.1, facet_kws={"sharex": False})
 grid.set_axis_labels("training step (batches)", "held-out probe R² (concatenated residuals)")
 save_figure(grid.figure, out, "probe_r2_vs_steps")
 plt.show()
