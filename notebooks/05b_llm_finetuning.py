@@ -337,7 +337,7 @@ for k in ref:
 em_breadth = llm_em.breadth(mean_margin.loc["base", "broad"], mean_margin.loc["EM", "broad"],
                             mean_margin.loc["base", "in_domain"], mean_margin.loc["EM", "in_domain"])
 fig, ax = plt.subplots(figsize=(7.5, 4.2))
-sns.pointplot(data=margins, x="set", y="margin", hue="model", dodge=0.35, errorbar=("ci", 95), ax=ax,
+sns.pointplot(data=margins, x="set", y="margin", hue="model", dodge=0.35, errorbar=("ci", 95), seed=seed, ax=ax,
               order=["in_domain", "broad"], hue_order=["base", "benign", "EM"])
 ax.axhline(0, color="k", lw=0.8)
 ax.set_xlabel("question set (in-domain = held-out finance)")
