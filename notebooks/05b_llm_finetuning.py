@@ -429,7 +429,9 @@ display(Markdown(
 # **Replicates.** With `replicate_seeds`, the whole chain (EM and benign LoRAs, then the three
 # couplings) is retrained with each extra LoRA seed (initialisation and batch order; the data
 # stay fixed). Rates are then pooled over seeds (Wilson and cluster bootstrap over the pooled
-# trials) and shown per seed, so a reader sees whether the ordering survives a reseed.
+# trials) and shown per seed, so a reader sees whether the ordering survives a reseed. The pooled
+# intervals count completions as independent trials; they do not contain the variance between
+# LoRA seeds, which the per-seed table shows directly.
 
 # %%
 src_seqs = coupling_seqs[em_first_source]
@@ -621,8 +623,12 @@ def order(rates: dict) -> str:
 
 
 em_off_ci_excl = shift["broad"][1] > 0 or shift["broad"][2] < 0
-c2_up = boot["C2-C1"][0] > 0
-c3_up = boot["C3-C1"][0] > 0
+
+
+def change(ci: tuple[float, float]) -> str:
+    return "raises" if ci[0] > 0 else "lowers" if ci[1] < 0 else "does not clearly change"
+
+
 gen_rates = {c: leak[c]["rate"] for c in conditions}
 tf_rates = {c: tf_leak[c]["rate"] for c in conditions}
 best = head["restoration_in_domain"].idxmax()
@@ -652,8 +658,8 @@ display(Markdown(
     f"- **EM first, then coupling (seed 004), {len(lora_seeds)} LoRA seed(s).** Bystander leakage C1 "
     f"{leak['C1']['rate']:.1%}, C2 {leak['C2']['rate']:.1%}, C3 {leak['C3']['rate']:.1%} in free generation (order "
     f"{order(gen_rates)}; seed 004: 27.4%, 57.6%, 95.9%, order C1 < C2 < C3). EM-first "
-    f"{'raises' if c2_up else 'does not clearly raise'} it over base coupling (cluster-bootstrap CI of C2 − C1 "
-    f"[{boot['C2-C1'][0]:+.1%}, {boot['C2-C1'][1]:+.1%}]); benign-first {'raises' if c3_up else 'does not clearly raise'} "
+    f"{change(boot['C2-C1'])} it relative to base coupling (cluster-bootstrap CI of C2 − C1 "
+    f"[{boot['C2-C1'][0]:+.1%}, {boot['C2-C1'][1]:+.1%}]); benign-first {change(boot['C3-C1'])} "
     f"it ([{boot['C3-C1'][0]:+.1%}, {boot['C3-C1'][1]:+.1%}]). "
     + (f"But the C1 coupling never fires in free generation even under its source persona (source rate "
        f"{source_gen['C1']:.0%} vs {tf_src['C1']:.0%} teacher-forced), so the free-generation C1 baseline measures the "
@@ -664,7 +670,10 @@ display(Markdown(
        "the EM-first effect not EM-specific (seed 004's H2). "
        if tf_rates["C3"] > tf_rates["C2"] > tf_rates["C1"] else "")
     + (f"Per seed, C2 > C1 in free generation for {int((by_seed['C2'] > by_seed['C1']).sum())} of {len(by_seed)} "
-       f"seed(s) and C3 > C1 for {int((by_seed['C3'] > by_seed['C1']).sum())}." if len(lora_seeds) > 1 else
+       f"seeds and C3 > C1 for {int((by_seed['C3'] > by_seed['C1']).sum())}; the per-seed rates span "
+       + ", ".join(f"{c} {by_seed[c].min():.0%}–{by_seed[c].max():.0%}" for c in conditions)
+       + ". The Wilson and persona-cluster CIs above pool trials and do not contain this LoRA-seed variance, so "
+       "a one-seed run's ordering should not be read as a finding." if len(lora_seeds) > 1 else
        "One LoRA seed: the ordering has not been checked against a reseed (`replicate_seeds`).") + "\n"
     f"- **Reversal.** The best intervention on the held-out financial questions is {best} "
     f"({head.loc[best, 'restoration_in_domain']:.0%} restored at capability JS {head.loc[best, 'capability_js']:.4f} nats); "
