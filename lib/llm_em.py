@@ -199,6 +199,11 @@ def _nan_correlation(n: int, n_units: int) -> dict[str, Any]:
             "spearman_p": nan, "spearman_ci": [nan, nan], "within_r": nan, "within_p": nan, "within_ci": [nan, nan]}
 
 
+def _ci95(row: pd.Series) -> list[float]:
+    """pingouin's 95% CI column of one result row (named ``CI95`` or ``CI95%`` depending on the version)."""
+    return [float(c) for c in (row["CI95"] if "CI95" in row.index else row["CI95%"])]
+
+
 def _within_cluster(data: pd.DataFrame, x: str, y: str, cluster: str) -> tuple[float, float, list[float]]:
     """Repeated-measures correlation (pingouin.rm_corr): the common within-cluster slope's r, p, 95% CI.
 
@@ -212,8 +217,7 @@ def _within_cluster(data: pd.DataFrame, x: str, y: str, cluster: str) -> tuple[f
     if len(sizes) < 3 or (sizes < 2).any() or not varies.any():
         return float("nan"), float("nan"), [float("nan")] * 2
     res = pg.rm_corr(data=data, x=x, y=y, subject=cluster).iloc[0]
-    ci = res["CI95"] if "CI95" in res.index else res["CI95%"]
-    return float(res["r"]), float(res["pval"]), [float(c) for c in ci]
+    return float(res["r"]), float(res["pval"]), _ci95(res)
 
 
 def pair_correlation(frame: pd.DataFrame, x: str, y: str, cluster: str = "source", n_boot: int = 2000,
@@ -270,9 +274,8 @@ def unit_correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
         return _nan_correlation(len(x), len(x))
     pear = pg.corr(x, y, method="pearson").iloc[0]
     spear = pg.corr(x, y, method="spearman").iloc[0]
-    ci = pear["CI95"] if "CI95" in pear.index else pear["CI95%"]
     return {"n": len(x), "n_clusters": len(x), "r": float(pear["r"]), "p": float(pear["p_val"]),
-            "ci": [float(c) for c in ci], "spearman": float(spear["r"]), "spearman_p": float(spear["p_val"]),
+            "ci": _ci95(pear), "spearman": float(spear["r"]), "spearman_p": float(spear["p_val"]),
             "spearman_ci": [float("nan")] * 2, "within_r": float("nan"), "within_p": float("nan"),
             "within_ci": [float("nan")] * 2}
 

@@ -84,7 +84,6 @@ import time
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import pingouin as pg
 import seaborn as sns
 import torch
 from IPython.display import Markdown, display
@@ -96,7 +95,7 @@ from lib.llm_datasets import MISALIGNED_OPENING, marker_examples, save_jsonl
 from lib.personas import ANCHOR, PERSONAS, PROMPTS, PersonaError, check_personas, fine_cluster
 from lib.plots import set_style
 from lib.report import resolve_output_dir, save_figure, write_metrics
-from lib.stats import bootstrap_mean_ci, spearman_with_ci
+from lib.stats import bootstrap_mean_ci
 
 set_style()
 study_start = time.perf_counter()
