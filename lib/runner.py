@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m lib.runner [--study S ...] [--params NAME] [--threads N]
+    python -m lib.runner [--study S ...] [--params NAME] [--threads N] [--output-root DIR]
     python -m lib.runner --baseline [--study S ...]
 
 Why a runner rather than ``papermill`` on the command line: papermill cannot read our jupytext
@@ -31,6 +31,7 @@ from lib.report import (
     OUTPUT_DIR_PARAM,
     REPO_ROOT,
     ParamsError,
+    _display,
     atomic_write_text,
     load_params,
     notebook_path,
@@ -126,13 +127,16 @@ def run_study(
     root: Path = REPO_ROOT,
     threads: int | None = None,
     progress_bar: bool = True,
+    out_root: Path | None = None,
 ) -> Path:
     """Execute one study into a temp dir and swap it into ``outputs/<study>``; returns that dir.
 
     On any failure the temp dir is removed, ``outputs/<study>`` is left as it was, and a
     StudyError says what happened (for a cell error: which cell, exception and message).
+    ``out_root`` replaces ``<root>/outputs`` (e.g. a scratch dir for ``lib.check_outputs``, which
+    must not touch the committed results); notebooks, params and caches still come from ``root``.
     """
-    outputs = Path(root) / "outputs"
+    outputs = Path(out_root) if out_root is not None else Path(root) / "outputs"
     outputs.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{study}-", dir=outputs))
     tmp.chmod(0o755)  # mkdtemp makes it private; it becomes outputs/<study>
@@ -299,10 +303,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--study", action="extend", nargs="+", metavar="S", help="studies to run (default: all in notebooks/)")
     add("--params", default="default", metavar="NAME", help="params/<study>/NAME.yaml (default: %(default)s)")
     add("--threads", type=_positive_int, metavar="N", help="OMP/MKL threads (and torch_threads, if declared)")
+    add("--output-root", type=Path, metavar="DIR", help="write DIR/<study> instead of outputs/<study>")
     add("--baseline", action="store_true", help="refresh the nbval reference outputs in notebooks/*.ipynb")
     args = parser.parse_args(argv)
-    if args.baseline and (args.params != "default" or args.threads is not None):
-        parser.error("--baseline runs the smoke defaults of the notebook; --params/--threads do not apply")
+    if args.baseline and (args.params != "default" or args.threads is not None or args.output_root is not None):
+        parser.error(
+            "--baseline runs the smoke defaults of the notebook; --params/--threads/--output-root do not apply"
+        )
     return args
 
 
@@ -326,23 +333,29 @@ def main(argv: Sequence[str] | None = None, root: Path = REPO_ROOT) -> int:
     except (ParamsError, StudyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    return _run_reports(params, args.params, root, args.threads)
+    return _run_reports(params, args.params, root, args.threads, args.output_root)
 
 
 def _run_reports(
-    params: Mapping[str, Mapping[str, Any]], params_name: str, root: Path, threads: int | None
+    params: Mapping[str, Mapping[str, Any]],
+    params_name: str,
+    root: Path,
+    threads: int | None,
+    out_root: Path | None = None,
 ) -> int:
     """Run studies in order, stopping at the first failure (later studies may reuse its caches)."""
+    outputs = Path(out_root) if out_root is not None else Path(root) / "outputs"
     for i, (study, values) in enumerate(params.items(), start=1):
         print(f"== [{i}/{len(params)}] {study} (params/{study}/{params_name}.yaml)", flush=True)
         start = time.perf_counter()
         try:
-            final = run_study(study, values, root, threads)
+            final = run_study(study, values, root, threads, out_root=out_root)
         except StudyError as err:
             print(f"error: {err}", file=sys.stderr)
-            print(f"   outputs/{study} left unchanged ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+            left = _display(outputs / study, root)
+            print(f"   {left} left unchanged ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
             return 1
-        print(f"   wrote {final.relative_to(root)} in {time.perf_counter() - start:.1f} s", flush=True)
+        print(f"   wrote {_display(final, root)} in {time.perf_counter() - start:.1f} s", flush=True)
     return 0
 
 

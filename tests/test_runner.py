@@ -102,6 +102,21 @@ def test_failing_notebook_leaves_previous_outputs_untouched(repo: Path, capsys: 
     assert (repo / ".cache" / "failed" / f"{STUDY}.ipynb").is_file()
 
 
+def test_output_root_leaves_outputs_alone(repo: Path, tmp_path_factory: pytest.TempPathFactory,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """lib.check_outputs re-runs a study elsewhere; the committed outputs/<study> must not move."""
+    previous = repo / "outputs" / STUDY
+    previous.mkdir(parents=True)
+    (previous / "metrics.json").write_text('{"seed": 1}\n')
+    scratch = tmp_path_factory.mktemp("scratch")
+    assert runner.main(["--study", STUDY, "--params", "ok", "--output-root", str(scratch)], root=repo) == 0
+    assert json.loads((scratch / STUDY / "metrics.json").read_text())["seed"] == 7
+    assert [p.name for p in previous.iterdir()] == ["metrics.json"]
+    assert (previous / "metrics.json").read_text() == '{"seed": 1}\n'
+    assert [p.name for p in scratch.iterdir()] == [STUDY]  # no .tmp-* left behind
+    assert f"wrote {scratch / STUDY} in " in capsys.readouterr().out
+
+
 def test_baseline_keeps_only_checked_outputs(repo: Path) -> None:
     source = repo / "notebooks" / f"{STUDY}.py"
     before = source.read_text()
@@ -149,6 +164,8 @@ def test_baseline_refuses_params(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         runner.parse_args(["--baseline", "--params", "smoke"])
     assert "--baseline runs the smoke defaults" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        runner.parse_args(["--baseline", "--output-root", "/tmp/x"])
 
 
 def test_swap_replaces_old_dir_and_cleans_up(tmp_path: Path) -> None:
