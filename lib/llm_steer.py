@@ -28,6 +28,11 @@ A maintained implementation was preferred if usable: ``steering-vectors`` (PyPI)
 ``transformers<5`` (we pin 5.23.0) and reads one token per example, while persona vectors average
 over response tokens, so the difference in means is computed here (two lines) from activations
 captured during generation (:func:`lib.llm.generate`).
+
+Devices: every model call here goes through :mod:`lib.llm` (:func:`lib.llm.forward`,
+:func:`lib.llm.forward_from`, :func:`lib.llm.cached_generate`), which moves its inputs to
+``llm.device`` and returns CPU tensors, so the vectors, targets and tables here stay on CPU
+whether the model runs on CPU or CUDA.
 """
 
 from __future__ import annotations

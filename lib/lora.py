@@ -19,7 +19,7 @@ base model's) rather than assuming it.
 Adapters are cached under ``.cache/llm/adapters/<key>/`` where the key hashes the start model's
 identity, the LoRA spec (rank, alpha, targets, layers, lr, steps, batch, seed) and the exact
 token ids and loss masks of the training set; an unchanged config reloads instead of retraining.
-A tuned model is returned as a :class:`lib.llm.LLM` whose ``model`` is the merged (plain) Llama and
+A tuned model is returned as a :class:`lib.llm.LLM` whose ``model`` is the merged (plain) model and
 whose ``sha256`` is a new identity (hash of the start identity and the adapter key), so every
 disk cache in :mod:`lib.llm` keys its results by the tuned model automatically.
 
@@ -44,7 +44,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lib.llm import LLM, LLMError, Scored, _capture, _right_pad, cached, chat_prompt_ids, encode
+from lib.llm import (LLM, LLMError, Scored, _capture, _right_pad, cached, chat_prompt_ids, decoder, device_key, encode,
+                     only_blocks, unembed)
 
 __all__ = [
     "LORA_VERSION",
@@ -164,34 +165,21 @@ def _targets(seqs: Sequence[Scored], width: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def _bottom_pass(llm: LLM, seqs: Sequence[Scored], layer: int, chunk: int) -> torch.Tensor:
-    import torch.nn as nn
-
+    """Residual at ``layer`` through the bottom blocks only, chunk by chunk on ``llm.device``; on CPU."""
     n = max(len(s.ids) for s in seqs)
     out = torch.zeros((len(seqs), n, llm.d_model), dtype=torch.float32)
-    inner = llm.model.model
-    full = inner.layers
     for i in range(0, len(seqs), chunk):
         part = seqs[i: i + chunk]
-        ids = _right_pad(part, llm.pad_id)
-        store: dict[int, torch.Tensor] = {}
-        inner.layers = nn.ModuleList(list(full)[:layer])  # blocks above the cut are not needed
-        try:
-            with _capture(llm, [layer], store) if layer > 0 else _null():
-                hidden = inner(input_ids=ids, use_cache=False).last_hidden_state
-        finally:
-            inner.layers = full
-        resid = store[layer] if layer > 0 else inner.embed_tokens(ids)
-        del hidden
-        out[i: i + len(part), : ids.shape[1]] = resid
+        ids = _right_pad(part, llm.pad_id).to(llm.device)
+        if layer == 0:  # the embedding as the blocks see it (Gemma's scaling included)
+            resid = llm.model.get_input_embeddings()(ids)
+        else:
+            store: dict[int, torch.Tensor] = {}
+            with only_blocks(llm.model, 0, layer) as inner, _capture(llm, [layer], store):  # blocks above the cut are not needed
+                inner(input_ids=ids, use_cache=False)
+            resid = store[layer]
+        out[i: i + len(part), : ids.shape[1]] = resid.float().cpu()
     return out
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def bottom_resid(llm: LLM, seqs: Sequence[Scored], layer: int, chunk: int = 16) -> torch.Tensor:
@@ -214,9 +202,11 @@ def _digest_json(value: Any) -> str:
 
 
 def adapter_key(start: LLM, seqs: Sequence[Scored], spec: LoraSpec) -> str:
-    """Hex key of an adapter: start model identity + spec + exact training ids and masks."""
+    """Hex key of an adapter: start model identity + spec + exact training ids and masks (+ the
+    device type off CPU: :func:`lib.llm.device_key`)."""
     return _digest_json({
         "version": LORA_VERSION,
+        **device_key(start),
         "start_model": start.sha256,
         "spec": spec.as_dict(),
         "ids": [list(s.ids) for s in seqs],
@@ -233,6 +223,14 @@ def _peft_model(model: Any, spec: LoraSpec, n_layers: int) -> Any:
 
     if spec.first_layer >= n_layers:
         raise LLMError(f"LoraSpec.first_layer {spec.first_layer} leaves no block to train (model has {n_layers})")
+    # peft silently skips a target name that matches nothing; every named projection must exist
+    block = decoder(model).layers[spec.first_layer]
+    present = sorted({name.rsplit(".", 1)[-1] for name, module in block.named_modules()
+                      if isinstance(module, torch.nn.Linear)})
+    missing = [t for t in spec.targets if t not in present]
+    if missing:
+        raise LLMError(f"LoRA targets {missing} are not linear layers of {type(model).__name__}'s blocks; "
+                       f"its blocks have: {', '.join(present)}")
     config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets),
                         layers_to_transform=list(range(spec.first_layer, n_layers)), lora_dropout=0.0,
                         bias="none")
@@ -242,27 +240,25 @@ def _peft_model(model: Any, spec: LoraSpec, n_layers: int) -> Any:
 
 def top_loss(causal_lm: Any, resid: torch.Tensor, first_layer: int, mask: torch.Tensor,
              targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over masked positions, running blocks ``first_layer..`` from ``resid``."""
-    import torch.nn as nn
+    """Mean cross-entropy over masked positions, running blocks ``first_layer..`` from ``resid``.
 
-    inner = causal_lm.model
-    full = inner.layers
-    inner.layers = nn.ModuleList(list(full)[first_layer:])
-    try:
+    The inputs may live anywhere; they are moved to the model's device (the loss stays there).
+    """
+    device = next(causal_lm.parameters()).device
+    resid, mask, targets = resid.to(device), mask.to(device), targets.to(device)
+    with only_blocks(causal_lm, first_layer) as inner:
         final = inner(inputs_embeds=resid, use_cache=False).last_hidden_state
-    finally:
-        inner.layers = full
-    logits = causal_lm.lm_head(final[mask]).float()
+    logits = unembed(causal_lm, final[mask]).float()
     return torch.nn.functional.cross_entropy(logits, targets[mask])
 
 
 def _same_bottom(a: Any, b: Any, first_layer: int) -> bool:
     """True if embeddings and blocks below ``first_layer`` hold identical weights."""
-    parts_a = [a.model.embed_tokens, *list(a.model.layers)[:first_layer]]
-    parts_b = [b.model.embed_tokens, *list(b.model.layers)[:first_layer]]
+    parts_a = [a.get_input_embeddings(), *list(decoder(a).layers)[:first_layer]]
+    parts_b = [b.get_input_embeddings(), *list(decoder(b).layers)[:first_layer]]
     for pa, pb in zip(parts_a, parts_b):
         for (na, ta), (nb, tb) in zip(pa.state_dict().items(), pb.state_dict().items()):
-            if na != nb or not torch.equal(ta, tb):
+            if na != nb or not torch.equal(ta, tb.to(ta.device)):
                 return False
     return True
 
@@ -337,7 +333,7 @@ def finetune(
                 "n_trainable": n_trainable, "version": LORA_VERSION}
         if cache:
             directory.mkdir(parents=True, exist_ok=True)
-            state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+            state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
             tmp = directory / f".adapter.{os.getpid()}.tmp"
             save_file(state, str(tmp))
             os.replace(tmp, weights_file)

@@ -76,6 +76,8 @@ n_capability: int = 3
 n_boot: int = 1000
 seed: int = 0
 torch_threads: int = 1
+model: str | None = None
+device: str = "cpu"
 output_dir: str | None = None
 
 # %%
@@ -111,6 +113,12 @@ data_dir = out / "data"
 # that predict the response), so with 05a's parameters it is read from the disk cache. We use
 # 05a's steering layer (`distance_layer`) for the cosine distances.
 #
+# **Model and device.** `model: null` is the packaged SmolLM2-135M-Instruct; a path to a `.gguf`
+# file or to a local Hugging Face model directory (relative paths resolve against the repository
+# root) runs the same study on that model, and `device` is `cpu` (the committed runs), `cuda` or
+# `auto` (CUDA when present). The layer parameters (`distance_layer`, `lora_first_layer`,
+# `steer_layer`) count SmolLM2's 30 blocks: set them for another model in its own params file.
+#
 # **LoRA recipe.** peft LoRA (rank `lora_rank`, alpha `lora_alpha`, on all attention and MLP
 # projections) on the top decoder blocks only — blocks `lora_first_layer`..29 (0-indexed), i.e.
 # the residual stream from layer `lora_first_layer + 1` on. The residual at the cut is computed
@@ -124,7 +132,7 @@ data_dir = out / "data"
 # Loss: cross-entropy on the assistant response tokens only (end-of-turn included).
 
 # %%
-llm = load_llm(threads=torch_threads)
+llm = load_llm(model=model, device=device, threads=torch_threads)
 names = check_personas(list(pool)) + [ANCHOR]
 for role, group in (("coupling source", coupling_sources), ("EM-first source", [em_first_source])):
     outside = [n for n in group if n not in pool]

@@ -16,7 +16,7 @@ from lib.personas import PERSONAS
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    model = L.load_llm(threads=1)
+    model = L.load_llm(threads=1, device="cpu")  # the tolerances below are CPU's, on any machine
     # private tensor cache per test session (the model snapshot stays shared)
     model.cache_dir = tmp_path_factory.mktemp("llm_cache")
     return model
