@@ -54,7 +54,8 @@ __all__ = ["EMConfig", "em_process", "em_name", "parse_em_name", "TokenRoles", "
            "belief_state_direction", "diff_in_means_direction", "model_diff_direction", "reversal_sweep",
            "restoration", "summarise_reversal", "best_settings", "damage_at_restoration", "persona_specificity",
            "EMRecipe", "em_experiment", "reversal_for", "diagnostic_row", "REVERSAL_METHODS", "variant_and_content",
-           "answer_positions", "content_merge"]
+           "answer_positions", "content_merge", "DESIGNS", "with_knobs", "em_rows", "coupling_sweep", "twin_table", "coupling_curve",
+           "coupling_contrast", "describe_contrast", "reversal_over_seeds"]
 
 
 @dataclass(frozen=True)
@@ -583,3 +584,109 @@ def diagnostic_row(result: dict) -> dict[str, float]:
     """Pre-fine-tuning specificity next to the EM that fine-tuning then produced."""
     return {"specificity_ratio": result["specificity"]["ratio"], "intended": result["specificity"]["intended"],
             "spillover": result["specificity"]["spillover"], **result["em"]}
+
+
+# =========================================================================== the coupling test
+DESIGNS = {"shared": True, "specific": False}  # answer tokens shared across tasks, or task-specific
+
+
+def with_knobs(process_name: str, **knobs) -> str:
+    """Canonical name of ``process_name`` with some knobs replaced: ``with_knobs("em()", coupling=0.0)``."""
+    from dataclasses import replace as dc_replace
+
+    return em_name(dc_replace(parse_em_name(process_name), **knobs))
+
+
+def em_rows(names: list[str], seeds: list[int], recipe: EMRecipe, n_contexts: int, analysis_seed: int,
+            threads: int | None = None, progress: bool = True, desc: str = "EM configs") -> pd.DataFrame:
+    """EM measures and pre-fine-tuning specificity of every named EM-SFP x seed (one row each).
+
+    ``design`` (shared / specific answer tokens), ``coupling`` and ``twin`` (the name with the
+    coupling knob removed, shared by a config's coupled and factored versions) are read from the name.
+    """
+    from tqdm.auto import tqdm
+
+    rows = []
+    for name, s in tqdm([(n, s) for n in names for s in seeds], desc=desc, disable=not progress):
+        config = parse_em_name(name)
+        result = em_experiment(name, s, recipe, n_contexts, analysis_seed, threads, with_directions=False)
+        rows.append({"process": em_name(config), "twin": with_knobs(name, coupling=EMConfig.coupling),
+                     "design": "shared" if config.shared_answers else "specific", "coupling": config.coupling,
+                     "seed": s, "base_ce_ratio": result["base"].final_eval["ce_ratio"], **diagnostic_row(result)})
+    return pd.DataFrame(rows)
+
+
+def coupling_sweep(base_process: str, couplings: list[float], seeds: list[int], recipe: EMRecipe, n_contexts: int,
+                   analysis_seed: int, threads: int | None = None, designs: tuple[str, ...] = ("shared", "specific"),
+                   progress: bool = True) -> pd.DataFrame:
+    """:func:`em_rows` for every coupling x answer design of ``base_process`` (its other knobs held fixed):
+    tokens, fine-tuning data (task 1 in the misaligned world), steps and model are the same for every row."""
+    names = [with_knobs(base_process, coupling=float(c), shared_answers=DESIGNS[d]) for d in designs for c in couplings]
+    return em_rows(names, seeds, recipe, n_contexts, analysis_seed, threads, progress, f"coupling sweep {base_process}")
+
+
+def twin_table(frame: pd.DataFrame, coupled: float = 1.0, factored: float = 0.0, target_coupled: float = 0.5,
+               target_factored: float = 0.2) -> pd.DataFrame:
+    """Per configuration (coupling knob removed): breadth of its coupled and factored versions (mean over
+    seeds), the difference, and whether it meets the target (coupled >= 0.5 while factored <= 0.2)."""
+    means = frame.groupby(["twin", "coupling"]).breadth.agg(["mean", "count"]).reset_index()
+    rows = []
+    for twin, group in means.groupby("twin", sort=False):
+        by = group.set_index("coupling")
+        if coupled not in by.index or factored not in by.index:
+            continue
+        c, f = float(by.loc[coupled, "mean"]), float(by.loc[factored, "mean"])
+        rows.append({"config": twin, "breadth_coupled": c, "breadth_factored": f, "difference": c - f,
+                     "n_seeds": int(by.loc[coupled, "count"]),
+                     "meets_target": bool(c >= target_coupled and f <= target_factored)})
+    return pd.DataFrame(rows)
+
+
+def coupling_curve(sweep: pd.DataFrame, design: str) -> dict[str, list[float]]:
+    """Breadth vs coupling of one design: mean and Student-t 95% CI over seeds per coupling value."""
+    from lib.stats import mean_t_ci
+
+    rows = sweep[sweep.design == design]
+    values = sorted(rows.coupling.unique())
+    stats = [mean_t_ci(rows[rows.coupling == c].breadth) for c in values]
+    return {"values": [float(c) for c in values], "breadth_mean": [m for m, _, _ in stats],
+            "breadth_ci_low": [lo for _, lo, _ in stats], "breadth_ci_high": [hi for _, _, hi in stats]}
+
+
+def coupling_contrast(sweep: pd.DataFrame, design: str) -> dict:
+    """Breadth of the fully coupled organism minus its factored twin (coupling 1 vs 0), Welch 95% CI over seeds."""
+    from lib.stats import welch_difference
+
+    rows = sweep[sweep.design == design]
+    high, low = rows.coupling.max(), rows.coupling.min()
+    diff = welch_difference(rows[rows.coupling == high].breadth, rows[rows.coupling == low].breadth)
+    return {"design": design, "coupled": diff["a"], "factored": diff["b"], "difference": diff["difference"],
+            "ci_low": diff["ci_low"], "ci_high": diff["ci_high"], "p": diff["p"], "n_seeds": diff["n_a"],
+            "ci_method": "Welch t over seeds (scipy.stats.ttest_ind, equal_var=False)"}
+
+
+def describe_contrast(contrast: dict) -> str:
+    """One sentence fragment for a :func:`coupling_contrast` result."""
+    c = contrast
+    return (f"coupled {c['coupled']:.2f} vs factored {c['factored']:.2f}, difference {c['difference']:+.3f} "
+            f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] ({c['n_seeds']} seeds, Welch 95% CI)")
+
+
+def reversal_over_seeds(summary: pd.DataFrame, target: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per method: :func:`best_settings` and the damage at restoration ``target`` for every seed.
+
+    Returns (per-seed rows: method, seed, scale, restorations, capability_damage, damage_at_target;
+    mean and sample sd over seeds per method, columns ``<measure>_mean`` / ``<measure>_sd``).
+    """
+    rows = []
+    for seed, group in summary.groupby("seed"):
+        best = best_settings(group)
+        for method, values in best.items():
+            steering = group[(group.method == method) & group.scale.notna()]
+            rows.append({"method": method, "seed": seed, **{k: (np.nan if v is None else v) for k, v in values.items()},
+                         "damage_at_target": damage_at_restoration(group, method, target) if len(steering) else np.nan})
+    per_seed = pd.DataFrame(rows)
+    measures = ["scale", "restoration_heldout", "restoration_task1", "capability_damage", "damage_at_target"]
+    stats = per_seed.groupby("method")[measures].agg(["mean", "std"])
+    stats.columns = [f"{m}_{'sd' if s == 'std' else s}" for m, s in stats.columns]
+    return per_seed, stats

@@ -24,7 +24,7 @@ from lib.ghmm import GHMM, marginals
 from lib.train import model_inputs
 
 __all__ = ["residual_hooks", "collect_activations", "LinearProbe", "fit_probe", "fit_probes", "r2_score",
-           "probe_targets", "probe_table", "principal_angles"]
+           "probe_targets", "probe_table", "principal_angles", "angle_spread"]
 
 
 def residual_hooks(model) -> list[str]:
@@ -180,4 +180,20 @@ def probe_r2_over_training(trained, n_sequences: int, seed: int, layer: str = "c
         row = {"steps": step}
         row.update({r["target"]: r["r2"] for r in table if r["layer"] == layer and r["target"] != "joint"})
         out.append(row)
+    return out
+
+
+def angle_spread(angles: dict[str, list[list[float]]], unstable_sd: float = 10.0) -> dict[str, dict]:
+    """Per process: the principal angles' mean and sample sd over training seeds (angle i with angle i),
+    and whether every angle is stable (sd below ``unstable_sd`` degrees; None with one seed)."""
+    out = {}
+    for process, per_seed in angles.items():
+        lengths = {len(a) for a in per_seed}
+        if len(lengths) != 1:  # different ranks across seeds: nothing to pair up
+            out[process] = {"mean": None, "sd": None, "stable": False, "n_seeds": len(per_seed)}
+            continue
+        stacked = np.asarray(per_seed, dtype=float)
+        sd = stacked.std(0, ddof=1) if len(stacked) > 1 else None
+        out[process] = {"mean": stacked.mean(0).round(2).tolist(), "sd": None if sd is None else sd.round(2).tolist(),
+                        "stable": None if sd is None else bool((sd < unstable_sd).all()), "n_seeds": len(stacked)}
     return out

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-__all__ = ["STEERING", "PARTITION", "SEMI_FACTORED_PROSE", "TABLE1", "steering_table", "partition_table"]
+__all__ = ["STEERING", "PARTITION", "SEMI_FACTORED_PROSE", "TABLE1", "steering_table", "partition_table", "beside_seed",
+           "reading_agreement", "READING_SUFFIX"]
 
 _COLUMNS = ["scale", "kl_target", "kl_steered", "kl_unsteered", "ratio"]
 _NAN = float("nan")
@@ -76,3 +77,61 @@ def partition_table() -> pd.DataFrame:
     """Table 6 as a long frame: scale, block, forbidden, target."""
     return pd.DataFrame([{"scale": s, "block": b, "forbidden": f, "target": t}
                          for s, blocks in PARTITION.items() for b, (f, t) in blocks.items()])
+
+
+#: The two readings of appendix A's context average (lib.steer.steering_sweep): column suffix per reading.
+READING_SUFFIX = {"per-context": "", "context-averaged": "_avg"}
+
+
+def beside_seed(stats: pd.DataFrame, process: str, factor: int, quantity: str = "ratio") -> pd.DataFrame:
+    """``seed | per-context | context-averaged | conditional (both readings)`` for one quantity.
+
+    ``stats`` is the across-seeds summary of the steering frame (``<col>_mean`` / ``<col>_sd``
+    columns, one row per process, method, factor and scale). Each of ours is "mean ± sd over
+    training seeds".
+    """
+    rows = stats[(stats.process == process) & (stats.factor == factor)]
+    seed = steering_table(process, factor)
+    table = pd.DataFrame(index=sorted(rows.scale.unique()))
+    table.index.name = "scale"
+    if seed is not None:
+        table["seed"] = seed.set_index("scale")[quantity]
+    for method, label in (("centroid", "seed method"), ("conditional", "conditional")):
+        ours = rows[rows.method == method].set_index("scale")
+        for reading, suffix in READING_SUFFIX.items():
+            mean, sd = ours[f"{quantity}{suffix}_mean"], ours[f"{quantity}{suffix}_sd"].fillna(0)
+            table[f"{label}, {reading}"] = [f"{m:.4g} ± {s:.2g}" if pd.notna(m) else "–" for m, s in zip(mean, sd)]
+    return table
+
+
+def reading_agreement(stats: pd.DataFrame, quantity: str = "ratio", scales: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0,
+                                                                                                      1.25, 1.5, 2.0, 3.0)
+                      ) -> pd.DataFrame:
+    """How closely each reading of the seed's method reproduces each seed table, scale by scale.
+
+    Per (process, factor, reading): ours / seed at every scale the seed reports (1 = exact), and the
+    geometric mean of that factor over scales (``fold`` = exp mean |log(ours / seed)|, 1 = exact;
+    seed entries of 0.0000, rounded to nothing, are skipped).
+    """
+    import numpy as np
+
+    out = []
+    for (process, factor), _ in STEERING.items():
+        seed = steering_table(process, factor).set_index("scale")[quantity]
+        ours = stats[(stats.process == process) & (stats.factor == factor) & (stats.method == "centroid")]
+        if ours.empty:
+            continue
+        ours = ours.set_index("scale")
+        for reading, suffix in READING_SUFFIX.items():
+            row = {"process": process, "factor": factor, "reading": reading}
+            logs = []
+            for c in scales:
+                if c not in ours.index or c not in seed.index or not seed[c] > 0:
+                    continue
+                value = ours.loc[c, f"{quantity}{suffix}_mean"]
+                row[f"x{c:g}"] = value / seed[c]
+                if value > 0:
+                    logs.append(abs(np.log(value / seed[c])))
+            row["fold"] = float(np.exp(np.mean(logs))) if logs else float("nan")
+            out.append(row)
+    return pd.DataFrame(out)

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-__all__ = ["across_seeds", "bootstrap_mean_ci", "spearman_with_ci"]
+__all__ = ["across_seeds", "bootstrap_mean_ci", "spearman_with_ci", "mean_t_ci", "welch_difference", "trend_correlation", "mean_sd_text"]
 
 
 def bootstrap_mean_ci(values: Sequence[float], confidence: float = 0.95, n_resamples: int = 2000,
@@ -56,3 +56,65 @@ def spearman_with_ci(x: Sequence[float], y: Sequence[float], n_boot: int = 2000,
                                   decimals=6)
     return {"n": int(len(x)), "spearman_rho": float(result["r"]), "p": float(result["p_val"]),
             "ci_low": float(low), "ci_high": float(high)}
+
+
+def mean_t_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean and Student-t confidence interval of the mean (scipy); (mean, nan, nan) below 2 values.
+
+    With a handful of seeds a percentile bootstrap is too narrow (it cannot reach past the
+    observed range); the t interval is the honest small-sample choice.
+    """
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return float("nan"), float("nan"), float("nan")
+    if len(x) < 2:
+        return float(x.mean()), float("nan"), float("nan")
+    if np.ptp(x) == 0:
+        return float(x[0]), float(x[0]), float(x[0])
+    ci = sps.ttest_1samp(x, 0.0).confidence_interval(confidence)
+    return float(x.mean()), float(ci.low), float(ci.high)
+
+
+def welch_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
+    """Mean(a) - mean(b) with Welch's confidence interval and two-sided p (scipy.stats.ttest_ind,
+    unequal variances; pingouin rounds its CI to two decimals, too coarse for small effects)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    out = {"a": float(a.mean()), "b": float(b.mean()), "difference": float(a.mean() - b.mean()),
+           "ci_low": float("nan"), "ci_high": float("nan"), "p": float("nan"), "n_a": int(len(a)), "n_b": int(len(b))}
+    if len(a) >= 2 and len(b) >= 2 and (np.ptp(a) > 0 or np.ptp(b) > 0):
+        result = sps.ttest_ind(a, b, equal_var=False)
+        ci = result.confidence_interval(confidence)
+        out.update(ci_low=float(ci.low), ci_high=float(ci.high), p=float(result.pvalue))
+    return out
+
+
+def trend_correlation(frame: pd.DataFrame, x: str, y: str, subject: str = "seed") -> dict[str, float]:
+    """Monotone trend of ``y`` with ``x``: Spearman over all points (pingouin.corr) and, with at least
+    3 subjects, the repeated-measures correlation within subjects (pingouin.rm_corr), which respects
+    that points of one subject (e.g. snapshots of one training seed) are not independent."""
+    import pingouin as pg
+
+    data = frame[[x, y, subject]].replace([np.inf, -np.inf], np.nan).dropna()
+    out = {"n": int(len(data)), "spearman_rho": float("nan"), "p": float("nan"),
+           "rm_r": float("nan"), "rm_p": float("nan"), "rm_ci_low": float("nan"), "rm_ci_high": float("nan")}
+    if len(data) >= 3 and data[x].nunique() > 1 and data[y].nunique() > 1:
+        result = pg.corr(data[x], data[y], method="spearman").iloc[0]
+        out.update(spearman_rho=float(result["r"]), p=float(result["p_val"]))
+    if data[subject].nunique() >= 3 and len(data) > data[subject].nunique() + 1:
+        rm = pg.rm_corr(data=data, x=x, y=y, subject=subject).iloc[0]
+        ci = rm["CI95%"] if "CI95%" in rm else rm["CI95"]
+        out.update(rm_r=float(rm["r"]), rm_p=float(rm["p_val"] if "p_val" in rm else rm["pval"]),
+                   rm_ci_low=float(ci[0]), rm_ci_high=float(ci[1]))
+    return out
+
+
+def mean_sd_text(values: Sequence[float], spec: str = ".4f") -> str:
+    """"mean ± sd (n=k)" over seeds for prose; the sd is omitted (and n says so) with one value."""
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return "n/a"
+    if len(x) == 1:
+        return f"{x[0]:{spec}} (n=1)"
+    return f"{x.mean():{spec}} ± {x.std(ddof=1):{spec}} (n={len(x)})"

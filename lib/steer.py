@@ -1,6 +1,7 @@
 """Belief-state steering (appendix A of seed 000): centroids of belief classes, hooks, KL metrics.
 
-Recipe, exactly as the appendix describes and with the choices it leaves open stated:
+Recipe as the appendix describes it, with the choices it leaves open stated (where it leaves a
+definition open, every reasonable reading is computed, not one):
 
 1. Run N contexts of L tokens; take activations at one residual hook at the *final* position and
    the exact Bayes-optimal belief after the L tokens.
@@ -14,14 +15,20 @@ Recipe, exactly as the appendix describes and with the choices it leaves open st
 3. Centroid c_k of class k = mean activation over its contexts — this averages over whatever the
    *other* factor is doing. Steering vector from source s to target t: c_t - c_s, multiplied by a
    scale c and added by a forward hook at the same hook point, final position only.
-4. Metrics per ordered pair, averaged over the source contexts, then over the pairs:
+4. Metrics per ordered pair, then averaged over the pairs. The appendix does not say how a KL is
+   averaged over the source contexts; both readings are computed side by side (``steering_sweep``):
+   *per-context* (a KL per context against its own unsteered output, then the mean) and
+   *context-averaged* (average the steered / unsteered / target distributions over the source
+   contexts, then one KL). Reading-free spillover measures beside them: mean total variation of
+   the other factor's marginal and the fraction of contexts whose other-factor argmax flips.
    * ``kl_target`` = D_KL(p^_f || p_target,f): steered factor-f token marginal vs the model's own
      mean factor-f marginal on contexts genuinely in the target class (the appendix's "agreement
      with the target belief state"; taken on the steered factor's marginal so the other factor,
      which steering should leave alone, does not count against it);
    * ``kl_steered`` = D_KL(p^_f || p_f^orig) (intended effect) and ``kl_unsteered`` =
      D_KL(p^_fbar || p_fbar^orig) (spillover), both per context against its own unsteered output;
-   * ``ratio`` = mean kl_unsteered / mean kl_steered (the seed tables' "Ratio", lower is better).
+   * ``ratio`` = mean kl_unsteered / mean kl_steered (the seed tables' "Ratio", lower is better);
+     ``ratio_avg`` the same under the context-averaged reading.
 
 Beyond the seed — *conditional* belief-state steering (``method="conditional"``): the marginal
 centroid c_t - c_s averages over the other factor, so any interaction between the factors in the
@@ -51,8 +58,8 @@ from lib.ghmm import GHMM, ProcessError, marginals
 from lib.train import model_inputs
 
 __all__ = ["BeliefClasses", "belief_classes", "SteeringSetup", "prepare_steering", "steered_logits", "METHODS",
-           "steering_vectors", "final_position",
-           "steering_sweep", "summarise_sweep", "partition_violation", "kl_divergence", "final_hook"]
+           "steering_vectors", "final_position", "training_trend", "centroid_interaction",
+           "steering_sweep", "summarise_sweep", "total_variation", "partition_violation", "kl_divergence", "final_hook"]
 
 EPS = 1e-12
 
@@ -255,9 +262,31 @@ def steering_vectors(setup: SteeringSetup, factor: int, idx: np.ndarray, pairs: 
     return vectors
 
 
+def total_variation(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Total variation distance 0.5 * sum |p - q| along the last axis (bounded in [0, 1])."""
+    return 0.5 * np.abs(p - q).sum(-1)
+
+
 def steering_sweep(model, setup: SteeringSetup, factor: int, scales: Sequence[float],
                    method: str = "centroid") -> pd.DataFrame:
-    """Per (ordered pair, scale): mean kl_target, kl_steered, kl_unsteered over the source contexts."""
+    """Per (ordered pair, scale): the appendix's three KLs under both readings, plus bounded spillover.
+
+    Appendix A does not say how the KLs are averaged over the source contexts, so both readings
+    are computed from the same steered forward pass:
+
+    * **per-context** (``kl_target``, ``kl_steered``, ``kl_unsteered``): the KL of each source
+      context's steered marginal against its own unsteered marginal (or the target marginal),
+      then the mean over the pair's source contexts;
+    * **context-averaged** (``*_avg``): the steered, unsteered and target marginals are first
+      averaged over the pair's source contexts, then one KL is taken. Shifts of opposite sign in
+      different contexts cancel in the average, so this reading is never larger than the first
+      (KL is jointly convex).
+
+    Reading-free spillover measures: ``tv_unsteered`` = mean over contexts of the total variation
+    between the other factor's steered and unsteered marginals (in [0, 1]); ``argmax_flip`` = the
+    fraction of contexts whose most likely other-factor token changes. ``tv_steered`` is the same
+    TV for the steered factor (the intended effect on a bounded scale).
+    """
     n_f = len(setup.factor_probs)
     if not 0 <= factor < n_f:
         raise ProcessError(f"factor {factor} out of range: the process has {n_f} factors")
@@ -269,20 +298,57 @@ def steering_sweep(model, setup: SteeringSetup, factor: int, scales: Sequence[fl
     target_marginal = np.stack([setup.factor_probs[factor][labels == k].mean(0)
                                 for k in range(len(setup.classes[factor].counts))])
     other = [g for g in range(n_f) if g != factor]
+    orig = [setup.factor_probs[g][idx] for g in range(n_f)]
     frame = pd.DataFrame({
         "source": pairs[:, 0], "target": pairs[:, 1], "scale": scale,
         "kl_target": kl_divergence(steered_f[factor], target_marginal[pairs[:, 1]]),
-        "kl_steered": kl_divergence(steered_f[factor], setup.factor_probs[factor][idx]),
-        "kl_unsteered": np.sum([kl_divergence(steered_f[g], setup.factor_probs[g][idx]) for g in other], axis=0),
+        "kl_steered": kl_divergence(steered_f[factor], orig[factor]),
+        "kl_unsteered": np.sum([kl_divergence(steered_f[g], orig[g]) for g in other], axis=0),
+        "tv_steered": total_variation(steered_f[factor], orig[factor]),
+        "tv_unsteered": np.mean([total_variation(steered_f[g], orig[g]) for g in other], axis=0),
+        "argmax_flip": np.mean([steered_f[g].argmax(-1) != orig[g].argmax(-1) for g in other], axis=0),
     })
-    return frame.groupby(["source", "target", "scale"], as_index=False).mean()
+    keys = ["source", "target", "scale"]
+    per_pair = frame.groupby(keys, as_index=False).mean()
+    # context-averaged reading: average the distributions over each (pair, scale) group, then one KL
+    groups = frame.groupby(keys, sort=True).ngroup().to_numpy()
+    n_groups = groups.max() + 1 if len(groups) else 0
+    counts = np.bincount(groups, minlength=n_groups)[:, None]
+
+    def group_mean(values: np.ndarray) -> np.ndarray:
+        out = np.zeros((n_groups, values.shape[-1]))
+        np.add.at(out, groups, values)
+        return out / counts
+
+    first = pd.DataFrame({"g": groups, "t": pairs[:, 1]}).groupby("g")["t"].first().to_numpy()
+    mean_steered = [group_mean(steered_f[g]) for g in range(n_f)]
+    mean_orig = [group_mean(orig[g]) for g in range(n_f)]
+    averaged = pd.DataFrame({
+        "kl_target_avg": kl_divergence(mean_steered[factor], target_marginal[first]),
+        "kl_steered_avg": kl_divergence(mean_steered[factor], mean_orig[factor]),
+        "kl_unsteered_avg": np.sum([kl_divergence(mean_steered[g], mean_orig[g]) for g in other], axis=0),
+    })
+    return pd.concat([per_pair.reset_index(drop=True), averaged], axis=1)
 
 
 def summarise_sweep(per_pair: pd.DataFrame) -> pd.DataFrame:
-    """Average over ordered pairs per scale; ratio = mean spillover / mean intended shift (NaN at 0)."""
-    table = per_pair.groupby("scale")[["kl_target", "kl_steered", "kl_unsteered"]].mean()
-    moved = table["kl_steered"] > 1e-9  # at scale 0 nothing moves and the ratio is undefined
-    table["ratio"] = (table["kl_unsteered"] / table["kl_steered"].where(moved)).where(moved)
+    """Average over ordered pairs per scale; ratio = mean spillover / mean intended shift (NaN at 0).
+
+    ``ratio`` is the per-context reading, ``ratio_avg`` the context-averaged one (see
+    :func:`steering_sweep`); ``ratio_pairs`` is a third aggregation the seed's rounding admits:
+    the mean over ordered pairs of each pair's own per-context ratio.
+    """
+    columns = [c for c in ("kl_target", "kl_steered", "kl_unsteered", "kl_target_avg", "kl_steered_avg",
+                           "kl_unsteered_avg", "tv_steered", "tv_unsteered", "argmax_flip") if c in per_pair]
+    table = per_pair.groupby("scale")[columns].mean()
+    for suffix in ("", "_avg"):
+        if f"kl_steered{suffix}" not in table:
+            continue
+        moved = table[f"kl_steered{suffix}"] > 1e-9  # at scale 0 nothing moves and the ratio is undefined
+        table[f"ratio{suffix}"] = (table[f"kl_unsteered{suffix}"] / table[f"kl_steered{suffix}"].where(moved)
+                                   ).where(moved)
+    pair_ratio = (per_pair.kl_unsteered / per_pair.kl_steered.where(per_pair.kl_steered > 1e-9))
+    table["ratio_pairs"] = pair_ratio.groupby(per_pair.scale).mean()
     return table.reset_index()
 
 
@@ -389,3 +455,31 @@ def centroid_interaction(setup: SteeringSetup) -> float:
     fitted = design @ np.linalg.lstsq(design, centres, rcond=None)[0]
     total = ((centres - centres.mean(0)) ** 2).sum()
     return float(((centres - fitted) ** 2).sum() / total) if total > 0 else float("nan")
+
+
+def training_trend(trained, n_sequences: int, seed: int, scale: float = 1.0) -> list[dict]:
+    """Additivity and seed-method specificity at every saved training snapshot of one model.
+
+    Per snapshot: CE / optimal on the config's fixed evaluation contexts, the final-layer
+    non-additive fraction of the joint-class centroids (:func:`centroid_interaction`) and the
+    seed-method (marginal centroid) spillover ratio at ``scale`` under both readings, averaged over
+    the two factors. Snapshots whose classes cannot be formed are skipped.
+    """
+    from lib.train import eval_tokens, evaluate
+
+    process = trained.process
+    tokens, _ = _contexts(trained, n_sequences, seed, trained.config.seed)
+    evaluation = eval_tokens(trained.config, process)
+    rows = []
+    for step in sorted(trained.snapshots):
+        model = trained.snapshot_model(step)
+        try:
+            setup = prepare_steering(model, process, tokens)
+        except ProcessError:
+            continue
+        tables = [summarise_sweep(steering_sweep(model, setup, f, [scale])) for f in range(len(setup.classes))]
+        rows.append({"steps": int(step), "ce_ratio": evaluate(model, process, evaluation)["ce_ratio"],
+                     "interaction": centroid_interaction(setup),
+                     "ratio": float(np.mean([t.ratio.iloc[0] for t in tables])),
+                     "ratio_avg": float(np.mean([t.ratio_avg.iloc[0] for t in tables]))})
+    return rows

@@ -29,10 +29,11 @@
 
 # %% tags=["parameters"]
 process: str = "em()"
-factored_control_process: str = "em(coupling=0.0)"
 seeds: list[int] = [0]
-diagnostic_processes: list[str] = ["em()", "em(shared_answers=False)"]
-diagnostic_seeds: list[int] = [0]
+couplings: list[float] = [0.0, 0.5, 1.0]
+coupling_seeds: list[int] = [0]
+search_processes: list[str] = ["em(mixing=1.0,coupling=0.0)", "em(mixing=1.0)"]
+search_seeds: list[int] = [0]
 d_model: int = 32
 n_layers: int = 2
 base_steps: int = 150
@@ -59,13 +60,14 @@ import seaborn as sns
 import torch
 from IPython.display import Markdown, display
 
-from lib.em import (EMRecipe, best_settings, damage_at_restoration, diagnostic_row, em_experiment, parse_em_name,
-                    reversal_for)
+from lib.em import (EMRecipe, coupling_contrast, coupling_curve, coupling_sweep,
+                    describe_contrast, em_experiment, em_rows, parse_em_name, reversal_for, reversal_over_seeds,
+                    twin_table)
 from lib.ghmm import optimal_cross_entropy
 from lib.plots import set_style
 from lib.report import resolve_output_dir, save_figure, undefined_as_none, write_metrics
 from lib.sfp import is_partition_preserving, sector_order
-from lib.stats import across_seeds, spearman_with_ci
+from lib.stats import across_seeds, mean_t_ci, spearman_with_ci
 from lib.threads import limit_threads
 
 set_style()
@@ -151,13 +153,63 @@ em_mean = em_table.drop(columns="seed").mean()
 display(em_table.round(4))
 
 # %% [markdown]
-# **Control: persona and capability fully factored.** The same recipe on the process in which the
-# answer variant never depends on the persona (`coupling = 0`: "bad" is a per-task property).
+# ## 2b. The control: is it the coupling? (coupled − factored)
+#
+# Breadth alone is not the proposal's claim. The claim is that the persona–capability *coupling* of an
+# SFP is what carries a narrow fine-tune broadly, so the finding is the **contrast between the coupled
+# organism and its factored twin**: the same tokens, the same fine-tuning data (task 1 in the misaligned
+# world), the same steps and model, with only the `coupling` knob changed (0 = "bad" is a per-task
+# latent, persona and capability factored; 1 = the persona decides every task's variant). We sweep
+# `coupling` in two designs: answer tokens **shared** across tasks (the default organism: "bad" looks
+# the same in every task) and **task-specific** answer tokens (nothing links misbehaviour across tasks
+# except a latent). Breadth per coupling value: mean over seeds with a Student-t 95% CI.
 
 # %%
-control = em_experiment(factored_control_process, seeds[0], recipe, n_contexts, analysis_seed, torch_threads)
-display(pd.DataFrame([{"process": process, **em_table.iloc[0].drop("seed").to_dict()},
-                      {"process": factored_control_process, **control["em"]}]).round(4))
+sweep = coupling_sweep(process, couplings, coupling_seeds, recipe, n_contexts, analysis_seed, torch_threads)
+curves = {d: coupling_curve(sweep, d) for d in ("shared", "specific")}
+contrasts = {d: coupling_contrast(sweep, d) for d in ("shared", "specific")}
+display(pd.DataFrame([{"design": d, "coupling": c, "breadth (mean)": m, "95% CI": f"[{lo:.3f}, {hi:.3f}]"}
+                      for d, cur in curves.items() for c, m, lo, hi in zip(*cur.values())]).round(3))
+display(pd.DataFrame(contrasts).T.drop(columns="ci_method").round(4))
+
+# %%
+fig, ax = plt.subplots(figsize=(6.5, 4))
+sns.lineplot(data=sweep, x="coupling", y="breadth", hue="design", marker="o", errorbar=("ci", 95),
+             seed=analysis_seed, ax=ax)
+sns.stripplot(data=sweep, x="coupling", y="breadth", hue="design", native_scale=True, dodge=False, alpha=0.4,
+              legend=False, ax=ax)
+ax.axhline(0.5, color="0.5", ls=":", lw=1)
+ax.axhline(0.2, color="0.5", ls="--", lw=1)
+ax.set_xlabel("persona–capability coupling (0 = factored, 1 = fully coupled)")
+ax.set_ylabel("EM breadth (held-out / task-1 increase)")
+ax.set_title("Breadth vs coupling (points: seeds; band: 95% CI)")
+fig.tight_layout()
+save_figure(fig, out, "breadth_vs_coupling")
+plt.show()
+
+# %% [markdown]
+# **The search for a coupling-carried EM.** The target is a configuration whose coupled organism reaches
+# breadth ≥ 0.5 while its factored twin stays ≤ 0.2. Beyond the default knobs, `search_processes`
+# lists every other configuration tried, each with its coupling knob as given (knobs chosen because
+# they should favour the coupling: `mixing = 1` hides the persona from the style tokens, `mixing = 0`
+# reveals it fully, `answer_noise = 0.25` weakens the evidence each answer gives about the persona,
+# `persona_prior = 0.2` makes the misaligned persona rare). All are reported; none was dropped.
+#
+# One property found on the way: at `mixing = 1` with `persona_prior = 0.5` the persona latent and a
+# task's variant latent play symmetric roles (same prior, no style evidence), so couplings $c$ and
+# $1-c$ define the same process up to relabelling — their models and breadths coincide exactly. At
+# `mixing = 1` the coupling knob is therefore not identifiable from data, and "coupled vs factored"
+# has no meaning there.
+
+# %%
+search = em_rows(search_processes, search_seeds, recipe, n_contexts, analysis_seed, torch_threads,
+                 desc="coupling search")
+tried = pd.concat([sweep, search])
+twins = twin_table(tried)
+n_configs_tried = int(tried.process.nunique())
+display(twins.round(3))
+display(Markdown(f"{n_configs_tried} distinct configurations tried ({len(tried)} trainings); "
+                 f"{int(twins.meets_target.sum())} of {len(twins)} coupled/factored pairs meet the target."))
 
 # %% [markdown]
 # ## 3. Reversal: belief-state steering vs difference-in-means
@@ -204,16 +256,16 @@ fig.tight_layout()
 save_figure(fig, out, "reversal_curves")
 plt.show()
 
-best = {m: {k: float(np.nanmean([best_settings(g)[m][k] if best_settings(g)[m][k] is not None else np.nan
-                                 for _, g in summary.groupby("seed")]))
+reversal_per_seed, reversal_stats = reversal_over_seeds(summary, restoration_target)
+best = {m: {k: (None if pd.isna(reversal_stats.loc[m, f"{k}_mean"]) else float(reversal_stats.loc[m, f"{k}_mean"]))
             for k in ("scale", "restoration_heldout", "restoration_task1", "capability_damage")}
-        for m in summary.method.unique()}
-display(pd.DataFrame(best).T.round(4))
-damage_at_target = {m: float(np.nanmean([damage_at_restoration(g, m, restoration_target) for _, g in
-                                         summary.groupby("seed")]))
-                    for m in summary[summary.scale.notna()].method.unique()}
-display(Markdown("Capability damage at mean restoration " f"{restoration_target:g} (interpolated along each curve): "
-                 + ", ".join(f"{m} {v:+.4f}" for m, v in damage_at_target.items())))
+        for m in reversal_stats.index}
+damage_at_target = {m: float(v) for m, v in reversal_stats["damage_at_target_mean"].dropna().items()}
+damage_sd = reversal_stats["damage_at_target_sd"].to_dict()
+display(reversal_stats.round(4))
+display(Markdown("Signed capability change at mean restoration " f"{restoration_target:g} (interpolated along each "
+                 "curve, mean ± sd over seeds): " + ", ".join(f"{m} {v:+.4f} ± {damage_sd[m]:.4f}"
+                                                              for m, v in damage_at_target.items())))
 
 # %% [markdown]
 # ## 4. Specificity as a pre-deployment diagnostic
@@ -223,18 +275,20 @@ display(Markdown("Capability damage at mean restoration " f"{restoration_target:
 # content) over intended shift (KL of the answer variant). Then fine-tune and measure EM breadth.
 # Does a less specific persona representation predict broader EM?
 
+# %% [markdown]
+# The configurations are the coupling sweep above: if specificity predicts EM anywhere, it should be
+# across the knob that the proposal says carries it. The correlation pooled over both designs mixes
+# the design effect with the coupling effect, so it is shown within each design too.
+
 # %%
-diagnostic = []
-for name in diagnostic_processes:
-    for s in diagnostic_seeds:
-        r = results[s] if (name == process and s in results) else em_experiment(name, s, recipe, n_contexts,
-                                                                                 analysis_seed, torch_threads)
-        diagnostic.append({"process": name, "seed": s, **diagnostic_row(r)})
-diagnostic = pd.DataFrame(diagnostic)
+diagnostic = sweep
 diag_stats = across_seeds(diagnostic, ["process"], ["specificity_ratio", "breadth", "task1_increase",
                                                     "heldout_increase"])
 display(diag_stats.round(4))
 correlation = spearman_with_ci(diagnostic.specificity_ratio, diagnostic.breadth, n_boot=n_boot, seed=analysis_seed)
+within = {d: spearman_with_ci(g.specificity_ratio, g.breadth, n_boot=n_boot, seed=analysis_seed)
+          for d, g in diagnostic.groupby("design")}
+display(pd.DataFrame({"pooled": correlation, **within}).T.round(3))
 fig, ax = plt.subplots(figsize=(7, 4.2))
 sns.scatterplot(data=diagnostic, x="specificity_ratio", y="breadth", hue="process", style="process", s=60, ax=ax)
 ax.set_xscale("log")
@@ -252,30 +306,60 @@ plt.show()
 
 # %%
 bs, dim = best["belief_state"], best["diff_in_means"]
+breadth_ci = mean_t_ci(em_table.breadth)
+shared_c, specific_c = contrasts["shared"], contrasts["specific"]
+rsd = lambda method, measure: float(np.nan_to_num(reversal_stats.loc[method, f"{measure}_sd"]))  # noqa: E731
+ranked = sorted(damage_at_target, key=lambda m: damage_at_target[m])
+best_keeper = ranked[0]
+keeper_separated = bool(len(ranked) > 1 and damage_at_target[ranked[0]] + damage_sd[ranked[0]]
+                        < damage_at_target[ranked[1]] - damage_sd[ranked[1]])
+
+
 display(Markdown(
-    f"- **EM appears.** Fine-tuning on task 1 in the misaligned world raises the misaligned share on task 1 by "
-    f"{em_mean['task1_increase']:.3f} and on the held-out tasks by {em_mean['heldout_increase']:.3f}: breadth "
-    f"{em_mean['breadth']:.2f} (target ≥ 0.5: {'met' if em_mean['breadth'] >= 0.5 else 'missed'}), over "
-    f"{len(seeds)} seed(s).\n"
-    f"- **Fully factored control** (`{factored_control_process}`): breadth {control['em']['breadth']:.2f}. "
-    + ("EM is *not* specific to the persona-coupled process here: with answer tokens shared across tasks the "
-       "network spreads the narrow update through the shared output features whether or not the generative "
-       "process couples persona and task. The diagnostic below contrasts it with task-specific answer tokens."
-       if control["em"]["breadth"] >= 0.5 else "EM does not appear when persona and capability are factored.") + "\n"
-    f"- **Reversal.** Belief-state steering reaches ≥ {restoration_target:.0%} restoration on every task at scale "
-    f"{bs['scale']:g} (held-out {bs['restoration_heldout']:.2f}, task 1 {bs['restoration_task1']:.2f}, damage "
-    f"{bs['capability_damage']:+.4f}); difference-in-means at scale {dim['scale']:g} (held-out "
-    f"{dim['restoration_heldout']:.2f}, damage {dim['capability_damage']:+.4f}). At equal restoration "
-    f"({restoration_target:g}) the damage is {damage_at_target['belief_state']:+.4f} (belief-state) vs "
-    f"{damage_at_target['diff_in_means']:+.4f} (diff-in-means): belief-state steering "
-    + ("does" if damage_at_target["belief_state"] < damage_at_target["diff_in_means"] else "does **not**")
-    + " damage capability less. Ablation of either direction restores little (held-out "
-    f"{best['ablation_belief_state']['restoration_heldout']:.2f} / {best['ablation_diff_in_means']['restoration_heldout']:.2f}): "
-    "the fine-tune moved activations *along* the persona direction, so removing the component is not the same "
-    "as moving back.\n"
-    f"- **Diagnostic.** Across {diagnostic.process.nunique()} configurations × {len(diagnostic_seeds)} seed(s), "
-    f"Spearman ρ(specificity ratio, breadth) = {correlation['spearman_rho']:.2f} "
-    f"[{correlation['ci_low']:.2f}, {correlation['ci_high']:.2f}], p = {correlation['p']:.3g}."
+    f"- **EM appears, but the coupling does not carry it.** In `{process}` fine-tuning on task 1 in the misaligned "
+    f"world raises the misaligned share on task 1 by {em_mean['task1_increase']:.3f} and on held-out tasks by "
+    f"{em_mean['heldout_increase']:.3f}: breadth {breadth_ci[0]:.2f} [{breadth_ci[1]:.2f}, {breadth_ci[2]:.2f}] "
+    f"(t 95% CI, {len(seeds)} seeds). The control that could produce this without the phenomenon is the factored "
+    f"twin: with shared answer tokens, {describe_contrast(shared_c)}; with task-specific answer tokens, "
+    f"{describe_contrast(specific_c)}. "
+    + ("The contrast's CI contains 0 in both designs: breadth is set by whether answer tokens are shared, not by the "
+       "persona–capability coupling, so this organism does **not** test the proposal's mechanism."
+       if all(c["ci_low"] <= 0 <= c["ci_high"] for c in contrasts.values()) else
+       "The coupling contrast is reported above with its CI; read it before the absolute breadth.") + "\n"
+    f"- **Search.** {n_configs_tried} configurations tried ({len(tried)} trainings, sweep + `search_processes`); "
+    f"{int(twins.meets_target.sum())} of {len(twins)} coupled/factored pairs reach coupled breadth ≥ 0.5 with the "
+    f"factored twin ≤ 0.2" + (": **none**. Not re-tuned further; a design in which a sequence shows several tasks "
+                              "(so that the persona is a latent the network must carry across tasks) is the "
+                              "natural next organism." if not twins.meets_target.any() else
+                              f": {', '.join(twins[twins.meets_target].config)} (seed 0 only unless listed in "
+                              "the sweep: confirm with more seeds).") + "\n"
+    f"- **Reversal** (on `{process}`; mean ± sd over {len(seeds)} seeds). Belief-state steering reaches ≥ "
+    f"{restoration_target:.0%} restoration on every task at scale {bs['scale']:.2f} ± {rsd('belief_state', 'scale'):.2f} "
+    f"(held-out {bs['restoration_heldout']:.2f} ± {rsd('belief_state', 'restoration_heldout'):.2f}, task 1 "
+    f"{bs['restoration_task1']:.2f} ± {rsd('belief_state', 'restoration_task1'):.2f}, signed capability change "
+    f"{bs['capability_damage']:+.4f} ± {rsd('belief_state', 'capability_damage'):.4f} nats); difference-in-means at "
+    f"scale {dim['scale']:.2f} ± {rsd('diff_in_means', 'scale'):.2f} (held-out {dim['restoration_heldout']:.2f} ± "
+    f"{rsd('diff_in_means', 'restoration_heldout'):.2f}, {dim['capability_damage']:+.4f} ± "
+    f"{rsd('diff_in_means', 'capability_damage'):.4f}). At equal restoration "
+    f"({restoration_target:g}) the signed capability change is "
+    + ", ".join(f"{m} {v:+.4f} ± {damage_sd[m]:.4f}" for m, v in damage_at_target.items())
+    + f" nats (mean ± sd over {len(seeds)} seeds; negative = the steering also undoes part of the fine-tune's capability cost); **{best_keeper}** "
+    f"leaves the lowest capability error ({'more' if keeper_separated else 'not more'} than one sd below the next, "
+    f"{ranked[1] if len(ranked) > 1 else '-'}). Ablation of either direction restores little (held-out "
+    f"{best['ablation_belief_state']['restoration_heldout']:.2f} / "
+    f"{best['ablation_diff_in_means']['restoration_heldout']:.2f}; sd "
+    f"{rsd('ablation_belief_state', 'restoration_heldout'):.2f} / {rsd('ablation_diff_in_means', 'restoration_heldout'):.2f}).\n"
+    f"- **Diagnostic** over the coupling sweep ({diagnostic.process.nunique()} configurations × "
+    f"{len(coupling_seeds)} seeds): Spearman ρ(specificity ratio, breadth) = {correlation['spearman_rho']:.2f} "
+    f"[{correlation['ci_low']:.2f}, {correlation['ci_high']:.2f}], p = {correlation['p']:.3g} pooled; within designs "
+    + ", ".join(f"{d} {w['spearman_rho']:.2f} [{w['ci_low']:.2f}, {w['ci_high']:.2f}]" for d, w in within.items())
+    + ". The pooled value mixes the design effect (task-specific tokens change both specificity and breadth) with "
+    "the within-design relation. The hypothesis is a *positive* ρ (a larger spillover ratio, i.e. a less specific "
+    "persona representation, predicting broader EM). Within designs: "
+    + "; ".join(f"{d}: " + ("CI excludes 0, " + ("in the hypothesised direction" if w["spearman_rho"] > 0 else
+                                                  "**opposite** to the hypothesis (more specific, broader)")
+                            if (w["ci_low"] > 0 or w["ci_high"] < 0) else "CI contains 0, no prediction")
+                for d, w in within.items()) + "."
 ))
 
 # %% [markdown]
@@ -288,9 +372,21 @@ metrics = {
     "em": {k: float(em_mean[k]) for k in ("task1_increase", "heldout_increase", "breadth")},
     "em_sd": {k: float(em_table[k].std(ddof=1)) if len(em_table) > 1 else 0.0
               for k in ("task1_increase", "heldout_increase", "breadth")},
-    "em_factored_control": {k: float(v) for k, v in control["em"].items()},
-    "reversal": {m: {"best": best[m], "damage_at_target": damage_at_target.get(m)} for m in best},
+    "em_ci": {"breadth_ci_low": breadth_ci[1], "breadth_ci_high": breadth_ci[2], "method": "Student t over seeds"},
+    "coupling_test": {
+        **{f"design_{d}": cur for d, cur in curves.items()},
+        "contrast": {**contrasts["shared"], "n_configs_tried": n_configs_tried},
+        "contrast_by_design": contrasts,
+        "n_configs_tried": n_configs_tried,
+        "n_trainings": int(len(tried)),
+        "pairs_meeting_target": int(twins.meets_target.sum()),
+        "twins": twins.to_dict("records"),
+    },
+    "reversal": {m: {"best": best[m], "damage_at_target": damage_at_target.get(m),
+                     "damage_at_target_sd": damage_sd.get(m),
+                     "restoration_heldout_sd": reversal_stats.loc[m, "restoration_heldout_sd"]} for m in best},
     "diagnostic": {"n_configs": int(diagnostic.process.nunique()), "n_points": correlation["n"],
+                   "within_design": within,
                    "spearman_rho": correlation["spearman_rho"], "ci_low": correlation["ci_low"],
                    "ci_high": correlation["ci_high"], "p": correlation["p"],
                    "points": diag_stats[["process", "specificity_ratio_mean", "specificity_ratio_sd", "breadth_mean",
@@ -306,3 +402,5 @@ print(f"breadth > 0.5: {metrics['em']['breadth'] > 0.5}")
 print(f"belief-state steering restores >= 0.9 on held-out tasks: {best['belief_state']['restoration_heldout'] >= 0.9}")
 print("methods:", sorted(metrics["reversal"]))
 print("diagnostic configs:", metrics["diagnostic"]["n_configs"])
+print("coupling values:", metrics["coupling_test"]["design_shared"]["values"])
+print("configs tried:", metrics["coupling_test"]["n_configs_tried"])

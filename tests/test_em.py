@@ -89,3 +89,29 @@ def test_pareto_front_and_engineering_summary() -> None:
     summary, improvements = engineering_summary(pd.DataFrame(rows), "base")
     assert improvements.process.tolist() == ["better"] and bool(improvements["clear"].iloc[0])
     assert summary.set_index("process").loc["better", "pareto"]
+
+
+def test_with_knobs_and_twin_table() -> None:
+    import pandas as pd
+
+    from lib.em import twin_table, with_knobs
+
+    assert with_knobs("em(mixing=1.0)", coupling=0.0, shared_answers=False) == \
+        "em(mixing=1.0,coupling=0.0,shared_answers=False)"
+    assert with_knobs("em(coupling=0.5)", coupling=1.0) == "em()"
+    frame = pd.DataFrame({"twin": ["em()"] * 4 + ["em(mixing=0.0)"] * 2, "coupling": [1.0, 1.0, 0.0, 0.0, 1.0, 0.0],
+                          "breadth": [0.6, 0.8, 0.1, 0.1, 0.9, 0.9]})
+    table = twin_table(frame).set_index("config")
+    assert table.loc["em()", "breadth_coupled"] == pytest.approx(0.7)
+    assert table.loc["em()", "meets_target"] and not table.loc["em(mixing=0.0)", "meets_target"]
+    assert table.loc["em()", "n_seeds"] == 2
+
+
+def test_mixing_one_makes_coupling_c_and_one_minus_c_the_same_process() -> None:
+    """At mixing=1, persona_prior=0.5 the persona and task-variant latents are symmetric: c and 1-c coincide."""
+    a, b = get_process("em(mixing=1.0,coupling=0.25)"), get_process("em(mixing=1.0,coupling=0.75)")
+    tokens = a.sample(50, 9, np.random.default_rng(0))
+    np.testing.assert_allclose(a.next_token_probs(a.beliefs(tokens)), b.next_token_probs(b.beliefs(tokens)),
+                               atol=1e-12)
+    c = get_process("em(coupling=0.25)")  # with style evidence (mixing 0.5) they differ
+    assert not np.allclose(a.next_token_probs(a.beliefs(tokens)), c.next_token_probs(c.beliefs(tokens)))

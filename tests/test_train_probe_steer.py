@@ -272,3 +272,44 @@ def test_spearman_with_ci() -> None:
     assert result["ci_low"] <= result["spearman_rho"] <= result["ci_high"]
     noisy = spearman_with_ci(x, np.random.default_rng(0).normal(size=12), n_boot=500)
     assert noisy["ci_low"] < 0 < noisy["ci_high"]
+
+
+def test_both_readings_and_bounded_spillover(tiny_semi) -> None:
+    """Context-averaged KL <= per-context KL (joint convexity); TV and flips are bounded and vanish at scale 0."""
+    process = tiny_semi.process
+    setup = prepare_steering(tiny_semi.model, process, process.sample(300, 10, np.random.default_rng(4)))
+    per_pair = steering_sweep(tiny_semi.model, setup, 0, [0.0, 1.0, 3.0])
+    for col in ("kl_target", "kl_steered", "kl_unsteered"):
+        assert (per_pair[f"{col}_avg"] <= per_pair[col] + 1e-9).all(), col
+    assert ((per_pair[["tv_steered", "tv_unsteered", "argmax_flip"]] >= 0)
+            & (per_pair[["tv_steered", "tv_unsteered", "argmax_flip"]] <= 1 + 1e-12)).all().all()
+    at0 = per_pair[per_pair.scale == 0]
+    assert at0[["tv_steered", "tv_unsteered", "argmax_flip", "kl_steered_avg"]].abs().max().max() < 1e-6
+    table = summarise_sweep(per_pair)
+    assert {"ratio", "ratio_avg", "ratio_pairs"} <= set(table.columns)
+    assert np.isnan(table.loc[table.scale == 0, "ratio_avg"].item())
+    moved = table[table.scale == 3.0].iloc[0]
+    assert moved.tv_steered > 0 and moved.kl_steered_avg > 0
+
+
+def test_context_averaged_reading_cancels_opposite_shifts() -> None:
+    """Two contexts whose other factor moves in opposite directions: per-context KL > 0, averaged KL = 0."""
+    from lib.steer import kl_divergence, total_variation
+
+    orig = np.array([[0.5, 0.5], [0.5, 0.5]])
+    steered = np.array([[0.7, 0.3], [0.3, 0.7]])
+    per_context = kl_divergence(steered, orig).mean()
+    averaged = kl_divergence(steered.mean(0), orig.mean(0))
+    assert per_context > 0.05 and averaged == pytest.approx(0.0, abs=1e-12)
+    assert total_variation(steered, orig).tolist() == pytest.approx([0.2, 0.2])
+
+
+def test_training_trend_has_a_point_per_snapshot(tmp_path) -> None:
+    from lib.steer import training_trend
+
+    config = TrainConfig(process="z1r_x_z1r", steps=10, seed=0, snapshot_steps=(0, 5, 10), **TINY)
+    trained = load_or_train(config, device="cpu", threads=1, cache_dir=tmp_path, progress=False)
+    rows = training_trend(trained, 200, 0)
+    assert [r["steps"] for r in rows] == [0, 5, 10]
+    assert all(r["ce_ratio"] >= 1 - 1e-6 and 0 <= r["interaction"] <= 1 and r["ratio_avg"] >= 0
+               for r in rows)

@@ -1,0 +1,43 @@
+"""Tests of the statistics wrappers the reports quote."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+from lib.stats import mean_sd_text, mean_t_ci, trend_correlation, welch_difference
+
+
+def test_mean_t_ci_matches_scipy_and_handles_small_samples() -> None:
+    x = [0.8, 0.9, 0.85, 0.7]
+    mean, low, high = mean_t_ci(x)
+    ref = sps.t.interval(0.95, len(x) - 1, loc=np.mean(x), scale=sps.sem(x))
+    assert mean == pytest.approx(np.mean(x)) and (low, high) == pytest.approx(ref)
+    assert np.isnan(mean_t_ci([0.5])[1]) and mean_t_ci([0.5])[0] == 0.5
+    assert mean_t_ci([0.2, 0.2]) == (0.2, 0.2, 0.2)
+
+
+def test_welch_difference_ci_contains_difference_and_p_matches_scipy() -> None:
+    a, b = [0.8, 0.9, 0.85], [0.1, 0.3, 0.15]
+    out = welch_difference(a, b)
+    assert out["ci_low"] < out["difference"] < out["ci_high"]
+    assert out["p"] == pytest.approx(sps.ttest_ind(a, b, equal_var=False).pvalue)
+    assert np.isnan(welch_difference([1.0], [0.0])["ci_low"])
+
+
+def test_trend_correlation_within_subjects() -> None:
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"x": np.tile(np.arange(6.0), 3), "seed": np.repeat([0, 1, 2], 6)})
+    frame["y"] = -frame.x + 10 * frame.seed + rng.normal(0, 0.1, 18)  # strong within-seed trend, seed offsets
+    out = trend_correlation(frame, "x", "y")
+    assert out["rm_r"] < -0.95 and out["rm_p"] < 1e-6
+    one = trend_correlation(frame[frame.seed == 0], "x", "y")
+    assert one["spearman_rho"] == pytest.approx(-1.0) and np.isnan(one["rm_r"])
+
+
+def test_mean_sd_text() -> None:
+    assert mean_sd_text([1.0, 3.0], ".1f") == "2.0 ± 1.4 (n=2)"
+    assert mean_sd_text([1.0], ".1f") == "1.0 (n=1)"
+    assert mean_sd_text([]) == "n/a"
