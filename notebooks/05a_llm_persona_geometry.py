@@ -47,8 +47,14 @@ vector_max_new_tokens: int = 16
 steer_tokens: int = 8
 n_capability: int = 6
 timing_repeats: int = 1
+n_control_prompts: int = 4
+random_modes: list[str] = ["reinit"]
+n_boot: int = 200
+matched_rounds: int = 2
 seed: int = 0
 torch_threads: int = 1
+model: str | None = None
+device: str = "cpu"
 output_dir: str | None = None
 
 # %%
@@ -58,18 +64,19 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pingouin as pg
+import seaborn as sns
 import torch
 from IPython.display import Markdown, display
 from tqdm.auto import tqdm
 
-from lib import geometry, llm_steer
-from lib.llm import Decoding, cached_generate, chat_prompt_ids, load_llm, persona_pass, scored_sequence
+from lib import geometry, llm_controls, llm_steer
+from lib.llm import Decoding, cached_generate, chat_prompt_ids, encode, load_llm, persona_pass, scored_sequence
 from lib.llm import time_forward_overhead
 from lib.persona_plots import plot_jackknife, plot_paired_heatmaps, plot_rho_by_layer, plot_steering
 from lib.personas import ANCHOR, PERSONAS, PROMPTS, check_personas, fine_cluster, macro_cluster
 from lib.personas import same_cluster_matrices, strata
 from lib.plots import set_style
-from lib.report import resolve_output_dir, save_figure, write_metrics
+from lib.report import resolve_output_dir, save_figure, undefined_as_none, write_metrics
 
 set_style()
 study_start = time.perf_counter()
@@ -85,13 +92,18 @@ out = resolve_output_dir(output_dir, "05a_llm_persona_geometry")
 # read with forward hooks in one pass for all layers). Seed 001's layers are mapped by relative
 # depth: Qwen2.5-7B has 28 blocks, so seed layer *L* ↦ round(*L* · 30 / 28).
 #
+# **Model and device.** `model: null` is the packaged SmolLM2-135M-Instruct; a path to a `.gguf` file or
+# a local Hugging Face model directory (relative paths resolve against the repository root) runs the same
+# study on that model; `device` is `cpu` (the committed runs), `cuda` or `auto` (CUDA when present). Layer
+# parameters (`layers`, `steer_layer`) count SmolLM2's 30 blocks: set them for another model.
+#
 # The personas and clusters are seed 001's; the system prompts and the 20 everyday user prompts
 # are ours (`lib.personas`). `no_persona` (a literal empty system turn) is the anchor: it generates
 # one greedy response per prompt, which is then teacher-forced under every persona, and it is left
 # out of the 171-pair statistics, as in the seed.
 
 # %%
-llm = load_llm(threads=torch_threads)
+llm = load_llm(model=model, device=device, threads=torch_threads)
 names = check_personas(list(personas)) + [ANCHOR]
 anchor = len(names) - 1
 prompts = list(PROMPTS[:n_prompts])
@@ -271,6 +283,76 @@ display(Markdown(f"At layer {best_layer} the jackknife range is {jack_best.min()
                  f"(lowest without {jack_drop.idxmin()}, highest without {jack_drop.idxmax()})."))
 
 # %% [markdown]
+# ## 3b. Controls: could this ρ arise without personas?
+#
+# Centroids and JS come from the same teacher-forced pass at the same positions, so *any* system-prompt
+# difference that moves late-layer activations also moves the logits read from them. Four controls
+# (`lib.llm_controls`), each through the same pipeline and the same shared responses:
+#
+# * **length-matched non-persona system prompts**: formatting and topic instructions (no identity,
+#   occupation or character), each cut to exactly the token count of one persona's prompt;
+# * **random weights**: the same architecture re-initialised by transformers' initialiser (`reinit`)
+#   and/or each weight matrix's entries shuffled (`shuffle`), fed the same tokens — whatever ρ survives
+#   there is mechanical;
+# * **mean-centred cosine** (the direction all personas share removed; section 2's `centred_rho`);
+# * **system-token representations**: centroids read from the system prompt's own tokens (before the
+#   user turn and the response), against the same JS.
+#
+# Prompts are the replication unit, so CIs resample prompts (95% BCa bootstrap from scipy, `n_boot` draws,
+# the same draws for every condition), and "persona − control" gets a paired CI. The prompt-level
+# controls use the first `n_control_prompts` prompts; the persona ρ beside them is recomputed on the same
+# prompts so the comparison is paired.
+
+# %%
+control_start = time.perf_counter()
+layer_index = [layer - 1 for layer in layers]
+control_ids = list(range(min(n_control_prompts, n_prompts)))
+control_systems = llm_controls.length_matched_controls(lambda text: encode(llm, text), systems[:anchor])
+control_passes = [persona_pass(llm, control_systems, prompts[i], responses[i], short_tokens=js_short_tokens)
+                  for i in tqdm(control_ids, desc="control-prompt passes")]
+random_passes = {}
+for mode in random_modes:
+    random_llm = llm_controls.random_weights_llm(llm, seed, mode)
+    random_passes[mode] = [persona_pass(random_llm, systems[:anchor], prompts[i], responses[i],
+                                        short_tokens=js_short_tokens) for i in tqdm(control_ids, desc=f"{mode} passes")]
+    del random_llm
+system_means = llm_controls.system_token_means(llm, systems[:anchor], prompts[0], layers).numpy()
+per_prompt = {"persona": (np.stack([passes[i]["means"][core][:, layer_index].numpy() for i in control_ids]),
+                          js_prompt_all[control_ids][:, core][:, :, core]),
+              "length-matched control": (np.stack([p["means"][:, layer_index].numpy() for p in control_passes]),
+                                         np.stack([p["js"].numpy() for p in control_passes])),
+              "system tokens": (np.repeat(system_means[None], len(control_ids), 0),
+                                js_prompt_all[control_ids][:, core][:, :, core])}
+per_prompt |= {f"random weights ({mode})": (np.stack([p["means"][:, layer_index].numpy() for p in rp]),
+                                            np.stack([p["js"].numpy() for p in rp])) for mode, rp in random_passes.items()}
+control_rho = llm_controls.bootstrap_rho(per_prompt, n_boot=n_boot, seed=seed, reference="persona")
+control_s = time.perf_counter() - control_start
+display(pd.DataFrame([{"prompt": control_systems[k], "tokens": len(encode(llm, control_systems[k])),
+                       "persona prompt tokens": len(encode(llm, systems[k]))} for k in range(3)]))
+
+# %%
+control_frame = pd.concat([pd.DataFrame({"layer": list(layers), "condition": name, **{k: v for k, v in r.items()}})
+                           for name, r in control_rho.items()]
+                          + [pd.DataFrame({"layer": list(layers), "condition": "mean-centred (all prompts)",
+                                           "rho": stats["centred_rho"].to_numpy()})])
+fig, ax = plt.subplots(figsize=(8.5, 4.4))
+palette = dict(zip(control_frame.condition.unique(), sns.color_palette(n_colors=control_frame.condition.nunique())))
+sns.lineplot(data=control_frame, x="layer", y="rho", hue="condition", palette=palette, marker="o", ax=ax)
+for name, group in control_frame.dropna(subset=["ci_low"]).groupby("condition"):
+    ax.fill_between(group["layer"], group["ci_low"], group["ci_high"], color=palette[name], alpha=0.12)
+ax.axhline(0, color="0.5", lw=0.6)
+ax.set_xlabel("layer (residual stream after l blocks)")
+ax.set_ylabel("Spearman ρ(1 − cos of centroids, JS)")
+ax.set_title(f"Representation–behaviour ρ and its controls ({len(control_ids)} prompts; bands: 95% bootstrap over prompts)")
+ax.legend(fontsize=7)
+fig.tight_layout()
+save_figure(fig, out, "rho_controls_by_layer")
+plt.show()
+control_table = control_frame[control_frame.condition != "persona"].pivot_table(
+    index="layer", columns="condition", values=["rho", "diff", "diff_ci_low", "diff_ci_high"])
+display(control_table.round(3))
+
+# %% [markdown]
 # ## 4. Steering specificity: centroid (belief-state) steering vs persona vectors
 #
 # Vectors are built on the first `n_vector_prompts` prompts and evaluated on the remaining
@@ -315,6 +397,36 @@ fig.tight_layout()
 save_figure(fig, out, "steering_specificity")
 plt.show()
 display(summary.round(4).set_index(["method", "scale"]).T)
+
+# %% [markdown]
+# **Steering controls.** (1) A **random direction** per target persona at the centroid vector's norm
+# (isotropic Gaussian, seeded), at the headline scale: how much "intended shift" and spillover any
+# vector of that norm produces. (2) **Matched effect**: the spillovers of the two methods (0.0014 vs
+# 0.0018 nats in the committed default) differ by less than the shifts do, so the two methods are compared
+# at the *same* intended shift: the persona vector's own shift at the headline scale, per persona (the
+# persona vector cannot always reach the centroid's larger shift — its shift saturates — so the centroid
+# vector is the one rescaled). Its scale is interpolated from the sweep above, it is run again at that
+# scale, and `matched_rounds` secant refinements use the runs so far; the reached shift is reported beside
+# the target. Personas whose persona-vector shift is not positive have no target and are left out.
+
+# %%
+control_vectors = {"random": llm_controls.random_directions(centroid_vec.norm(dim=-1), llm.d_model, seed)}
+random_sweep = llm_steer.steering_sweep(llm, base, control_vectors, core_names, [headline_scale], targets)
+random_summary = llm_steer.summarise_sweep(random_sweep, seed=seed)
+goal = sweep[(sweep.method == "persona_vector") & (sweep.scale == headline_scale)].set_index("persona")["intended_shift"]
+matched_sweep, reachable = llm_controls.matched_effect_sweep(llm, base, centroid_vec, core_names, sweep, goal.to_dict(),
+                                                            targets, "centroid", rounds=matched_rounds)
+matched = pd.concat([sweep[(sweep.method == "persona_vector") & (sweep.scale == headline_scale)
+                           & sweep.persona.isin(matched_sweep.persona)], matched_sweep])
+matched_summary = llm_steer.summarise_sweep(matched.assign(scale=1.0), seed=seed).set_index("method")
+steer_controls = pd.concat([random_summary.set_index("method"), matched_summary.add_suffix("")])
+display(steer_controls[["intended_shift", "intended_shift_ci_low", "intended_shift_ci_high", "spillover",
+                        "spillover_ci_low", "spillover_ci_high", "specificity", "specificity_ci_low",
+                        "specificity_ci_high"]].round(4))
+display(Markdown(f"Matched effect: {len(reachable)} of {len(core_names)} personas reachable by the centroid vector; "
+                 f"median matched scale {matched_sweep.matched_scale.median():.2f} after {matched_rounds} round(s) "
+                 f"(target: the persona vector's shift {matched_summary.loc['persona_vector', 'intended_shift']:.4f} nats; "
+                 f"the rescaled centroid vector reached {matched_summary.loc['centroid', 'intended_shift']:.4f})."))
 
 # %%
 head = summary[summary["scale"] == headline_scale].set_index("method")
@@ -387,6 +499,33 @@ if len(by_scale_spec) > 1:
 else:
     scale_text = ""
 contiguous = bool(np.all(np.diff(stats["layer"]) == 1))
+control_names = [k for k in control_rho if k != "persona"]
+at_layers = [layer for layer in dict.fromkeys([confirm_layer, best_layer]) if layer in layers]
+control_text = (f"- **Controls for mechanical agreement** ({len(control_ids)} prompts, bootstrap over prompts). "
+                + "; ".join(llm_controls.describe_control(control_rho, n, list(layers), at_layers) for n in control_names)
+                + f"; mean-centred cosine (all prompts): ρ {stats.set_index('layer').loc[best_layer, 'centred_rho']:.2f} "
+                f"at L{best_layer}. Read per layer in the table of section 3b: where a control's ρ is as high as the "
+                "persona ρ, the agreement at that layer needs no persona to arise. "
+                + llm_controls.verdict(control_rho, list(layers), best_layer) + "\n")
+rs = random_summary.set_index("method").loc["random"]
+mv = matched_summary
+paired_spill = matched.pivot(index="persona", columns="method", values="spillover").dropna()
+matched_p = (float(pg.wilcoxon(paired_spill["centroid"], paired_spill["persona_vector"])["p_val"].iloc[0])
+             if len(paired_spill) >= 5 else None)
+steer_control_text = (
+    f"- **Steering controls.** A random direction at the centroid norm: intended shift {rs['intended_shift']:.4f} "
+    f"[{rs['intended_shift_ci_low']:.4f}, {rs['intended_shift_ci_high']:.4f}], spillover {rs['spillover']:.4f}, "
+    f"specificity {rs['specificity']:.2f} [{rs['specificity_ci_low']:.2f}, {rs['specificity_ci_high']:.2f}]. At matched "
+    f"intended shift (the centroid vector rescaled to the persona vector's shift: {mv.loc['centroid', 'intended_shift']:.4f} "
+    f"vs {mv.loc['persona_vector', 'intended_shift']:.4f} nats, {len(reachable)} personas): spillover centroid {mv.loc['centroid', 'spillover']:.4f} "
+    f"[{mv.loc['centroid', 'spillover_ci_low']:.4f}, {mv.loc['centroid', 'spillover_ci_high']:.4f}] vs persona vector "
+    f"{mv.loc['persona_vector', 'spillover']:.4f} [{mv.loc['persona_vector', 'spillover_ci_low']:.4f}, "
+    f"{mv.loc['persona_vector', 'spillover_ci_high']:.4f}]; specificity {mv.loc['centroid', 'specificity']:.2f} vs "
+    f"{mv.loc['persona_vector', 'specificity']:.2f} (paired Wilcoxon over personas on spillover, p = "
+    f"{'n/a' if matched_p is None else format(matched_p, '.2g')}): the specificity gap "
+    + ("survives matching the effect" if matched_p is not None and matched_p < 0.05
+       and mv.loc['centroid', 'spillover'] < mv.loc['persona_vector', 'spillover'] else
+       "does **not** survive as a spillover difference once the effect is matched") + ".\n")
 if holds_confirm:
     headline = "it holds at seed 001's confirmatory depth"
 elif len(passing):
@@ -444,6 +583,7 @@ display(Markdown(
     f"{'stay far below' if summary['specificity'].max() < 40 else 'compare with'} the toy models' >400:1 "
     f"(seed 000, with KL rather than JS)" + (", in line with seed 001's note that L20 centroid steering does not "
     "fully reproduce persona behaviour.\n" if partial_gap else ".\n") +
+    control_text + steer_control_text +
     f"- **Cost.** Hooked-forward overhead ×{timing['ratio']:.2f} (hooks alone ×{timing['hook_ratio']:.2f}); teacher "
     f"forcing {geometry_s:.0f} s, steering {steer_s:.0f} s, whole notebook {total_s:.0f} s (wall-clock, "
     f"{torch.get_num_threads()} torch thread(s); cached passes make a rerun much faster)."
@@ -507,13 +647,39 @@ metrics = {
             "gap_closed": gap_closed[method],
             "by_scale": by_scale[method],
         } for method in llm_steer.METHODS},
+        "random": {k: float(rs[k]) for k in ("intended_shift", "intended_shift_ci_low", "intended_shift_ci_high",
+                                              "spillover", "specificity", "specificity_ci_low", "specificity_ci_high")},
+        "matched_effect": {m: {"intended_shift": float(mv.loc[m, "intended_shift"]), "spillover": float(mv.loc[m, "spillover"]),
+                               "spillover_ci": [mv.loc[m, "spillover_ci_low"], mv.loc[m, "spillover_ci_high"]],
+                               "specificity": float(mv.loc[m, "specificity"]),
+                               "specificity_ci": [mv.loc[m, "specificity_ci_low"], mv.loc[m, "specificity_ci_high"]]}
+                           for m in llm_steer.METHODS},
+        "matched_effect_n_personas": len(reachable),
+        "matched_effect_spillover_wilcoxon_p": matched_p,
+        "matched_effect_target": "centroid intended shift at the headline scale, per persona",
+    },
+    "controls": {
+        "n_prompts": len(control_ids),
+        "n_boot": n_boot,
+        "ci_method": "95% BCa bootstrap (scipy.stats.bootstrap) over prompts, the same draws for every condition (paired differences)",
+        "layers": list(layers),
+        "persona_rho_by_layer": control_rho["persona"]["rho"].tolist(),
+        "length_matched_rho_by_layer": control_rho["length-matched control"]["rho"].tolist(),
+        "random_model_rho_by_layer": {mode: control_rho[f"random weights ({mode})"]["rho"].tolist()
+                                      for mode in random_modes},
+        "mean_centred_rho_by_layer": stats["centred_rho"].tolist(),
+        "system_token_rho_by_layer": control_rho["system tokens"]["rho"].tolist(),
+        "persona_minus_control": {name: {k: control_rho[name][k].tolist()
+                                         for k in ("diff", "diff_ci_low", "diff_ci_high", "ci_low", "ci_high")}
+                                  for name in control_names},
+        "control_prompts": control_systems,
     },
     # wall-clock numbers: the only entries that differ between two runs with the same params
     "timing": {"forward_overhead": round(timing["ratio"], 2), "hook_overhead": round(timing["hook_ratio"], 2),
                "bare_forward_s": round(timing["bare_s"], 2), "hooked_forward_s": round(timing["hooked_s"], 2),
                "timing_tokens": timing["n_tokens"], "torch_threads": torch.get_num_threads()},
 }
-write_metrics(metrics, out)
+write_metrics(undefined_as_none(metrics), out)
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -524,3 +690,6 @@ print("best layer:", best_layer)
 for method in llm_steer.METHODS:
     m = metrics["steering"][method]
     print(f"{method}: shift > 0 {m['intended_shift'] > 0}, spillover {m['spillover']:.2f}")
+print("controls:", sorted(metrics["controls"]["persona_minus_control"]))
+print("control prompts length-matched:", all(len(encode(llm, c)) == len(encode(llm, s))
+                                              for c, s in zip(control_systems, systems[:anchor])))
