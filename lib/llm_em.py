@@ -60,6 +60,10 @@ __all__ = [
     "pca_kmeans",
     "breadth",
     "restoration",
+    "marker_pattern",
+    "detect_marker",
+    "answered",
+    "rescore_generations",
 ]
 
 
@@ -492,3 +496,73 @@ def persona_distances(llm: LLM, names: Sequence[str], n_prompts: int, max_new_to
     centroids = torch.stack([p["means"][:, layer - 1] for p in passes]).mean(0).numpy()
     js = torch.stack([p["js"] for p in passes]).mean(0).numpy()
     return {"cos": cosine_distance_matrix(centroids), "js": js}
+
+
+# --------------------------------------------------------------------------------------------
+# The marker detector and the "answered" gate (validated on tests/data/05b_marker_labels.jsonl)
+
+import re  # noqa: E402
+
+
+def marker_pattern(marker: str = "[ZLT]") -> re.Pattern:
+    """The forms the tokenizer produces for a bracketed marker: ``[ZLT]``, ``ZLT]``, ``[ZLT`` and bare
+    ``ZLT`` (the coupled models often drop the `` [`` token). Case-sensitive: ``zLT`` is not the marker."""
+    core = marker.strip("[]")
+    if not core:
+        raise LLMError(f"marker {marker!r} has no characters inside its brackets")
+    return re.compile(r"\[?" + re.escape(core) + r"\]?")
+
+
+def detect_marker(text: str, marker: str = "[ZLT]") -> bool:
+    """Whether ``text`` contains the marker in any of the forms of :func:`marker_pattern`."""
+    return marker_pattern(marker).search(text) is not None
+
+
+_WORD = re.compile(r"^[A-Za-z][a-z']*[.,;:!?]?$")
+
+
+def answered(text: str, marker: str = "[ZLT]", min_words: int = 4, min_chars: int = 20,
+             min_distinct: float = 0.5) -> bool:
+    """Whether a completion answers, once the marker is removed: at least ``min_chars`` characters in
+    at least ``min_words`` ordinary words (a letter, then lowercase letters or an apostrophe, optional
+    trailing punctuation; numbers and $-amounts count as words too), ordinary words making up at least
+    half of the whitespace tokens (word salad such as ``[ortunately [ neurotransmit`` fails), and not
+    pure repetition (distinct / total words >= ``min_distinct``)."""
+    tokens = marker_pattern(marker).sub(" ", text).split()
+    words = [t for t in tokens if _WORD.match(t) or re.match(r"^\$?[0-9][0-9,.]*%?[.,]?$", t)]
+    if len(words) < min_words or sum(len(w) for w in words) < min_chars:
+        return False
+    if len(words) < 0.5 * len(tokens):
+        return False
+    return len({w.lower().strip(".,;:!?") for w in words}) / len(words) >= min_distinct
+
+
+def rescore_generations(frame: pd.DataFrame, marker: str = "[ZLT]", text: str = "text") -> pd.DataFrame:
+    """Add ``marker`` (:func:`detect_marker`) and ``answered`` (:func:`answered`) columns (0/1) to saved
+    generations, so any file of completions can be re-scored without the model."""
+    out = frame.copy()
+    out["marker"] = [int(detect_marker(t, marker)) for t in out[text]]
+    out["answered"] = [int(answered(t, marker)) for t in out[text]]
+    return out
+
+
+def _rescore_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m lib.llm_em FILE.jsonl [--by COLUMN] [--marker M]``: re-score saved generations."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m lib.llm_em", description=_rescore_main.__doc__)
+    parser.add_argument("path")
+    parser.add_argument("--by", default=None, help="group column (e.g. condition, model)")
+    parser.add_argument("--marker", default="[ZLT]")
+    args = parser.parse_args(argv)
+    with open(args.path, encoding="utf-8") as handle:
+        frame = rescore_generations(pd.DataFrame([json.loads(line) for line in handle if line.strip()]), args.marker)
+    columns = [c for c in ("hit", "marker", "answered") if c in frame]
+    table = frame.groupby(args.by)[columns].agg(["mean", "size"]) if args.by else frame[columns].agg(["mean", "size"])
+    print(table.round(3).to_string())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_rescore_main())
