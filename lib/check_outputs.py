@@ -252,15 +252,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--against", type=Path, metavar="FILE", help="committed metrics (default: outputs/<study>/metrics.json; "
         "for other params outputs/<study>_<params>/metrics.json)")
     add("--metrics", type=Path, metavar="FILE", help="compare this metrics.json instead of re-running the study")
-    add("--threads", type=_positive_int, metavar="N", help="OMP/MKL threads (and torch_threads, if declared)")
+    add("--threads", type=runner._positive_int, metavar="N", help="OMP/MKL threads (and torch_threads, if declared)")
     return parser.parse_args(argv)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def main(argv: Sequence[str] | None = None, root: Path = REPO_ROOT) -> int:
