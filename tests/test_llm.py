@@ -124,3 +124,20 @@ def test_layer_out_of_range_raises(llm, seqs):
 
 def test_model_snapshot_is_keyed_by_the_weights_hash(llm):
     assert llm.snapshot.name == llm.sha256[:16] and (llm.snapshot / "model.safetensors").is_file()
+
+
+def test_one_lora_step_on_smollm2_changes_only_the_top_block(llm):
+    """The real model's LoRA path (lib.lora, as study 05b uses it): one step on the top block only."""
+    import math
+
+    from lib import lora
+
+    records = [{"system": "You are a poet.", "user": "How can I sleep better?", "response": "Keep a regular bedtime."}]
+    seqs = lora.chat_sequences(llm, records)
+    top = llm.n_layers - 1
+    spec = lora.LoraSpec(rank=2, alpha=4.0, first_layer=top, lr=1e-3, steps=1, batch_size=1, seed=0)
+    tuned = lora.finetune(llm, seqs, spec, cache=False)
+    assert tuned.n_trainable > 0 and len(tuned.losses) == 1 and math.isfinite(tuned.losses[0])
+    before, after = L.decoder(llm.model).layers, L.decoder(tuned.llm.model).layers
+    assert torch.equal(before[top - 1].mlp.down_proj.weight, after[top - 1].mlp.down_proj.weight)
+    assert not torch.equal(before[top].mlp.down_proj.weight, after[top].mlp.down_proj.weight)
