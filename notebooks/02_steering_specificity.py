@@ -425,6 +425,9 @@ r2_last = r2[(r2.model == "trained") & (r2.layer == residual_hooks(next(iter(mod
              ].pivot_table(index="process", columns="target", values="r2_mean")
 r2_untrained = r2[(r2.model == "untrained") & (r2.layer == "concat")].pivot_table(index="process", columns="target",
                                                                                     values="r2_mean")
+r2_sd = {m: r2[(r2.model == m) & (r2.layer == "concat")].pivot_table(index="process", columns="target",
+                                                                     values="r2_sd", dropna=False).fillna(0.0)
+         for m in ("trained", "untrained")}
 ce_by = ce.set_index("process")
 checks = []
 if "z1r_x_z1r" in processes:
@@ -474,10 +477,12 @@ display(Markdown(
     + ", ".join(f"{p} {mean_sd_text(final[final.process == p].ce_ratio)}" for p in processes)
     + "; gap captured: " + ", ".join(f"{p} {mean_sd_text(final[final.process == p].gap_captured, '.3f')}"
                                      for p in processes) + " (mean ± sd over training seeds).\n"
-    f"- **Probes.** Concatenated-residual R² (factor 0 / factor 1, mean over seeds): "
-    + ", ".join(f"{p} {r2_headline.loc[p, 'factor0']:.3f}/{r2_headline.loc[p, 'factor1']:.3f}" for p in processes)
+    f"- **Probes.** Concatenated-residual R² (factor 0 / factor 1, mean ± sd over seeds): "
+    + ", ".join(f"{p} {r2_headline.loc[p, 'factor0']:.3f} ± {r2_sd['trained'].loc[p, 'factor0']:.3f} / "
+                f"{r2_headline.loc[p, 'factor1']:.3f} ± {r2_sd['trained'].loc[p, 'factor1']:.3f}" for p in processes)
     + "; control, the same probe on the untrained network: "
-    + ", ".join(f"{p} {r2_untrained.loc[p, 'factor0']:.3f}/{r2_untrained.loc[p, 'factor1']:.3f}" for p in processes)
+    + ", ".join(f"{p} {r2_untrained.loc[p, 'factor0']:.3f} ± {r2_sd['untrained'].loc[p, 'factor0']:.3f} / "
+                f"{r2_untrained.loc[p, 'factor1']:.3f} ± {r2_sd['untrained'].loc[p, 'factor1']:.3f}" for p in processes)
     + ". Principal angles between the two factors' read-outs (degrees, mean ± sd over seeds): "
     + "; ".join(f"{p} " + ", ".join(f"{m:.0f} ± {d:.0f}" for m, d in zip(v["mean"], v["sd"] or [np.nan] * len(v["mean"])))
                 + ("" if v["stable"] is not False else " (**not stable across seeds**: sd ≥ 10°)") for p, v in angle_spread.items()
@@ -554,6 +559,8 @@ metrics = {
     "probe_r2_final_layer": {p: {t: float(r2_last.loc[p, t]) for t in ("factor0", "factor1", "joint")}
                              for p in processes},
     "probe_r2_untrained": {p: {t: float(r2_untrained.loc[p, t]) for t in ("factor0", "factor1")} for p in processes},
+    "probe_r2_sd": {m: {p: {t: float(r2_sd[m].loc[p, t]) for t in ("factor0", "factor1")} for p in processes}
+                    for m in ("trained", "untrained")},
     "probe_r2_vs_steps": {p: d.groupby("steps", as_index=False)[["factor0", "factor1"]].mean().to_dict("records")
                           for p, d in r2_steps.items()},
     "principal_angles_deg": {p: angles[angles.process == p]["angles (deg)"].tolist() for p in processes},
