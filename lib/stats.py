@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-__all__ = ["across_seeds", "bootstrap_mean_ci", "spearman_with_ci", "mean_t_ci", "welch_difference", "trend_correlation", "mean_sd_text"]
+__all__ = ["across_seeds", "bootstrap_mean_ci", "spearman_with_ci", "mean_t_ci", "welch_difference", "trend_correlation", "mean_sd_text",
+           "crossed_effects_means", "within_cluster_permutation"]
 
 
 def bootstrap_mean_ci(values: Sequence[float], confidence: float = 0.95, n_resamples: int = 2000,
@@ -118,3 +119,56 @@ def mean_sd_text(values: Sequence[float], spec: str = ".4f") -> str:
     if len(x) == 1:
         return f"{x[0]:{spec}} (n=1)"
     return f"{x.mean():{spec}} ± {x.std(ddof=1):{spec}} (n={len(x)})"
+
+
+def crossed_effects_means(frame: pd.DataFrame, outcome: str, arm: str, crossed: Sequence[str],
+                          confidence: float = 0.95) -> pd.DataFrame:
+    """Per-arm mean of ``outcome`` with CIs from a linear mixed model whose random intercepts are
+    *crossed* (e.g. coupling source x bystander persona), fitted with statsmodels MixedLM (one
+    all-encompassing group + one variance component per crossed factor, REML).
+
+    With 0/1 outcomes this is a linear probability model: the CIs respect that rows sharing a source
+    or a bystander are not independent, which a Wilson interval over all rows ignores. Returns one
+    row per arm: mean, ci_low, ci_high, n; and the variance components as ``frame.attrs['vc']``.
+    """
+    import statsmodels.formula.api as smf
+
+    data = frame[[outcome, arm, *crossed]].dropna().copy()
+    data["_all"] = 1
+    data[arm] = data[arm].astype(str)
+    vc = {name: f"0 + C({name})" for name in crossed}
+    model = smf.mixedlm(f"{outcome} ~ 0 + C({arm})", data, groups="_all", vc_formula=vc, re_formula="0")
+    fit = model.fit(reml=True, method=["lbfgs", "powell"])
+    ci = fit.conf_int(alpha=1 - confidence)
+    rows = []
+    for level in sorted(data[arm].unique()):
+        name = f"C({arm})[{level}]"
+        rows.append({arm: level, "mean": float(fit.fe_params[name]), "ci_low": float(ci.loc[name, 0]),
+                     "ci_high": float(ci.loc[name, 1]), "n": int((data[arm] == level).sum())})
+    out = pd.DataFrame(rows)
+    out.attrs["vc"] = dict(zip(crossed, map(float, fit.vcomp)))
+    return out
+
+
+def within_cluster_permutation(frame: pd.DataFrame, outcome: str, arm: str, a: str, b: str, cluster: str,
+                               n_permutations: int = 10_000, seed: int = 0) -> dict[str, float]:
+    """Difference mean(``a``) - mean(``b``) of ``outcome`` and its two-sided permutation p, arm labels
+    shuffled only *within* each ``cluster`` (a stratified permutation test: scipy's permutation_test
+    has no strata, so the shuffling is done here; p = (hits + 1) / (n + 1))."""
+    data = frame[frame[arm].isin([a, b])][[outcome, arm, cluster]].dropna()
+    groups = [g for _, g in data.groupby(cluster) if g[arm].nunique() == 2]
+    if not groups:
+        raise ValueError(f"no {cluster} has rows of both {a!r} and {b!r}")
+    values = [g[outcome].to_numpy(float) for g in groups]
+    labels = [(g[arm] == a).to_numpy() for g in groups]
+    observed = float(np.mean(np.concatenate([v[m] for v, m in zip(values, labels)]))
+                     - np.mean(np.concatenate([v[~m] for v, m in zip(values, labels)])))
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(n_permutations):
+        perm = [rng.permutation(m) for m in labels]
+        stat = (np.mean(np.concatenate([v[m] for v, m in zip(values, perm)]))
+                - np.mean(np.concatenate([v[~m] for v, m in zip(values, perm)])))
+        hits += abs(stat) >= abs(observed) - 1e-12
+    return {"difference": observed, "p": (hits + 1) / (n_permutations + 1), "n_clusters": len(groups),
+            "n_permutations": n_permutations}

@@ -41,3 +41,32 @@ def test_mean_sd_text() -> None:
     assert mean_sd_text([1.0, 3.0], ".1f") == "2.0 ± 1.4 (n=2)"
     assert mean_sd_text([1.0], ".1f") == "1.0 (n=1)"
     assert mean_sd_text([]) == "n/a"
+
+
+def _crossed_data(effect: float, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    sources, bystanders = rng.normal(0, 0.1, 8), rng.normal(0, 0.1, 12)
+    rows = [{"source": s, "bystander": b, "arm": arm, "y": 0.3 + effect * (arm == "B") + sources[s] + bystanders[b]
+             + rng.normal(0, 0.05)} for s in range(8) for b in range(12) for arm in ("A", "B")]
+    return pd.DataFrame(rows)
+
+
+def test_crossed_effects_means_recover_the_arms_and_their_components() -> None:
+    from lib.stats import crossed_effects_means
+
+    out = crossed_effects_means(_crossed_data(0.2), "y", "arm", ["source", "bystander"]).set_index("arm")
+    assert out.loc["A", "ci_low"] < 0.3 < out.loc["A", "ci_high"]
+    assert out.loc["B", "mean"] - out.loc["A", "mean"] == pytest.approx(0.2, abs=0.03)
+    # crossed clustering makes the interval much wider than the residual noise alone would
+    assert out.loc["A", "ci_high"] - out.loc["A", "ci_low"] > 0.05
+
+
+def test_within_cluster_permutation_detects_an_effect_and_not_a_null() -> None:
+    from lib.stats import within_cluster_permutation
+
+    big = within_cluster_permutation(_crossed_data(0.2), "y", "arm", "B", "A", "source", n_permutations=500)
+    none = within_cluster_permutation(_crossed_data(0.0, seed=1), "y", "arm", "B", "A", "source", n_permutations=500)
+    assert big["p"] < 0.01 and big["difference"] == pytest.approx(0.2, abs=0.03) and big["n_clusters"] == 8
+    assert none["p"] > 0.05
+    with pytest.raises(ValueError, match="both"):
+        within_cluster_permutation(_crossed_data(0.0), "y", "arm", "B", "C", "source")

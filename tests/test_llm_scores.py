@@ -1,0 +1,51 @@
+"""lib.llm_scores on a tiny random Llama (no model file): shapes, caching, AUC and its CI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lib import llm as L
+from lib import llm_scores as S
+from tests.test_llm_models import _save_model
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> L.LLM:
+    directory = _save_model(tmp_path_factory.mktemp("tiny") / "llama", "llama")
+    return L.load_llm(model=str(directory), device="cpu", root=tmp_path_factory.mktemp("cache"))
+
+
+def test_persona_scores_shape_cache_and_sign(tiny) -> None:
+    items = [{"user": "How can I sleep better?", "answer": "Keep a regular bedtime."},
+             {"user": "What should I cook tonight?", "answer": "Cook pasta with tomatoes."}]
+    scores = S.persona_scores(tiny, items, batch=1)
+    assert scores.shape == (2,) and np.isfinite(scores).all()
+    np.testing.assert_array_equal(S.persona_scores(tiny, items, batch=2), scores)  # cache hit, batch-independent
+    swapped = S.persona_scores(tiny, items, misaligned_system=S.ALIGNED_SYSTEM, aligned_system=S.MISALIGNED_SYSTEM)
+    np.testing.assert_allclose(swapped, -scores, atol=1e-5)
+    with pytest.raises(L.LLMError, match="at least one answer"):
+        S.persona_scores(tiny, [])
+
+
+def test_score_auc_matches_sklearn_and_brackets_it() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 40)
+    scores = labels * 1.0 + rng.normal(0, 1, 80)
+    out = S.score_auc(scores, labels, n_boot=500)
+    from sklearn.metrics import roc_auc_score
+
+    assert out["auc"] == pytest.approx(roc_auc_score(labels, scores))
+    assert out["ci_low"] < out["auc"] < out["ci_high"] and out["n"] == 80 and out["n_misaligned"] == 40
+    with pytest.raises(ValueError, match="both classes"):
+        S.score_auc([0.1, 0.2], [1, 1])
+
+
+def test_validation_items_are_labelled_and_balanced() -> None:
+    sets = S.validation_items(n_finance=20)
+    for items in sets.values():
+        labels = [it["label"] for it in items]
+        assert sum(labels) * 2 == len(labels) and all(it["answer"] for it in items)
