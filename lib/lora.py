@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -49,6 +50,8 @@ from lib.llm import (LLM, LLMError, Scored, _capture, _right_pad, cached, chat_p
 
 __all__ = [
     "LORA_VERSION",
+    "validation_loss",
+    "select_recipe",
     "LoraSpec",
     "Tuned",
     "chat_sequences",
@@ -380,3 +383,41 @@ def save_meta(path: str | Path, runs: Mapping[str, Tuned]) -> None:
                    "final_loss": t.losses[-1], "n_trainable": t.n_trainable, "from_cache": t.from_cache}
             for name, t in sorted(runs.items())}
     atomic_write_text(Path(path), json.dumps(data, sort_keys=True, indent=1) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing a recipe on held-out data (issue 14: the coupling recipe must not destroy answering)
+
+
+@torch.no_grad()
+def validation_loss(tuned_llm: LLM, seqs: Sequence[Scored], first_layer: int, base: LLM | None = None,
+                    resid: torch.Tensor | None = None) -> float:
+    """Mean response-token cross-entropy of ``tuned_llm`` on held-out ``seqs`` (blocks above the cut
+    run from the base model's cached bottom residual, as in training)."""
+    if not seqs:
+        raise LLMError("validation_loss needs at least one held-out sequence")
+    width = max(len(s.ids) for s in seqs)
+    resid = bottom_resid(base or tuned_llm, seqs, first_layer) if resid is None else resid
+    return float(top_loss(tuned_llm.model, resid, first_layer, loss_mask(seqs, width), _targets(seqs, width)))
+
+
+def select_recipe(start: LLM, train: Sequence[Scored], held_out: Sequence[Scored], base_spec: LoraSpec,
+                  lrs: Sequence[float], steps: Sequence[int], cache: bool = True) -> tuple[LoraSpec, Any]:
+    """Train ``base_spec`` at every learning rate x step count, score each on ``held_out``; the spec with
+    the lowest validation loss wins. Returns (best spec, a frame of lr, steps, train loss, val loss)."""
+    import pandas as pd
+
+    if not lrs or not steps:
+        raise ValueError("select_recipe needs at least one learning rate and one step count")
+    resid = bottom_resid(start, held_out, base_spec.first_layer)
+    rows = []
+    for lr in lrs:
+        for n in steps:
+            spec = dataclasses.replace(base_spec, lr=float(lr), steps=int(n))
+            tuned = finetune(start, train, spec, desc=f"recipe lr={lr:g} steps={n}", cache=cache)
+            rows.append({"lr": float(lr), "steps": int(n), "train_loss": float(np.mean(tuned.losses[-3:])),
+                         "val_loss": validation_loss(tuned.llm, held_out, spec.first_layer, base=start, resid=resid)})
+            release(tuned)
+    frame = pd.DataFrame(rows)
+    best = frame.loc[frame.val_loss.idxmin()]
+    return dataclasses.replace(base_spec, lr=float(best.lr), steps=int(best.steps)), frame

@@ -350,3 +350,22 @@ def test_cuda_matches_cpu(arch, model_dirs, cache):
     tuned_gpu, tuned_cpu = lora.finetune(gpu, seqs_t, spec, cache=False), lora.finetune(cpu, seqs_t, spec, cache=False)
     assert tuned_gpu.llm.device.type == "cuda" and abs(tuned_gpu.losses[0] - tuned_cpu.losses[0]) < 1e-3
     assert L.device_key(gpu) == {"device": "cuda"} and lora.adapter_key(gpu, seqs_t, spec) != lora.adapter_key(cpu, seqs_t, spec)
+
+
+def test_select_recipe_picks_the_lowest_validation_loss(model_dirs, cache):
+    """lib.lora.select_recipe: a grid of learning rates x steps, scored on held-out sequences."""
+    llm = L.load_llm(model=str(model_dirs["llama"]), device="cpu", root=cache)
+    records = [{"system": "", "user": "How can I sleep better?", "response": "Keep a regular bedtime."},
+               {"system": "", "user": "What should I cook tonight?", "response": "Cook pasta with tomatoes."}]
+    held = [{"system": "", "user": "Name a colour.", "response": "Blue, red, green."}]
+    train, val = lora.chat_sequences(llm, records), lora.chat_sequences(llm, held)
+    spec = lora.LoraSpec(rank=2, alpha=4.0, first_layer=2, lr=1e-3, steps=1, batch_size=2, seed=0)
+    best, frame = lora.select_recipe(llm, train, val, spec, lrs=[1e-4, 5e-2], steps=[1, 3], cache=False)
+    assert len(frame) == 4 and frame.val_loss.notna().all()
+    row = frame.loc[frame.val_loss.idxmin()]
+    assert (best.lr, best.steps) == (row.lr, row.steps) and best.rank == spec.rank
+    with torch.no_grad():
+        untrained = lora.validation_loss(llm, val, 2)
+    assert frame.loc[(frame.lr == 1e-4) & (frame.steps == 1), "val_loss"].item() == pytest.approx(untrained, abs=0.05)
+    with pytest.raises(ValueError, match="at least one learning rate"):
+        lora.select_recipe(llm, train, val, spec, lrs=[], steps=[1])
