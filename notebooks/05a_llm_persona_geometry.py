@@ -49,6 +49,7 @@ n_capability: int = 6
 timing_repeats: int = 1
 n_control_prompts: int = 4
 random_modes: list[str] = ["reinit"]
+extra_random_seeds: list[int] = []
 n_boot: int = 200
 matched_rounds: int = 2
 seed: int = 0
@@ -316,6 +317,14 @@ for mode in random_modes:
     random_passes[mode] = [persona_pass(random_llm, systems[:anchor], prompts[i], responses[i],
                                         short_tokens=js_short_tokens) for i in tqdm(control_ids, desc=f"{mode} passes")]
     del random_llm
+other_seed_rho = {}  # is the random-weights rho a property of one initialisation? (no bootstrap: point values)
+for random_seed in extra_random_seeds:
+    random_llm = llm_controls.random_weights_llm(llm, random_seed, "reinit")
+    rp = [persona_pass(random_llm, systems[:anchor], prompts[i], responses[i], short_tokens=js_short_tokens)
+          for i in tqdm(control_ids, desc=f"reinit seed {random_seed} passes")]
+    other_seed_rho[random_seed] = llm_controls.rho_by_layer(
+        np.stack([p["means"][:, layer_index].numpy() for p in rp]).mean(0), np.stack([p["js"].numpy() for p in rp]).mean(0))
+    del random_llm
 system_means = llm_controls.system_token_means(llm, systems[:anchor], prompts[0], layers).numpy()
 per_prompt = {"persona": (np.stack([passes[i]["means"][core][:, layer_index].numpy() for i in control_ids]),
                           js_prompt_all[control_ids][:, core][:, :, core]),
@@ -506,7 +515,13 @@ control_text = (f"- **Controls for mechanical agreement** ({len(control_ids)} pr
                 + f"; mean-centred cosine (all prompts): ρ {stats.set_index('layer').loc[best_layer, 'centred_rho']:.2f} "
                 f"at L{best_layer}. Read per layer in the table of section 3b: where a control's ρ is as high as the "
                 "persona ρ, the agreement at that layer needs no persona to arise. "
-                + llm_controls.verdict(control_rho, list(layers), best_layer) + "\n")
+                + llm_controls.verdict(control_rho, list(layers), best_layer)
+                + ("" if not other_seed_rho else
+                   f" Other initialisations of the random-weights model (seeds {', '.join(map(str, other_seed_rho))}): ρ "
+                   + "; ".join(f"{min(v[li] for v in other_seed_rho.values()):.2f}–"
+                               f"{max(v[li] for v in other_seed_rho.values()):.2f} at L{L}"
+                               for L, li in ((L, list(layers).index(L)) for L in at_layers)) + ".")
+                + "\n")
 rs = random_summary.set_index("method").loc["random"]
 mv = matched_summary
 paired_spill = matched.pivot(index="persona", columns="method", values="spillover").dropna()
@@ -667,6 +682,7 @@ metrics = {
         "length_matched_rho_by_layer": control_rho["length-matched control"]["rho"].tolist(),
         "random_model_rho_by_layer": {mode: control_rho[f"random weights ({mode})"]["rho"].tolist()
                                       for mode in random_modes},
+        "random_model_rho_other_seeds": {str(k): v.tolist() for k, v in other_seed_rho.items()},
         "mean_centred_rho_by_layer": stats["centred_rho"].tolist(),
         "system_token_rho_by_layer": control_rho["system tokens"]["rho"].tolist(),
         "persona_minus_control": {name: {k: control_rho[name][k].tolist()
