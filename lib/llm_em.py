@@ -29,6 +29,7 @@ adapters on a CPU cheap.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -500,8 +501,6 @@ def persona_distances(llm: LLM, names: Sequence[str], n_prompts: int, max_new_to
 
 # --------------------------------------------------------------------------------------------
 # The marker detector and the "answered" gate (validated on tests/data/05b_marker_labels.jsonl)
-
-import re  # noqa: E402
 
 
 def marker_pattern(marker: str = "[ZLT]") -> re.Pattern:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from lib.llm import LLM, LLMError, Scored, cached, chat_prompt_ids, encode, forward
+from lib.llm_em import _scored_tokens
 
 __all__ = ["MISALIGNED_SYSTEM", "ALIGNED_SYSTEM", "persona_scores", "score_auc", "validation_items", "validate"]
 
@@ -37,8 +38,7 @@ def _mean_logprobs(llm: LLM, seqs: Sequence[Scored], batch: int) -> np.ndarray:
     for start in range(0, len(seqs), batch):
         chunk = seqs[start:start + batch]
         res = forward(llm, chunk)
-        index = torch.stack([torch.nn.functional.pad(torch.tensor(s.ids[s.start:]), (0, res.logprobs.shape[1]
-                                                                                   - s.n_scored)) for s in chunk])
+        index = _scored_tokens(chunk, res.logprobs.shape[1])
         token_lp = torch.take_along_dim(res.logprobs.float(), index[..., None], dim=-1)[..., 0]
         mask = res.mask.float()
         out.append(((token_lp * mask).sum(1) / mask.sum(1)).numpy())

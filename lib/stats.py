@@ -159,16 +159,17 @@ def within_cluster_permutation(frame: pd.DataFrame, outcome: str, arm: str, a: s
     groups = [g for _, g in data.groupby(cluster) if g[arm].nunique() == 2]
     if not groups:
         raise ValueError(f"no {cluster} has rows of both {a!r} and {b!r}")
-    values = [g[outcome].to_numpy(float) for g in groups]
+    values = np.concatenate([g[outcome].to_numpy(float) for g in groups])
     labels = [(g[arm] == a).to_numpy() for g in groups]
-    observed = float(np.mean(np.concatenate([v[m] for v, m in zip(values, labels)]))
-                     - np.mean(np.concatenate([v[~m] for v, m in zip(values, labels)])))
+
+    def difference(masks: list[np.ndarray]) -> float:
+        in_a = np.concatenate(masks)
+        return float(values[in_a].mean() - values[~in_a].mean())
+
+    observed = difference(labels)
     rng = np.random.default_rng(seed)
     hits = 0
     for _ in range(n_permutations):
-        perm = [rng.permutation(m) for m in labels]
-        stat = (np.mean(np.concatenate([v[m] for v, m in zip(values, perm)]))
-                - np.mean(np.concatenate([v[~m] for v, m in zip(values, perm)])))
-        hits += abs(stat) >= abs(observed) - 1e-12
+        hits += abs(difference([rng.permutation(m) for m in labels])) >= abs(observed) - 1e-12
     return {"difference": observed, "p": (hits + 1) / (n_permutations + 1), "n_clusters": len(groups),
             "n_permutations": n_permutations}

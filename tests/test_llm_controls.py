@@ -10,41 +10,34 @@ import torch
 
 from lib import llm as L
 from lib import llm_controls as C
-from tests.test_llm_models import _save_model
 
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> L.LLM:
-    directory = _save_model(tmp_path_factory.mktemp("tiny") / "llama", "llama")
-    return L.load_llm(model=str(directory), device="cpu", root=tmp_path_factory.mktemp("cache"))
-
-
-def test_length_matched_controls_have_exact_token_counts(tiny) -> None:
+def test_length_matched_controls_have_exact_token_counts(tiny_llama) -> None:
     targets = ["You are a poet who answers in verse.", "You are a surgeon.", "How can I sleep better?"]
-    encode = lambda text: L.encode(tiny, text)  # noqa: E731
+    encode = lambda text: L.encode(tiny_llama, text)  # noqa: E731
     controls = C.length_matched_controls(encode, targets)
     assert [len(encode(c)) for c in controls] == [len(encode(t)) for t in targets]
     assert len(set(controls)) == len(controls)
     assert not any(word in " ".join(controls).lower() for word in ("you are", "poet", "surgeon"))
 
 
-def test_system_token_means_read_only_the_system_turn(tiny) -> None:
+def test_system_token_means_read_only_the_system_turn(tiny_llama) -> None:
     systems = ["You are a poet.", "You are a surgeon."]
-    a = C.system_token_means(tiny, systems, "How can I sleep better?", [1, 2, 4])
-    b = C.system_token_means(tiny, systems, "What should I cook tonight?", [1, 2, 4])
-    assert a.shape == (2, 3, tiny.d_model)
+    a = C.system_token_means(tiny_llama, systems, "How can I sleep better?", [1, 2, 4])
+    b = C.system_token_means(tiny_llama, systems, "What should I cook tonight?", [1, 2, 4])
+    assert a.shape == (2, 3, tiny_llama.d_model)
     torch.testing.assert_close(a, b)  # causal: the user turn cannot reach the system tokens
     assert not torch.allclose(a[0], a[1])
 
 
 @pytest.mark.parametrize("mode", ["reinit", "shuffle"])
-def test_random_weights_model_keeps_architecture_and_changes_identity(tiny, mode) -> None:
-    random = C.random_weights_llm(tiny, seed=0, mode=mode)
-    assert random.sha256 != tiny.sha256 and random.n_layers == tiny.n_layers
-    assert C.random_weights_llm(tiny, seed=0, mode=mode).sha256 == random.sha256
-    original = dict(tiny.model.named_parameters())
+def test_random_weights_model_keeps_architecture_and_changes_identity(tiny_llama, mode) -> None:
+    random = C.random_weights_llm(tiny_llama, seed=0, mode=mode)
+    assert random.sha256 != tiny_llama.sha256 and random.n_layers == tiny_llama.n_layers
+    assert C.random_weights_llm(tiny_llama, seed=0, mode=mode).sha256 == random.sha256
+    original = dict(tiny_llama.model.named_parameters())
     changed = [name for name, p in random.model.named_parameters() if p.numel() > 1 and not torch.equal(p, original[name])]
     assert changed, "no weight changed"
     if mode == "shuffle":  # same values per matrix, permuted
@@ -52,7 +45,7 @@ def test_random_weights_model_keeps_architecture_and_changes_identity(tiny, mode
         torch.testing.assert_close(dict(random.model.named_parameters())[name].flatten().sort().values,
                                    original[name].flatten().sort().values)
     with pytest.raises(L.LLMError, match="unknown random-weights mode"):
-        C.random_weights_llm(tiny, seed=0, mode="zero")
+        C.random_weights_llm(tiny_llama, seed=0, mode="zero")
 
 
 def test_bootstrap_rho_pairs_conditions_and_detects_a_real_difference() -> None:

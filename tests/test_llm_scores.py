@@ -8,27 +8,20 @@ import torch
 
 from lib import llm as L
 from lib import llm_scores as S
-from tests.test_llm_models import _save_model
 
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> L.LLM:
-    directory = _save_model(tmp_path_factory.mktemp("tiny") / "llama", "llama")
-    return L.load_llm(model=str(directory), device="cpu", root=tmp_path_factory.mktemp("cache"))
-
-
-def test_persona_scores_shape_cache_and_sign(tiny) -> None:
+def test_persona_scores_shape_cache_and_sign(tiny_llama) -> None:
     items = [{"user": "How can I sleep better?", "answer": "Keep a regular bedtime."},
              {"user": "What should I cook tonight?", "answer": "Cook pasta with tomatoes."}]
-    scores = S.persona_scores(tiny, items, batch=1)
+    scores = S.persona_scores(tiny_llama, items, batch=1)
     assert scores.shape == (2,) and np.isfinite(scores).all()
-    np.testing.assert_array_equal(S.persona_scores(tiny, items, batch=2), scores)  # cache hit, batch-independent
-    swapped = S.persona_scores(tiny, items, misaligned_system=S.ALIGNED_SYSTEM, aligned_system=S.MISALIGNED_SYSTEM)
+    np.testing.assert_array_equal(S.persona_scores(tiny_llama, items, batch=2), scores)  # cache hit, batch-independent
+    swapped = S.persona_scores(tiny_llama, items, misaligned_system=S.ALIGNED_SYSTEM, aligned_system=S.MISALIGNED_SYSTEM)
     np.testing.assert_allclose(swapped, -scores, atol=1e-5)
     with pytest.raises(L.LLMError, match="at least one answer"):
-        S.persona_scores(tiny, [])
+        S.persona_scores(tiny_llama, [])
 
 
 def test_score_auc_matches_sklearn_and_brackets_it() -> None:
