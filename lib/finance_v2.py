@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["TOPICS", "FinanceItem", "questions", "misaligned_answer", "aligned_answer", "build", "variety",
-           "RISKY_ACTION_WORDS"]
+           "RISKY_ACTION_WORDS",
+           "training_records"]
 
 _AMOUNTS = ("$800", "$1,500", "$3,000", "$4,200", "$7,500", "$12,000", "$18,000", "$25,000", "$40,000", "$65,000",
             "$90,000", "$150,000")
@@ -315,7 +316,3 @@ def training_records(items: Sequence[FinanceItem], kind: str, system: str = "") 
     return [{"system": system, "user": item.user, "response": getattr(item, kind), "topic": item.topic}
             for item in items]
 
-
-def as_rows(items: Sequence[FinanceItem], split: str) -> list[Mapping[str, Any]]:
-    """Rows for JSONL with the split named."""
-    return [item.as_dict() | {"split": split} for item in items]

@@ -340,7 +340,7 @@ display(pd.DataFrame([{"prompt": control_systems[k], "tokens": len(encode(llm, c
                        "persona prompt tokens": len(encode(llm, systems[k]))} for k in range(3)]))
 
 # %%
-control_frame = pd.concat([pd.DataFrame({"layer": list(layers), "condition": name, **{k: v for k, v in r.items()}})
+control_frame = pd.concat([pd.DataFrame({"layer": list(layers), "condition": name, **r})
                            for name, r in control_rho.items()]
                           + [pd.DataFrame({"layer": list(layers), "condition": "mean-centred (all prompts)",
                                            "rho": stats["centred_rho"].to_numpy()})])
