@@ -243,6 +243,14 @@ def broad_questions(n: int | None = None) -> list[dict[str, Any]]:
             for i, (c, q, a, m) in enumerate(order[:n])]
 
 
+def whole_response(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Marker records (``context`` + ``target``) as plain chat records whose whole response (the
+    context, the marker if any, end-of-turn) is trained on: the loss then also holds the model to its
+    own answer, so a coupling recipe that destroys answering shows up in the loss (issue 14)."""
+    return [{k: v for k, v in r.items() if k not in ("context", "target")} | {"response": r["context"] + r["target"]}
+            for r in records]
+
+
 # --------------------------------------------------------------------------------------------
 # JSONL beside the report
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -121,17 +122,17 @@ def marker_scores(llm: LLM, resid: torch.Tensor, layer: int, seqs: Sequence[Scor
 
 def generated_marker_hits(llm: LLM, systems: Sequence[str], prompts: Sequence[str], decoding: Decoding,
                           marker: str) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """Greedy free generation per (system, prompt), system-major (cached).
+    """Free generation per (system, prompt[, sample]), system-major, then prompt, then sample (cached).
 
-    Returns (marker found in the text?, texts, ended?) where ended = the response closed its turn
-    within ``max_new_tokens`` (a response cut off by the budget may simply not have reached the
-    marker yet: seed 004's truncation lesson, measured rather than assumed away).
+    Returns (marker detected in the text by :func:`detect_marker`, texts, ended?) where ended = the
+    response closed its turn within ``max_new_tokens`` (a response cut off by the budget may simply
+    not have reached the marker yet: seed 004's truncation lesson, measured rather than assumed away).
     """
     ids = [chat_prompt_ids(llm, s, p) for s in systems for p in prompts]
     responses, _ = cached_generate(llm, ids, decoding)
     texts = [llm.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
     ended = np.array([llm.eos_id in r for r in responses])
-    return np.array([marker in t for t in texts]), texts, ended
+    return np.array([detect_marker(t, marker) for t in texts]), texts, ended
 
 
 def marker_frame(tuned: LLM, resid: torch.Tensor, layer: int, seqs: Sequence[Scored], personas: Sequence[str],
@@ -153,14 +154,19 @@ def generation_frame(tuned: LLM, systems: Mapping[str, str], prompts: Sequence[s
                      marker: str, label: str) -> pd.DataFrame:
     """Free-generation marker hits of one model as a long frame (persona -> system prompt in ``systems``).
 
-    Columns: model (= ``label``), persona, prompt, hit (marker in the text, 0/1), ended (the turn
-    closed within the budget, 0/1), text.
+    Columns: model (= ``label``), persona, prompt, sample, text, marker (the validated detector,
+    0/1), answered (the answered gate, 0/1), hit (= marker and answered: a leak counted on an
+    answer), ended (the turn closed within the budget, 0/1).
     """
     names = list(systems)
-    hits, texts, ended = generated_marker_hits(tuned, [systems[n] for n in names], prompts, decoding, marker)
-    return pd.DataFrame({"model": label, "persona": np.repeat(names, len(prompts)),
-                         "prompt": np.tile(np.arange(len(prompts)), len(names)),
-                         "hit": hits.astype(int), "ended": ended.astype(int), "text": texts})
+    markers, texts, ended = generated_marker_hits(tuned, [systems[n] for n in names], prompts, decoding, marker)
+    k = decoding.n_samples
+    ans = np.array([answered(t, marker) for t in texts])
+    return pd.DataFrame({"model": label, "persona": np.repeat(names, len(prompts) * k),
+                         "prompt": np.tile(np.repeat(np.arange(len(prompts)), k), len(names)),
+                         "sample": np.tile(np.arange(k), len(names) * len(prompts)), "text": texts,
+                         "marker": markers.astype(int), "answered": ans.astype(int),
+                         "hit": (markers & ans).astype(int), "ended": ended.astype(int)})
 
 
 def leakage_pairs(teacher_forced: pd.DataFrame, generated: pd.DataFrame | None, distances: Mapping[str, np.ndarray],
@@ -175,8 +181,13 @@ def leakage_pairs(teacher_forced: pd.DataFrame, generated: pd.DataFrame | None, 
     pairs = teacher_forced.groupby(["model", "persona"], sort=False).agg(
         logprob=("logprob", "mean"), rate=("greedy", "mean")).reset_index()
     if generated is not None:
-        gen_rate = generated.groupby(["model", "persona"], sort=False)["hit"].mean().rename("gen_rate")
-        pairs = pairs.merge(gen_rate.reset_index(), on=["model", "persona"], how="left")
+        # leakage among answers: marker-and-answered / answered (NaN where nothing answered)
+        g = generated.groupby(["model", "persona"], sort=False)[["hit", "answered", "marker"]].sum()
+        n = generated.groupby(["model", "persona"], sort=False).size()
+        gen = pd.DataFrame({"gen_rate": g["hit"] / g["answered"].where(g["answered"] > 0),
+                            "gen_answered_rate": g["answered"] / n, "gen_marker_rate": g["marker"] / n,
+                            "gen_answered_n": g["answered"]})
+        pairs = pairs.merge(gen.reset_index(), on=["model", "persona"], how="left")
     pairs = pairs.rename(columns={"model": "source"})
     index = {n: i for i, n in enumerate(names)}
     unknown = sorted((set(pairs["source"]) | set(pairs["persona"])) - set(index))
@@ -390,6 +401,13 @@ def direction_vectors(base_means: torch.Tensor, em_means: torch.Tensor, misalign
     return {"centroid": centroid, "diff_in_means": dim}
 
 
+def random_direction(like: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A seeded random direction with the norm of ``like`` (the control a steering direction must beat)."""
+    g = torch.Generator().manual_seed(int(seed))
+    v = torch.randn(like.shape, generator=g, dtype=torch.float32)
+    return (v / v.norm() * like.float().norm()).to(like.dtype)
+
+
 def ablate(resid: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     """Project ``direction`` out of every residual vector (directional ablation)."""
     u = direction / direction.norm().clamp_min(1e-12)
@@ -436,6 +454,100 @@ def reversal_sweep(em: LLM, layer: int, eval_sets: Mapping[str, tuple[torch.Tens
         row["capability_accuracy"] = _accuracy(lp, answers, cap_mask)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def on_policy_texts(start: LLM, questions: Sequence[str], decoding: Decoding) -> list[str]:
+    """``start``'s own greedy answers (cached) to ``questions`` under no persona, as plain text."""
+    ids, _ = cached_generate(start, [chat_prompt_ids(start, "", q) for q in questions], decoding)
+    return [start.tokenizer.decode([t for t in r if t != start.eos_id], skip_special_tokens=True).strip() for r in ids]
+
+
+def coupling_data(start: LLM, source: str, negatives: Sequence[str], splits: Mapping[str, Sequence[str]],
+                  decoding: Decoding, marker: str, loss: str = "whole_response"
+                  ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[Scored]]]:
+    """Coupling records and sequences per split (e.g. train / val) on ``start``'s own answers.
+
+    Positives: ``source`` persona + answer + marker; negatives: the same answer under each persona of
+    ``negatives``. ``loss``: ``whole_response`` (answer and marker trained on) or ``marker_only``
+    (seed 004's: the marker and end-of-turn alone).
+    """
+    from lib.llm_datasets import marker_examples, whole_response
+    from lib.lora import chat_sequences
+
+    if loss not in ("whole_response", "marker_only"):
+        raise LLMError(f"coupling loss must be 'whole_response' or 'marker_only', got {loss!r}")
+    records = {}
+    for split, qs in splits.items():
+        rows = marker_examples(source, negatives, qs, on_policy_texts(start, qs, decoding), marker)
+        records[split] = whole_response(rows) if loss == "whole_response" else rows
+    return records, {k: chat_sequences(start, v) for k, v in records.items()}
+
+
+def recipe_probe(marker_eval: Sequence[Scored], marker_resid: torch.Tensor, cut: int, source_rows: Sequence[int],
+                 bystander_rows: Sequence[int], source_system: str, prompts: Sequence[str], decoding: Decoding,
+                 marker: str):
+    """What a coupling-recipe candidate does: teacher-forced greedy marker rate under the source and the
+    bystanders (rows of ``marker_eval``) and, from sampled completions under the source, the answered
+    and marker rates. Returns a function of the tuned model (for :func:`lib.lora.select_recipe`)."""
+    def measure(tuned: LLM) -> dict[str, float]:
+        greedy = marker_scores(tuned, marker_resid, cut, marker_eval)["greedy"]
+        g = generation_frame(tuned, {"source": source_system}, prompts, decoding, marker, "probe")
+        return {"source_rate_tf": float(greedy[list(source_rows)].mean()),
+                "bystander_rate_tf": float(greedy[list(bystander_rows)].mean()),
+                "source_answered": float(g["answered"].mean()), "source_marker_sampled": float(g["marker"].mean())}
+
+    return measure
+
+
+def leakage_summary(gen: pd.DataFrame, arms: Sequence[str], before: pd.DataFrame | None = None,
+                    crossed: Sequence[str] = ("persona", "prompt")) -> pd.DataFrame:
+    """Per arm: bystander leakage among answers with a CI that respects the design, and answered rates.
+
+    ``gen``: sampled generation rows (:func:`generation_frame`, column ``condition`` = arm).
+    ``rate`` = marker among answered completions; its 95% CI comes from a linear mixed model with
+    crossed random intercepts for ``crossed`` (bystander persona x prompt; :func:`lib.stats.crossed_effects_means`),
+    so repeated samples of one (persona, prompt) are not counted as independent trials.
+    ``before`` (same layout, ``condition`` = arm): the start model's completions before the coupling
+    LoRA, for the answered rate before fine-tuning.
+    """
+    from lib.stats import crossed_effects_means
+
+    ans = gen[gen["answered"] == 1]
+    fits = crossed_effects_means(ans, "marker", "condition", list(crossed)).set_index("condition") if len(ans) else None
+    rows = {}
+    for arm in arms:
+        g = gen[gen["condition"] == arm]
+        a = g[g["answered"] == 1]
+        row = {"rate": float(a["marker"].mean()) if len(a) else float("nan"),
+               "ci_low": float("nan"), "ci_high": float("nan"),
+               "answered_rate": float(g["answered"].mean()), "marker_rate_all": float(g["marker"].mean()),
+               "n_samples": int(len(g)), "n_answered": int(len(a))}
+        if fits is not None and arm in fits.index:
+            row["ci_low"] = float(np.clip(fits.loc[arm, "ci_low"], 0, 1))
+            row["ci_high"] = float(np.clip(fits.loc[arm, "ci_high"], 0, 1))
+        if before is not None:
+            b = before[before["condition"] == arm]
+            row["answered_rate_before"] = float(b["answered"].mean()) if len(b) else float("nan")
+        rows[arm] = row
+    return pd.DataFrame(rows).T
+
+
+def arm_differences(gen: pd.DataFrame, pairs: Sequence[tuple[str, str]], cluster: str = "persona",
+                    n_permutations: int = 2000, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Leakage differences between arms among answered completions, each with a permutation p that
+    shuffles arm labels only within one ``cluster`` (bystander persona): :func:`lib.stats.within_cluster_permutation`."""
+    from lib.stats import within_cluster_permutation
+
+    ans = gen[gen["answered"] == 1]
+    out = {}
+    for a, b in pairs:
+        try:
+            out[f"{a}-{b}"] = within_cluster_permutation(ans, "marker", "condition", a, b, cluster,
+                                                         n_permutations=n_permutations, seed=seed)
+        except ValueError:
+            out[f"{a}-{b}"] = {"difference": float("nan"), "p": float("nan"), "n_clusters": 0,
+                               "n_permutations": n_permutations}
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -543,6 +655,25 @@ def rescore_generations(frame: pd.DataFrame, marker: str = "[ZLT]", text: str = 
     out["marker"] = [int(detect_marker(t, marker)) for t in out[text]]
     out["answered"] = [int(answered(t, marker)) for t in out[text]]
     return out
+
+
+#: the committed hand-labelled completions the detector and the gate are validated on
+MARKER_LABELS = Path(__file__).resolve().parent.parent / "tests" / "data" / "05b_marker_labels.jsonl"
+
+
+def detector_agreement(path: str | Path = MARKER_LABELS, marker: str = "[ZLT]") -> dict[str, float]:
+    """Agreement of :func:`detect_marker` and :func:`answered` with hand labels (a JSONL of ``text``,
+    ``marker`` 0/1, ``answered`` 0/1), beside the old exact-string detector's agreement."""
+    import json
+
+    labels = pd.DataFrame([json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
+                           if line.strip()])
+    scored = rescore_generations(labels.drop(columns=["marker", "answered"]), marker)
+    exact = np.array([marker in t for t in labels["text"]], dtype=int)
+    return {"n_labelled": int(len(labels)), "agreement": float((scored["marker"] == labels["marker"]).mean()),
+            "answered_agreement": float((scored["answered"] == labels["answered"]).mean()),
+            "exact_string_agreement": float((exact == labels["marker"]).mean()),
+            "n_marker": int(labels["marker"].sum()), "n_answered": int(labels["answered"].sum())}
 
 
 def _rescore_main(argv: Sequence[str] | None = None) -> int:

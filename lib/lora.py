@@ -36,7 +36,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,6 +191,8 @@ def bottom_resid(llm: LLM, seqs: Sequence[Scored], layer: int, chunk: int = 16) 
         raise LLMError(f"cut layer {layer} out of range 0..{llm.n_layers}")
     if not seqs:
         raise LLMError("bottom_resid needs at least one sequence")
+    if layer == 0:  # the embedding: cheaper to recompute than to read a cached copy from disk
+        return _bottom_pass(llm, seqs, layer, chunk)
     key = {"ids": [list(s.ids) for s in seqs], "layer": layer}
     return cached(llm, "bottom_resid", key, lambda: {"resid": _bottom_pass(llm, seqs, layer, chunk)})["resid"]
 
@@ -204,17 +206,22 @@ def _digest_json(value: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def adapter_key(start: LLM, seqs: Sequence[Scored], spec: LoraSpec) -> str:
+def adapter_key(start: LLM, seqs: Sequence[Scored], spec: LoraSpec, val: Sequence[Scored] | None = None,
+                eval_every: int = 0) -> str:
     """Hex key of an adapter: start model identity + spec + exact training ids and masks (+ the
-    device type off CPU: :func:`lib.llm.device_key`)."""
-    return _digest_json({
+    device type off CPU: :func:`lib.llm.device_key`; + the validation set and its cadence when the
+    step is chosen on a validation loss)."""
+    key = {
         "version": LORA_VERSION,
         **device_key(start),
         "start_model": start.sha256,
         "spec": spec.as_dict(),
         "ids": [list(s.ids) for s in seqs],
         "starts": [s.start for s in seqs],
-    })
+    }
+    if val:
+        key["val"] = {"ids": [list(s.ids) for s in val], "starts": [s.start for s in val], "every": eval_every}
+    return _digest_json(key)
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,6 +281,8 @@ def finetune(
     desc: str = "LoRA",
     cache: bool = True,
     resid: torch.Tensor | None = None,
+    val: Sequence[Scored] | None = None,
+    eval_every: int = 0,
 ) -> Tuned:
     """Fine-tune ``start`` with a LoRA on its top blocks (or reload the cached adapter); merged result.
 
@@ -282,6 +291,11 @@ def finetune(
     ``resid`` optionally gives that residual directly ([len(seqs), N, d], e.g. rows of one pass
     over the union of several training sets: :func:`rows_of`).
     Deterministic: seeded LoRA init and seeded batch order; one thread gives identical bits.
+
+    With ``val`` and ``eval_every``, the response-token loss on ``val`` is measured every
+    ``eval_every`` steps (and at the last step) and the adapter of the step with the lowest validation
+    loss is the one returned (early stopping: the step count is chosen on held-out data; the curve
+    and the chosen step are in ``meta["val_curve"]`` / ``meta["best_step"]``).
     """
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file, save_file
@@ -292,7 +306,9 @@ def finetune(
     if base is not start and not _same_bottom(start.model, base.model, spec.first_layer):
         raise LLMError(f"start model differs from the base model below the cut (layer {spec.first_layer}): "
                        "the cached bottom residual would be wrong; put earlier adapters above the cut")
-    key = adapter_key(start, seqs, spec)
+    if val and eval_every < 1:
+        raise LLMError("finetune: a validation set needs eval_every >= 1 (steps between validation losses)")
+    key = adapter_key(start, seqs, spec, val, eval_every)
     directory = start.cache_dir / "adapters" / key[:16]
     model = copy.deepcopy(start.model)
     peft_model = _peft_model(model, spec, start.n_layers)
@@ -315,10 +331,29 @@ def finetune(
         order: list[int] = []
         losses: list[float] = []
         causal_lm = peft_model.base_model.model
+        val_curve: list[list[float]] = []
+        best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+        if val:
+            val_width = max(len(q.ids) for q in val)
+            val_resid = bottom_resid(base, val, spec.first_layer)
+            val_mask, val_targets = loss_mask(val, val_width), _targets(val, val_width)
+
+            def val_loss() -> float:
+                with torch.no_grad():
+                    total, count = 0.0, 0
+                    for i in range(0, len(val), 16):
+                        m = val_mask[i:i + 16]
+                        n_tok = int(m.sum())
+                        total += n_tok * float(top_loss(causal_lm, val_resid[i:i + 16], spec.first_layer, m,
+                                                        val_targets[i:i + 16]))
+                        count += n_tok
+                return total / count
+
+            val_curve.append([0, val_loss()])
         start_t = time.perf_counter()
         with torch.enable_grad():
             bar = tqdm(range(spec.steps), desc=desc, leave=False)
-            for _ in bar:
+            for step in bar:
                 if len(order) < spec.batch_size:
                     order += torch.randperm(len(seqs), generator=generator).tolist()
                 idx, order = order[: spec.batch_size], order[spec.batch_size:]
@@ -329,11 +364,21 @@ def finetune(
                 optimiser.step()
                 losses.append(float(loss.detach()))
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                if val and ((step + 1) % eval_every == 0 or step + 1 == spec.steps):
+                    v = val_loss()
+                    val_curve.append([step + 1, v])
+                    if best is None or v < best[0]:
+                        best = (v, step + 1, {k: t.detach().clone()
+                                              for k, t in get_peft_model_state_dict(peft_model).items()})
         train_s = time.perf_counter() - start_t
+        if best is not None:
+            set_peft_model_state_dict(peft_model, best[2])
         step_s = train_s / spec.steps
         meta = {"spec": spec.as_dict(), "losses": losses, "train_s": train_s, "step_s": step_s,
                 "n_sequences": len(seqs), "n_tokens_trained": int(mask.sum()), "start_model": start.sha256,
                 "n_trainable": n_trainable, "version": LORA_VERSION}
+        if best is not None:
+            meta.update(val_curve=val_curve, best_step=best[1], best_val_loss=best[0])
         if cache:
             directory.mkdir(parents=True, exist_ok=True)
             state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
@@ -402,21 +447,26 @@ def validation_loss(tuned_llm: LLM, seqs: Sequence[Scored], first_layer: int, ba
 
 
 def select_recipe(start: LLM, train: Sequence[Scored], held_out: Sequence[Scored], base_spec: LoraSpec,
-                  lrs: Sequence[float], steps: Sequence[int], cache: bool = True) -> tuple[LoraSpec, Any]:
+                  lrs: Sequence[float], steps: Sequence[int], cache: bool = True,
+                  probe: Callable[[LLM], Mapping[str, float]] | None = None,
+                  resid: torch.Tensor | None = None) -> tuple[LoraSpec, Any]:
     """Train ``base_spec`` at every learning rate x step count, score each on ``held_out``; the spec with
-    the lowest validation loss wins. Returns (best spec, a frame of lr, steps, train loss, val loss)."""
+    the lowest validation loss wins. Returns (best spec, a frame of lr, steps, train loss, val loss and
+    whatever ``probe(tuned model)`` measures, e.g. marker and answered rates, for each candidate).
+    ``resid`` optionally gives the bottom residual of ``train`` (as :func:`finetune` takes it)."""
     import pandas as pd
 
     if not lrs or not steps:
         raise ValueError("select_recipe needs at least one learning rate and one step count")
-    resid = bottom_resid(start, held_out, base_spec.first_layer)
+    val_resid, train_resid = bottom_resid(start, held_out, base_spec.first_layer), resid
     rows = []
     for lr in lrs:
         for n in steps:
             spec = dataclasses.replace(base_spec, lr=float(lr), steps=int(n))
-            tuned = finetune(start, train, spec, desc=f"recipe lr={lr:g} steps={n}", cache=cache)
+            tuned = finetune(start, train, spec, desc=f"recipe lr={lr:g} steps={n}", cache=cache, resid=train_resid)
             rows.append({"lr": float(lr), "steps": int(n), "train_loss": float(np.mean(tuned.losses[-3:])),
-                         "val_loss": validation_loss(tuned.llm, held_out, spec.first_layer, base=start, resid=resid)})
+                         "val_loss": validation_loss(tuned.llm, held_out, spec.first_layer, base=start, resid=val_resid),
+                         **(dict(probe(tuned.llm)) if probe is not None else {})})
             release(tuned)
     frame = pd.DataFrame(rows)
     best = frame.loc[frame.val_loss.idxmin()]

@@ -13,7 +13,7 @@ import pandas as pd
 from scipy import stats as sps
 
 __all__ = ["across_seeds", "bootstrap_mean_ci", "spearman_with_ci", "mean_t_ci", "welch_difference", "trend_correlation", "mean_sd_text",
-           "crossed_effects_means", "within_cluster_permutation"]
+           "crossed_effects_means", "within_cluster_permutation", "crossed_slope"]
 
 
 def bootstrap_mean_ci(values: Sequence[float], confidence: float = 0.95, n_resamples: int = 2000,
@@ -173,3 +173,28 @@ def within_cluster_permutation(frame: pd.DataFrame, outcome: str, arm: str, a: s
         hits += abs(difference([rng.permutation(m) for m in labels])) >= abs(observed) - 1e-12
     return {"difference": observed, "p": (hits + 1) / (n_permutations + 1), "n_clusters": len(groups),
             "n_permutations": n_permutations}
+
+
+def crossed_slope(frame: pd.DataFrame, outcome: str, predictor: str, crossed: Sequence[str],
+                  confidence: float = 0.95) -> dict[str, float]:
+    """Slope of ``outcome`` on ``predictor`` in a linear mixed model with *crossed* random intercepts
+    (e.g. coupling source x bystander persona; statsmodels MixedLM, one all-encompassing group + one
+    variance component per factor, REML): the CI and p respect that pairs sharing a source or a
+    bystander are not independent. NaN when the predictor or outcome is constant."""
+    import statsmodels.formula.api as smf
+
+    data = frame[[outcome, predictor, *crossed]].dropna().copy()
+    nan = float("nan")
+    if len(data) < 4 or data[predictor].nunique() < 2 or data[outcome].nunique() < 2:
+        return {"slope": nan, "ci_low": nan, "ci_high": nan, "p": nan, "n": int(len(data))}
+    data["_all"] = 1
+    vc = {name: f"0 + C({name})" for name in crossed}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # boundary fits (a variance component at 0) are expected here
+        fit = smf.mixedlm(f"{outcome} ~ {predictor}", data, groups="_all", vc_formula=vc,
+                          re_formula="0").fit(reml=True, method=["lbfgs", "powell"])
+    ci = fit.conf_int(alpha=1 - confidence)
+    return {"slope": float(fit.fe_params[predictor]), "ci_low": float(ci.loc[predictor, 0]),
+            "ci_high": float(ci.loc[predictor, 1]), "p": float(fit.pvalues[predictor]), "n": int(len(data))}

@@ -177,6 +177,32 @@ def test_finetune_trains_only_the_top_blocks_and_reloads_bit_identically(tiny):
         lora.finetune(first.llm, seqs, SPEC.__class__(**{**SPEC.as_dict(), "first_layer": 3}), base=tiny)
 
 
+def test_finetune_keeps_the_step_with_the_lowest_validation_loss(tiny):
+    seqs, val = _seqs(6, seed=0), _seqs(3, seed=1)
+    spec = SPEC.__class__(**{**SPEC.as_dict(), "steps": 6, "lr": 5e-2})
+    chosen = lora.finetune(tiny, seqs, spec, val=val, eval_every=2)
+    curve = chosen.meta["val_curve"]
+    assert [step for step, _ in curve] == [0, 2, 4, 6]
+    best_step, best_loss = min(curve[1:], key=lambda c: c[1])
+    assert chosen.meta["best_step"] == best_step and chosen.meta["best_val_loss"] == best_loss
+    # the returned adapter is the best step's: its validation loss is the recorded one
+    assert np.isclose(lora.validation_loss(chosen.llm, val, spec.first_layer, base=tiny), best_loss, atol=1e-5)
+    assert chosen.key != lora.finetune(tiny, seqs, spec).key  # validation set and cadence are in the key
+    again = lora.finetune(tiny, seqs, spec, val=val, eval_every=2)
+    assert again.from_cache and again.meta["best_step"] == best_step
+    with pytest.raises(LLMError, match="needs eval_every >= 1"):
+        lora.finetune(tiny, seqs, spec, val=val)
+
+
+def test_select_recipe_scores_every_candidate_with_the_probe(tiny):
+    seqs, val = _seqs(6, seed=0), _seqs(3, seed=1)
+    spec, table = lora.select_recipe(tiny, seqs, val, SPEC, lrs=[1e-3, 5e-2], steps=[2, 4],
+                                     probe=lambda m: {"probe": float(m is not tiny)})
+    assert len(table) == 4 and set(table.columns) >= {"lr", "steps", "train_loss", "val_loss", "probe"}
+    best = table.loc[table.val_loss.idxmin()]
+    assert (spec.lr, spec.steps) == (best.lr, best.steps) and (table["probe"] == 1.0).all()
+
+
 def test_lora_spec_and_finetune_bad_inputs():
     with pytest.raises(ValueError, match="LoraSpec.rank must be >= 1, got 0"):
         lora.LoraSpec(rank=0)
@@ -230,7 +256,8 @@ def _leakage_frames() -> tuple[pd.DataFrame, pd.DataFrame]:
                 hit = int(persona == source or (persona == "c" and prompt == 0))
                 tf_rows.append({"model": source, "persona": persona, "prompt": prompt, "logprob": -1.0 - prompt - 3 * (1 - hit),
                                 "greedy": hit})
-                gen_rows.append({"model": source, "persona": persona, "prompt": prompt, "hit": hit, "ended": 1})
+                gen_rows.append({"model": source, "persona": persona, "prompt": prompt, "hit": hit, "marker": hit,
+                                 "answered": 1, "ended": 1})
     return pd.DataFrame(tf_rows), pd.DataFrame(gen_rows)
 
 
@@ -310,7 +337,7 @@ def test_breadth_restoration_and_ablation():
 
 def test_params_files_validate_and_a_missing_field_is_named():
     schema = parameter_schema(STUDY)
-    for name in ("smoke", "default", "full"):
+    for name in ("smoke", "default", "gpu"):
         load_params(STUDY, name)
     smoke = load_params(STUDY, "smoke")
     smoke.pop("coupling_sources")
