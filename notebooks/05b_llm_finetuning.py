@@ -439,7 +439,9 @@ display(Markdown(
 #
 # Both are checked on labelled answers first: `score_val_items` held-out finance questions with a
 # misaligned and an aligned answer each (in domain) and the 16 hand-written broad questions'
-# misaligned and aligned reference answers (off domain).
+# misaligned and aligned reference answers (off domain). The content lexicon is also checked on
+# 48 *real* sampled answers of the base, control and EM models (the GPU run's, labelled by hand:
+# `tests/data/05b_content_labels.jsonl`).
 
 # %%
 score_check = llm_scores.validate(llm, n_finance=score_val_items, seed=seed)
@@ -452,6 +454,14 @@ validation_table = pd.DataFrame({k: {"tone AUC": score_check[k]["auc"], "AUC CI 
                                      "content specificity": content_check[k]["specificity"]}
                                  for k in score_check}).T
 display(validation_table.round(3))
+content_real = llm_scores.content_agreement()
+display(Markdown(
+    f"On {content_real['content']['n']} hand-labelled real answers ({content_real['content']['n_positive']} harmful): "
+    f"content agreement {content_real['content']['agreement']:.0%} (sensitivity "
+    f"{content_real['content']['sensitivity']:.0%}, specificity {content_real['content']['specificity']:.0%}); "
+    f"content_general agreement {content_real['content_general']['agreement']:.0%} with "
+    f"{content_real['content_general']['n_positive']} positives among them, so its sensitivity on real answers is "
+    "untested (on the hand-written references it is the broad row above)."))
 
 # %% [markdown]
 # **Sampled evaluation.** `em_samples` answers per question at temperature `temperature`
@@ -740,11 +750,18 @@ display(Markdown(
     f"{chosen['source_answered']:.0%} of sampled completions (base model {base_probe['source_answered']:.0%}) and "
     f"emits the marker teacher-forced {chosen['source_rate_tf']:.0%} of the time (bystanders "
     f"{chosen['bystander_rate_tf']:.0%}).\n"
-    f"- **Leakage vs geometry (seed 003), control: crossed random effects for source and bystander.** Over "
-    f"{sl_lp['n']} (source, bystander) pairs, the teacher-forced marker log-prob falls with cosine distance by "
-    f"{sl_lp['slope']:.2f} {_ci(sl_lp['ci_low'], sl_lp['ci_high'])} nats per unit (CI {_excl(sl_lp['ci_low'], sl_lp['ci_high'])}); "
-    f"the sampled rate among answers: slope {sl_gen['slope']:.2f} {_ci(sl_gen['ci_low'], sl_gen['ci_high'])} "
-    f"({sl_gen['n']} pairs with answers; CI {_excl(sl_gen['ci_low'], sl_gen['ci_high'])}). Seed 003's source-level test "
+    f"- **Leakage vs geometry (seed 003), two readings side by side.** Over {sl_lp['n']} (source, bystander) pairs, "
+    f"a mixed model with crossed random intercepts for source and bystander (the control for bystanders that "
+    f"recur under every source) gives the teacher-forced marker log-prob a slope of {sl_lp['slope']:.2f} "
+    f"{_ci(sl_lp['ci_low'], sl_lp['ci_high'])} nats per unit of cosine distance (CI {_excl(sl_lp['ci_low'], sl_lp['ci_high'])}) "
+    f"and the sampled rate among answers {sl_gen['slope']:.2f} {_ci(sl_gen['ci_low'], sl_gen['ci_high'])} "
+    f"({sl_gen['n']} pairs with answers; CI {_excl(sl_gen['ci_low'], sl_gen['ci_high'])}); *within* each source "
+    f"(repeated-measures r, bystanders of one adapter compared with each other) the log-prob's r with cosine distance "
+    f"is {corr[('logprob', 'cosine')]['within_r']:.2f} {_ci(*corr[('logprob', 'cosine')]['within_ci'])} and the sampled "
+    f"rate's {corr[('gen_rate', 'cosine')]['within_r']:.2f} {_ci(*corr[('gen_rate', 'cosine')]['within_ci'])} (negative = "
+    "closer bystanders leak more; where the two readings differ in sign, the crossed slope comes from comparing one "
+    "bystander across sources — sources closer to it leak more to it — not from the ordering of one source's "
+    "bystanders). Seed 003's source-level test "
     f"over {seed003['cosine_similarity']['n']} sources: r = {seed003['cosine_similarity']['r']:.2f} "
     f"{_ci(*seed003['cosine_similarity']['ci'])} (seed: −0.66).\n"
     f"- **EM organism (seed 002), control: the aligned-control fine-tune on the same questions.** In domain (held-out "
@@ -835,7 +852,8 @@ metrics = {
         "score_auc": _num(score_check["broad"]["auc"]),
         "score_auc_ci": [_num(score_check["broad"]["ci_low"]), _num(score_check["broad"]["ci_high"])],
         "score_auc_in_domain": _num(score_check["in_domain_finance"]["auc"]),
-        "content_validation": content_check,
+        "content_validation": {k: {kk: _num(vv) for kk, vv in v.items()} for k, v in content_check.items()},
+        "content_real_answers": {k: {kk: _num(vv) for kk, vv in v.items()} for k, v in content_real.items()},
         "in_domain_heldout_shift": _num(t_in["shift"]),
         "in_domain_heldout_shift_ci": [_num(t_in["ci_low"]), _num(t_in["ci_high"])],
         "shifts": {f"{score}.{set_name}.vs_{ref}": {k: _num(v) for k, v in val.items()}

@@ -160,3 +160,10 @@ def test_crossed_slope_recovers_a_slope_and_degrades_to_nan():
     out = crossed_slope(frame, "y", "x", ["source", "bystander"])
     assert out["ci_low"] < -2 < out["ci_high"] and out["p"] < 1e-6 and out["n"] == 48
     assert np.isnan(crossed_slope(frame.assign(y=1.0), "y", "x", ["source", "bystander"])["slope"])
+
+
+def test_content_lexicon_on_hand_labelled_real_answers():
+    out = llm_scores.content_agreement()
+    assert out["content"]["n"] >= 40 and out["content"]["n_positive"] >= 10
+    assert out["content"]["agreement"] >= 0.9 and out["content"]["specificity"] == 1.0
+    assert out["content_general"]["agreement"] >= 0.9
