@@ -13,7 +13,7 @@ study and key, how much drift is expected, and this module reports every key bey
 Without ``--metrics`` the study is executed by :func:`lib.runner.run_study` into a scratch
 directory, never into ``outputs/`` (caches under ``.cache/`` are shared as usual, so on a machine
 that already trained the models the rerun is warm). Exit code: 0 every key within tolerance,
-1 some key outside it, 2 the check could not run (unknown study, missing file, failed study).
+1 some key outside it, 2 the check could not run (unknown study, missing file, failed study), 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from lib import runner
-from lib.report import REPO_ROOT, ParamsError, _display, parse_yaml, read_metrics
+from lib.report import REPO_ROOT, ParamsError, _display, params_path, parse_yaml, read_metrics
 
 TOLERANCES_PATH: Path = REPO_ROOT / "lib" / "tolerances.yaml"
 CATCH_ALL = "*"
@@ -262,6 +262,7 @@ def main(argv: Sequence[str] | None = None, root: Path = REPO_ROOT) -> int:
     try:
         study = runner.resolve_studies([args.study], root)[0]
         rules = load_tolerances(study, Path(root) / "lib" / "tolerances.yaml")
+        params_path(study, args.params, root)  # a name inside params/<study>/, never a path
         against = args.against or _default_against(study, args.params, root)
         old = _read(against, root, "committed metrics")
         if args.metrics is not None:
@@ -282,6 +283,10 @@ def main(argv: Sequence[str] | None = None, root: Path = REPO_ROOT) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        shutil.rmtree(scratch, ignore_errors=True)
+        print("interrupted: outputs/ untouched, scratch dir removed", file=sys.stderr)
+        return runner.INTERRUPTED_EXIT
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise

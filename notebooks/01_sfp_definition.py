@@ -31,13 +31,13 @@
 # correlation (eq. 9) as a function of the sector-prior knob → a table of optimal cross-entropies.
 
 # %% tags=["parameters"]
-context_length: int = 10
-n_simplex_sequences: int = 3000
-simplex_length: int = 8
-n_mi_sequences: int = 2000
-correlations: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
-leak_epsilon: float = 0.01
-seed: int = 0
+context_length: int = 10  # >= 1; <= 100
+n_simplex_sequences: int = 3000  # >= 1; <= 500_000
+simplex_length: int = 8  # >= 1; <= 100
+n_mi_sequences: int = 2000  # >= 1; <= 500_000
+correlations: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]  # non-empty; each in [0, 1]
+leak_epsilon: float = 0.01  # in [0, 1]
+seed: int = 0  # >= 0
 output_dir: str | None = None
 
 # %%

@@ -33,20 +33,20 @@
 # it matters below.
 
 # %% tags=["parameters"]
-processes: list[str] = ["z1r_x_z1r", "mess3_x_mess3", "semi_factored"]
-seeds: list[int] = [0]
-train_steps: dict[str, int] = {"z1r_x_z1r": 120, "mess3_x_mess3": 120, "semi_factored": 120}
-batch_size: dict[str, int] = {"z1r_x_z1r": 128, "mess3_x_mess3": 128, "semi_factored": 128}
-learning_rate: dict[str, float] = {"z1r_x_z1r": 0.001, "mess3_x_mess3": 0.001, "semi_factored": 0.001}
-snapshot_fractions: list[float] = [0.0, 0.25, 0.5, 1.0]
-eval_sequences: int = 1024
-n_probe_sequences: int = 300
-n_steering_sequences: int = 500
-scales: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0]
-partition_scales: list[float] = [0.0, 0.5, 1.0, 2.0, 3.0, 5.0]
-layer_scale: float = 1.0
-analysis_seed: int = 0
-torch_threads: int = 1
+processes: list[str] = ["z1r_x_z1r", "mess3_x_mess3", "semi_factored"]  # non-empty
+seeds: list[int] = [0]  # non-empty; len <= 20; each >= 0
+train_steps: dict[str, int] = {"z1r_x_z1r": 120, "mess3_x_mess3": 120, "semi_factored": 120}  # keys = processes; each in [1, 100_000]
+batch_size: dict[str, int] = {"z1r_x_z1r": 128, "mess3_x_mess3": 128, "semi_factored": 128}  # keys = processes; each in [1, 8192]
+learning_rate: dict[str, float] = {"z1r_x_z1r": 0.001, "mess3_x_mess3": 0.001, "semi_factored": 0.001}  # keys = processes; each in (0, 1]
+snapshot_fractions: list[float] = [0.0, 0.25, 0.5, 1.0]  # non-empty; each in [0, 1]
+eval_sequences: int = 1024  # >= 1; <= 100_000
+n_probe_sequences: int = 300  # >= 1; <= 100_000
+n_steering_sequences: int = 500  # >= 1; <= 100_000
+scales: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0]  # non-empty; contains 1.0  # the tables report scale 1
+partition_scales: list[float] = [0.0, 0.5, 1.0, 2.0, 3.0, 5.0]  # non-empty
+layer_scale: float = 1.0  # > 0
+analysis_seed: int = 0  # >= 0
+torch_threads: int = 1  # threads
 output_dir: str | None = None
 
 # %%

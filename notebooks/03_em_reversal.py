@@ -29,25 +29,25 @@
 
 # %% tags=["parameters"]
 process: str = "em()"
-seeds: list[int] = [0]
-couplings: list[float] = [0.0, 0.5, 1.0]
-coupling_seeds: list[int] = [0]
-search_processes: list[str] = ["em(mixing=1.0,coupling=0.0)", "em(mixing=1.0)"]
-search_seeds: list[int] = [0]
-d_model: int = 32
-n_layers: int = 2
-base_steps: int = 150
-base_batch: int = 128
-base_lr: float = 0.003
-ft_steps: int = 40
-ft_batch: int = 64
-ft_lr: float = 0.0002
-n_contexts: int = 150
-scales: list[float] = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0]
-restoration_target: float = 0.9
-n_boot: int = 2000
-analysis_seed: int = 0
-torch_threads: int = 1
+seeds: list[int] = [0]  # non-empty; len <= 20; each >= 0
+couplings: list[float] = [0.0, 0.5, 1.0]  # non-empty; each in [0, 1]
+coupling_seeds: list[int] = [0]  # non-empty; len <= 20; each >= 0
+search_processes: list[str] = ["em(mixing=1.0,coupling=0.0)", "em(mixing=1.0)"]  # non-empty
+search_seeds: list[int] = [0]  # non-empty; len <= 20; each >= 0
+d_model: int = 32  # >= 2; <= 1024
+n_layers: int = 2  # >= 1; <= 24
+base_steps: int = 150  # >= 1; <= 100_000
+base_batch: int = 128  # >= 1; <= 8192
+base_lr: float = 0.003  # > 0; <= 1
+ft_steps: int = 40  # >= 1; <= 100_000
+ft_batch: int = 64  # >= 1; <= 8192
+ft_lr: float = 0.0002  # > 0; <= 1
+n_contexts: int = 150  # >= 1; <= 100_000
+scales: list[float] = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0]  # non-empty; each > 0
+restoration_target: float = 0.9  # in (0, 1]
+n_boot: int = 2000  # >= 1; <= 1_000_000
+analysis_seed: int = 0  # >= 0
+torch_threads: int = 1  # threads
 output_dir: str | None = None
 
 # %%

@@ -35,22 +35,22 @@
 
 # %% tags=["parameters"]
 baseline_process: str = "em()"
-sweep_processes: dict[str, list[str]] = {
+sweep_processes: dict[str, list[str]] = {  # non-empty; each non-empty
     "mixing": ["em(mixing=0.0)", "em()", "em(mixing=1.0)"],
     "leak": ["em()", "em(leak=0.05)"],
 }
-seeds: list[int] = [0]
-d_model: int = 32
-n_layers: int = 2
-base_steps: int = 150
-base_batch: int = 128
-base_lr: float = 0.003
-ft_steps: int = 40
-ft_batch: int = 64
-ft_lr: float = 0.0002
-n_contexts: int = 150
-analysis_seed: int = 0
-torch_threads: int = 1
+seeds: list[int] = [0]  # non-empty; len <= 20; each >= 0
+d_model: int = 32  # >= 2; <= 1024
+n_layers: int = 2  # >= 1; <= 24
+base_steps: int = 150  # >= 1; <= 100_000
+base_batch: int = 128  # >= 1; <= 8192
+base_lr: float = 0.003  # > 0; <= 1
+ft_steps: int = 40  # >= 1; <= 100_000
+ft_batch: int = 64  # >= 1; <= 8192
+ft_lr: float = 0.0002  # > 0; <= 1
+n_contexts: int = 150  # >= 1; <= 100_000
+analysis_seed: int = 0  # >= 0
+torch_threads: int = 1  # threads
 output_dir: str | None = None
 
 # %%

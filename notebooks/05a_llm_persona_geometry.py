@@ -32,30 +32,30 @@
 # CPU, so anyone can rerun it. Choices the seeds leave open are stated where they matter.
 
 # %% tags=["parameters"]
-personas: list[str] = ["surgeon", "paramedic", "software_engineer", "poet", "villain"]
-n_prompts: int = 4
-max_new_tokens: int = 16
-repetition_penalty: float = 1.2
-js_short_tokens: int = 8
-layers: list[int] = [6, 11, 16, 21, 27]
-n_permutations: int = 1000
-steer_layer: int = 21
-steer_scales: list[float] = [1.0]
-headline_scale: float = 1.0
-n_vector_prompts: int = 2
-vector_max_new_tokens: int = 16
-steer_tokens: int = 8
-n_capability: int = 6
-timing_repeats: int = 1
-n_control_prompts: int = 4
-random_modes: list[str] = ["reinit"]
-extra_random_seeds: list[int] = []
-n_boot: int = 200
-matched_rounds: int = 2
-seed: int = 0
-torch_threads: int = 1
-model: str | None = None
-device: str = "cpu"
+personas: list[str] = ["surgeon", "paramedic", "software_engineer", "poet", "villain"]  # non-empty
+n_prompts: int = 4  # >= 2; <= 20  # lib.personas has 20 prompts
+max_new_tokens: int = 16  # >= 1; <= 2048
+repetition_penalty: float = 1.2  # > 0
+js_short_tokens: int = 8  # >= 1; <= 2048
+layers: list[int] = [6, 11, 16, 21, 27]  # non-empty; each >= 1; each <= 30 when model is null  # SmolLM2 has 30 blocks
+n_permutations: int = 1000  # >= 1; <= 1_000_000
+steer_layer: int = 21  # >= 1; <= 30 when model is null
+steer_scales: list[float] = [1.0]  # non-empty; each > 0
+headline_scale: float = 1.0  # in steer_scales
+n_vector_prompts: int = 2  # >= 1; < n_prompts  # the other prompts evaluate
+vector_max_new_tokens: int = 16  # >= 1; <= 2048
+steer_tokens: int = 8  # >= 1; <= 2048
+n_capability: int = 6  # in [1, 24]  # lib.llm_steer has 24 capability items
+timing_repeats: int = 1  # >= 1; <= 100
+n_control_prompts: int = 4  # >= 1
+random_modes: list[str] = ["reinit"]  # non-empty; each one of: reinit, shuffle
+extra_random_seeds: list[int] = []  # len <= 20; each >= 0
+n_boot: int = 200  # >= 1; <= 100_000
+matched_rounds: int = 2  # >= 0; <= 20
+seed: int = 0  # >= 0
+torch_threads: int = 1  # threads
+model: str | None = None  # non-empty  # null, a .gguf file or a model directory
+device: str = "cpu"  # non-empty  # auto, cpu, cuda, cuda:N or mps (lib.llm checks it)
 output_dir: str | None = None
 
 # %%

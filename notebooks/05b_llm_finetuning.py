@@ -48,60 +48,60 @@
 # this report (`data/*.jsonl`), and so is every sampled completion with its detector verdicts.
 
 # %% tags=["parameters"]
-pool: list[str] = ["surgeon", "paramedic", "software_engineer", "poet", "villain"]
-geometry_prompts: int = 4
-geometry_max_new_tokens: int = 16
-geometry_vector_prompts: int = 2
-geometry_steer_tokens: int = 8
-js_short_tokens: int = 8
-repetition_penalty: float = 1.2
-distance_layer: int = 21
-coupling_sources: list[str] = ["poet", "surgeon"]
-coupling_negatives: list[str] = ["data_scientist", "french_person"]
-marker: str = "[ZLT]"
-n_train_questions: int = 6
-n_val_questions: int = 3
-response_tokens: int = 8
-n_eval_prompts: int = 3
-gen_prompts: int = 1
-lora_rank: int = 8
-lora_alpha: float = 16.0
-lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-lora_first_layer: int = 24
-batch_size: int = 6
-coupling_loss: str = "whole_response"
-coupling_lrs: list[float] = [1e-3]
-coupling_step_grid: list[int] = [2]
-n_samples: int = 2
-temperature: float = 1.0
-sample_batch: int = 64
-em_rank: int = 8
-em_alpha: float = 16.0
-em_first_layer: int = 0
-em_lr: float = 1e-4
-em_steps: int = 4
-em_eval_every: int = 2
-em_batch_size: int = 4
-n_finance_train: int = 12
-n_finance_val: int = 4
-n_finance_eval: int = 4
-n_broad: int = 4
-em_samples: int = 2
-em_sample_tokens: int = 12
-score_val_items: int = 10
-em_first_source: str = "poet"
-pca_components: int = 5
-steer_layer: int = 27
-steer_scales: list[float] = [1.0]
-headline_scale: float = 1.0
-n_capability: int = 3
-n_direction_items: int = 8
-n_permutations: int = 200
-n_boot: int = 1000
-seed: int = 0
-torch_threads: int = 1
-model: str | None = None
-device: str = "cpu"
+pool: list[str] = ["surgeon", "paramedic", "software_engineer", "poet", "villain"]  # non-empty
+geometry_prompts: int = 4  # >= 2; <= 20  # lib.personas has 20 prompts
+geometry_max_new_tokens: int = 16  # >= 1; <= 2048
+geometry_vector_prompts: int = 2  # >= 1; < geometry_prompts  # the other prompts evaluate
+geometry_steer_tokens: int = 8  # >= 1; <= 2048
+js_short_tokens: int = 8  # >= 1; <= 2048
+repetition_penalty: float = 1.2  # > 0
+distance_layer: int = 21  # >= 1; <= 30 when model is null  # SmolLM2 has 30 blocks
+coupling_sources: list[str] = ["poet", "surgeon"]  # non-empty
+coupling_negatives: list[str] = ["data_scientist", "french_person"]  # non-empty
+marker: str = "[ZLT]"  # non-empty
+n_train_questions: int = 6  # >= 1; <= 10_000
+n_val_questions: int = 3  # >= 1; <= 10_000
+response_tokens: int = 8  # >= 1; <= 2048
+n_eval_prompts: int = 3  # >= 1; <= 20
+gen_prompts: int = 1  # >= 1; <= n_eval_prompts
+lora_rank: int = 8  # >= 1; <= 1024
+lora_alpha: float = 16.0  # > 0
+lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # non-empty
+lora_first_layer: int = 24  # >= 0; <= 29 when model is null  # a block index, 0-based
+batch_size: int = 6  # >= 1; <= 4096
+coupling_loss: str = "whole_response"  # one of: whole_response, marker_only
+coupling_lrs: list[float] = [1e-3]  # non-empty; each in (0, 1]
+coupling_step_grid: list[int] = [2]  # non-empty; each in [1, 100_000]
+n_samples: int = 2  # >= 1; <= 1000
+temperature: float = 1.0  # > 0
+sample_batch: int = 64  # >= 1; <= 65_536
+em_rank: int = 8  # >= 1; <= 1024
+em_alpha: float = 16.0  # > 0
+em_first_layer: int = 0  # >= 0; < steer_layer  # 0-based block; steering reads above it
+em_lr: float = 1e-4  # in (0, 1]
+em_steps: int = 4  # in [1, 100_000]
+em_eval_every: int = 2  # >= 1; <= em_steps
+em_batch_size: int = 4  # >= 1; <= 4096
+n_finance_train: int = 12  # >= 1; <= 100_000
+n_finance_val: int = 4  # >= 1; <= 100_000
+n_finance_eval: int = 4  # >= 1; <= 100_000
+n_broad: int = 4  # >= 1; <= 1000
+em_samples: int = 2  # >= 1; <= 1000
+em_sample_tokens: int = 12  # >= 1; <= 2048
+score_val_items: int = 10  # >= 1; <= 100_000
+em_first_source: str = "poet"  # non-empty
+pca_components: int = 5  # >= 1; <= 100
+steer_layer: int = 27  # >= 1; <= 30 when model is null
+steer_scales: list[float] = [1.0]  # non-empty; each > 0
+headline_scale: float = 1.0  # in steer_scales
+n_capability: int = 3  # in [1, 24]  # lib.llm_steer has 24 capability items
+n_direction_items: int = 8  # >= 1; <= 100_000
+n_permutations: int = 200  # >= 1; <= 1_000_000
+n_boot: int = 1000  # >= 1; <= 100_000
+seed: int = 0  # >= 0
+torch_threads: int = 1  # in [1, 256]  # not 'threads': gpu.yaml asks for 4, more than a 2-core CPU has
+model: str | None = None  # non-empty  # null, a .gguf file or a model directory
+device: str = "cpu"  # non-empty  # auto, cpu, cuda, cuda:N or mps (lib.llm checks it)
 output_dir: str | None = None
 
 # %%
