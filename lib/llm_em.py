@@ -338,6 +338,25 @@ def restoration(score_em: float, score_steered: float, score_base: float) -> flo
 # Proportions
 
 
+def restoration_ci(base: Sequence[float], em: Sequence[float], steered: Sequence[float], n_boot: int = 2000,
+                   seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap CI of :func:`restoration` of the mean scores, resampling items (paired:
+    one item's base, EM and steered scores move together; scipy.stats.bootstrap)."""
+    from scipy import stats as sps
+
+    b, e, st = (np.asarray(x, dtype=float) for x in (base, em, steered))
+    if not len(b) == len(e) == len(st) or len(b) < 3:
+        return float("nan"), float("nan")
+
+    def stat(bb: np.ndarray, ee: np.ndarray, ss: np.ndarray, axis: int = -1) -> np.ndarray:
+        den = ee.mean(axis) - bb.mean(axis)
+        return np.where(den != 0, (ee.mean(axis) - ss.mean(axis)) / np.where(den != 0, den, 1.0), np.nan)
+
+    res = sps.bootstrap((b, e, st), stat, paired=True, vectorized=True, n_resamples=n_boot, method="percentile",
+                        random_state=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
 def wilson(hits: int, n: int, confidence: float = 0.95) -> dict[str, float]:
     """Rate and Wilson score interval of ``hits`` out of ``n``."""
     from statsmodels.stats.proportion import proportion_confint
@@ -424,15 +443,15 @@ def reversal_sweep(em: LLM, layer: int, eval_sets: Mapping[str, tuple[torch.Tens
     """Steer the EM model back (add ``-scale * v``) and ablate each direction; one row per intervention.
 
     ``eval_sets[name] = (resid at layer, reference sequences)`` for the misalignment score;
-    ``cap = (resid at layer, capability sequences)``. Columns: method, scale, ``score_<name>``,
-    ``capability_js`` (nats, vs the unsteered EM model at the answer positions) and
+    ``cap = (resid at layer, capability sequences)``. Columns: method, scale, ``score_<name>`` (mean
+    over items) and ``items_<name>`` (the per-item scores, for CIs), ``capability_js`` (nats, vs the unsteered EM model at the answer positions) and
     ``capability_accuracy``.
     """
     cap_resid, cap_seqs = cap
     cap_lp0, cap_mask = top_logprobs(em, cap_resid, layer, cap_seqs)
     answers = _scored_tokens(cap_seqs, cap_lp0.shape[1])
     rows = [{"method": "none", "intervention": "none", "scale": 0.0,
-             **{f"score_{k}": float(margin_scores(em, r, layer, s).mean()) for k, (r, s) in eval_sets.items()},
+             **{f"items_{k}": margin_scores(em, r, layer, s) for k, (r, s) in eval_sets.items()},
              "capability_js": 0.0, "capability_accuracy": _accuracy(cap_lp0, answers, cap_mask)}]
     jobs: list[tuple[str, str, float]] = [(m, "steer", float(sc)) for m in directions for sc in scales]
     jobs += [(m, "ablate", 1.0) for m in directions]
@@ -442,9 +461,9 @@ def reversal_sweep(em: LLM, layer: int, eval_sets: Mapping[str, tuple[torch.Tens
                                "scale": scale}
         for name, (resid, seqs) in eval_sets.items():
             if kind == "steer":
-                row[f"score_{name}"] = float(margin_scores(em, resid, layer, seqs, add=-scale * v).mean())
+                row[f"items_{name}"] = margin_scores(em, resid, layer, seqs, add=-scale * v)
             else:
-                row[f"score_{name}"] = float(margin_scores(em, ablate(resid, v), layer, seqs).mean())
+                row[f"items_{name}"] = margin_scores(em, ablate(resid, v), layer, seqs)
         if kind == "steer":
             lp, _ = top_logprobs(em, cap_resid, layer, cap_seqs, add=-scale * v)
         else:
@@ -453,7 +472,10 @@ def reversal_sweep(em: LLM, layer: int, eval_sets: Mapping[str, tuple[torch.Tens
         row["capability_js"] = float((js * cap_mask).sum() / cap_mask.sum())
         row["capability_accuracy"] = _accuracy(lp, answers, cap_mask)
         rows.append(row)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    for name in eval_sets:
+        frame[f"score_{name}"] = [float(np.mean(v)) for v in frame[f"items_{name}"]]
+    return frame
 
 
 def on_policy_texts(start: LLM, questions: Sequence[str], decoding: Decoding) -> list[str]:

@@ -665,9 +665,9 @@ directions = llm_em.direction_vectors(m_base, m_em, misaligned=m_em[1::2], align
 directions["random"] = llm_em.random_direction(directions["centroid"], seed=seed)
 dir_cos = float(torch.nn.functional.cosine_similarity(directions["centroid"], directions["diff_in_means"], dim=0))
 ref = {"in_domain": llm_em.reference_sequences(llm, fin_eval), "broad": llm_em.reference_sequences(llm, broad)}
-mean_margin = pd.DataFrame({label: {k: float(llm_em.margin_scores(m, lora.bottom_resid(m, s, steer_layer), steer_layer,
-                                                                   s).mean()) for k, s in ref.items()}
-                            for label, m in (("base", llm), ("EM", em.llm), ("control", control.llm))}).T
+item_margin = {label: {k: llm_em.margin_scores(m, lora.bottom_resid(m, s, steer_layer), steer_layer, s)
+                       for k, s in ref.items()} for label, m in (("base", llm), ("EM", em.llm), ("control", control.llm))}
+mean_margin = pd.DataFrame({label: {k: float(v.mean()) for k, v in d.items()} for label, d in item_margin.items()}).T
 eval_sets = {k: (lora.bottom_resid(em.llm, s, steer_layer), s) for k, s in ref.items()}
 cap_seqs = llm_steer.capability_sequences(llm, llm_steer.capability_items(n_capability))
 cap = (lora.bottom_resid(em.llm, cap_seqs, steer_layer), cap_seqs)
@@ -675,10 +675,14 @@ sweep = llm_em.reversal_sweep(em.llm, steer_layer, eval_sets, cap, directions, s
 for k in ref:
     sweep[f"restoration_{k}"] = [llm_em.restoration(mean_margin.loc["EM", k], v, mean_margin.loc["base", k])
                                  for v in sweep[f"score_{k}"]]
+for k in ref:  # paired bootstrap over items; the unsteered EM row is the EM scores themselves
+    cis = [llm_em.restoration_ci(item_margin["base"][k], item_margin["EM"][k], v, n_boot=n_boot, seed=seed)
+           for v in sweep[f"items_{k}"]]
+    sweep[f"restoration_{k}_ci_low"], sweep[f"restoration_{k}_ci_high"] = zip(*cis)
 unsteered_acc = float(sweep.loc[sweep["method"] == "none", "capability_accuracy"].iloc[0])
 sweep["capability_accuracy_drop"] = unsteered_acc - sweep["capability_accuracy"]
 display(mean_margin.round(4))
-display(sweep.round(4))
+display(sweep.drop(columns=[f"items_{k}" for k in ref]).round(4))
 fig, ax = plt.subplots(figsize=(7.5, 4.4))
 shown = sweep[sweep["method"] != "none"]
 sns.scatterplot(data=shown, x="capability_js", y="restoration_in_domain", hue="method", style="intervention",
@@ -695,11 +699,11 @@ head = shown[(shown["intervention"] == "ablate") | (shown["scale"] == headline_s
 display(Markdown(
     f"In-domain teacher-forced score: base {mean_margin.loc['base', 'in_domain']:.3f}, control "
     f"{mean_margin.loc['control', 'in_domain']:.3f}, EM {mean_margin.loc['EM', 'in_domain']:.3f} nats/token. Centroid "
-    f"and diff-in-means directions: cosine {dir_cos:.3f}. At scale {headline_scale:g}: centroid restores "
-    f"{head.loc['centroid', 'restoration_in_domain']:.0%} (capability JS {head.loc['centroid', 'capability_js']:.4f}), "
-    f"diff-in-means {head.loc['diff_in_means', 'restoration_in_domain']:.0%} "
-    f"({head.loc['diff_in_means', 'capability_js']:.4f}), random {head.loc['random', 'restoration_in_domain']:.0%} "
-    f"({head.loc['random', 'capability_js']:.4f})."))
+    f"and diff-in-means directions: cosine {dir_cos:.3f}. At scale {headline_scale:g} (in-domain restoration, 95% "
+    f"bootstrap CI over items; capability JS in nats): "
+    + "; ".join(f"{m} {head.loc[m, 'restoration_in_domain']:.0%} [{head.loc[m, 'restoration_in_domain_ci_low']:.0%}, "
+                f"{head.loc[m, 'restoration_in_domain_ci_high']:.0%}] (JS {head.loc[m, 'capability_js']:.4f})"
+                for m in ("centroid", "diff_in_means", "random")) + "."))
 
 # %% [markdown]
 # ## 8. Cost
@@ -790,10 +794,10 @@ display(Markdown(
     + f". C2 − C1 {diffs['C2-C1']['difference']:+.1%} (p = {diffs['C2-C1']['p']:.3f}); seed 004's H3 contrast C2 − C2′ "
     f"{diffs['C2-C2prime']['difference']:+.1%} (p = {diffs['C2-C2prime']['p']:.3f}); C3 − C1 "
     f"{diffs['C3-C1']['difference']:+.1%} (p = {diffs['C3-C1']['p']:.3f}).\n"
-    f"- **Reversal, control: a random direction of the same norm.** At scale {headline_scale:g} the centroid direction "
-    f"restores {head.loc['centroid', 'restoration_in_domain']:.0%} of the in-domain teacher-forced score, "
-    f"diff-in-means {head.loc['diff_in_means', 'restoration_in_domain']:.0%}, random "
-    f"{head.loc['random', 'restoration_in_domain']:.0%}.\n"
+    f"- **Reversal, control: a random direction of the same norm.** At scale {headline_scale:g} the in-domain "
+    "teacher-forced score is restored by " + ", ".join(
+        f"{m} {head.loc[m, 'restoration_in_domain']:.0%} {_ci(head.loc[m, 'restoration_in_domain_ci_low'], head.loc[m, 'restoration_in_domain_ci_high'], '.0%')}"
+        for m in ("centroid", "diff_in_means", "random")) + " (bootstrap over items, one EM adapter).\n"
     f"- **Scale.** One LoRA seed; {len(coupling_sources)} coupling sources; {n_samples} samples per (persona, prompt) "
     f"over {len(gen_eval)} prompts; {len(fin_train)} EM training examples; a 135M model. A null here is weak evidence "
     "against the seeds."))
@@ -882,6 +886,8 @@ metrics = {
         "difference_method": "within-bystander permutation test",
     },
     "reversal": {m: {"restoration": _num(head.loc[m, "restoration_in_domain"]),
+                     "restoration_ci": [_num(head.loc[m, "restoration_in_domain_ci_low"]),
+                                        _num(head.loc[m, "restoration_in_domain_ci_high"])],
                      "restoration_broad": _num(head.loc[m, "restoration_broad"]),
                      "capability_damage": float(head.loc[m, "capability_js"]),
                      "capability_accuracy_drop": float(head.loc[m, "capability_accuracy_drop"])} for m in head.index},

@@ -167,3 +167,14 @@ def test_content_lexicon_on_hand_labelled_real_answers():
     assert out["content"]["n"] >= 40 and out["content"]["n_positive"] >= 10
     assert out["content"]["agreement"] >= 0.9 and out["content"]["specificity"] == 1.0
     assert out["content_general"]["agreement"] >= 0.9
+
+
+def test_restoration_ci_brackets_the_point_estimate():
+    rng = np.random.default_rng(3)
+    base = rng.normal(0, 0.1, 30)
+    em = base + 1.0 + rng.normal(0, 0.1, 30)
+    steered = base + 0.5 + rng.normal(0, 0.1, 30)
+    lo, hi = llm_em.restoration_ci(base, em, steered, n_boot=500)
+    point = llm_em.restoration(em.mean(), steered.mean(), base.mean())
+    assert lo < point < hi and 0.35 < lo and hi < 0.65
+    assert np.isnan(llm_em.restoration_ci(base[:2], em[:2], steered[:2])[0])
