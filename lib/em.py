@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lib.ghmm import GHMM, ProcessError, marginals
+from lib.ghmm import GHMM, ProcessError, check_count, check_number, marginals
 from lib.sfp import leaky, restrict_to_sector, sfp_from_blocks
 from lib.steer import final_hook, kl_divergence
 from lib.train import model_inputs
@@ -56,6 +56,10 @@ __all__ = ["EMConfig", "em_process", "em_name", "parse_em_name", "TokenRoles", "
            "EMRecipe", "em_experiment", "reversal_for", "diagnostic_row", "REVERSAL_METHODS", "variant_and_content",
            "answer_positions", "content_merge", "DESIGNS", "with_knobs", "em_rows", "coupling_sweep", "twin_table", "coupling_curve",
            "coupling_contrast", "describe_contrast", "reversal_over_seeds"]
+
+
+#: Largest dense transfer tensor (tokens x states x states, float64) an EM-SFP may ask for.
+EM_MAX_TRANSFER_ENTRIES = 10**8
 
 
 @dataclass(frozen=True)
@@ -75,13 +79,31 @@ class EMConfig:
     leak: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.n_personas < 2 or self.persona_dim < 1 or self.n_tasks < 1:
-            raise ProcessError(f"EM-SFP needs n_personas >= 2, persona_dim >= 1, n_tasks >= 1; got {self}")
+        # types first (a bool is not a size, 1.5 is not a count, a string is not a probability), then ranges
+        for name, minimum in (("n_personas", 2), ("persona_dim", 1), ("n_tasks", 1)):
+            check_count(getattr(self, name), name, minimum, owner="EM-SFP")
         for name in ("mixing", "persona_prior", "correlation", "answer_noise", "coupling", "leak"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ProcessError(f"EM-SFP {name} must lie in [0, 1], got {getattr(self, name)}")
+            value = getattr(self, name)
+            check_number(value, name, owner="EM-SFP")  # bool / string / NaN / inf
+            if not 0.0 <= value <= 1.0:
+                raise ProcessError(f"EM-SFP {name} must lie in [0, 1], got {value!r}")
+        check_number(self.difficulty, "difficulty", owner="EM-SFP")
         if not 0.0 <= self.difficulty < 0.5:
-            raise ProcessError(f"EM-SFP difficulty must lie in [0, 0.5), got {self.difficulty}")
+            raise ProcessError(f"EM-SFP difficulty must lie in [0, 0.5), got {self.difficulty!r}")
+        if not isinstance(self.shared_answers, (bool, np.bool_)):
+            raise ProcessError(
+                f"EM-SFP shared_answers must be True or False, got {self.shared_answers!r} "
+                f"({type(self.shared_answers).__name__})"
+            )
+        n_states = self.n_personas * self.persona_dim * 8 * self.n_tasks
+        n_tokens = 2 * (self.n_tasks + 6 if self.shared_answers else 5 * self.n_tasks + 2)
+        if n_tokens * n_states**2 > EM_MAX_TRANSFER_ENTRIES:
+            raise ProcessError(
+                f"EM-SFP n_personas={self.n_personas}, persona_dim={self.persona_dim}, n_tasks={self.n_tasks} "
+                f"give {n_tokens} tokens x {n_states}^2 states = {n_tokens * n_states**2:.3g} transfer entries, "
+                f"more than the {EM_MAX_TRANSFER_ENTRIES:.0e} (about {EM_MAX_TRANSFER_ENTRIES * 8 / 2**30:.1f} GiB) "
+                "a dense EM-SFP may have"
+            )
 
     def task_difficulties(self) -> np.ndarray:
         """Content-flip probability per task: spread from 0 to ``difficulty`` so tasks differ in difficulty."""
@@ -105,13 +127,19 @@ def parse_em_name(name: str) -> EMConfig:
     valid = {f.name for f in fields(EMConfig)}
     for item in filter(None, (part.strip() for part in body.split(","))):
         key, _, value = item.partition("=")
+        key = key.strip()
         if key not in valid:
             raise ProcessError(f"unknown EM-SFP knob {key!r} in {name!r}; knobs: {', '.join(sorted(valid))}")
+        if key in kwargs:
+            raise ProcessError(f"EM-SFP knob {key!r} is given twice in {name!r}")
         try:
-            kwargs[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError) as error:
+            kwargs[key] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as error:
             raise ProcessError(f"EM-SFP knob {key!r} in {name!r} has an unreadable value {value!r}") from error
-    return EMConfig(**kwargs)
+    try:
+        return EMConfig(**kwargs)
+    except ProcessError as error:
+        raise ProcessError(f"{name!r}: {error}") from None
 
 
 @dataclass(frozen=True)

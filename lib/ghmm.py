@@ -20,6 +20,8 @@ per-factor marginals of beliefs and of next-token distributions.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
@@ -28,6 +30,8 @@ import numpy as np
 __all__ = [
     "GHMM",
     "ProcessError",
+    "check_count",
+    "check_number",
     "marginals",
     "stationary_distribution",
     "entropy",
@@ -41,8 +45,84 @@ __all__ = [
 DEFAULT_TOL = 1e-9
 
 
+#: Relative size of a negative probability that counts as float round-off (clipped to 0 silently);
+#: anything more negative means a generalized HMM that is not a valid process (an error).
+ROUNDOFF = 1e-12
+
+
 class ProcessError(ValueError):
     """A process definition or a request on it is invalid; the message names the problem."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def check_count(value, field: str, minimum: int = 0, owner: str = "") -> int:
+    """``value`` as an int >= ``minimum``; a float (1.5, even 2.0) or a bool (True) is an error naming ``field``."""
+    where = f"{owner}: " if owner else ""
+    if not _is_int(value):
+        raise ProcessError(
+            f"{where}{field} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})"
+        )
+    if value < minimum:
+        raise ProcessError(f"{where}{field} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_number(
+    value, field: str, low: float | None = None, high: float | None = None,
+    low_open: bool = False, high_open: bool = False, owner: str = "",
+) -> float:
+    """``value`` as a finite real number inside the interval; a bool, string or NaN/inf is an error naming ``field``.
+
+    Returns the value unchanged (an int stays an int), so canonical names printed from it do not move.
+    """
+    where = f"{owner}: " if owner else ""
+    rule = "a finite number"
+    if low is not None or high is not None:
+        lo, hi = ("-inf" if low is None else f"{low:g}"), ("inf" if high is None else f"{high:g}")
+        rule += " in " + ("(" if low_open else "[") + f"{lo}, {hi}" + (")" if high_open else "]")
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        raise ProcessError(f"{where}{field} must be {rule}, got {value!r} ({type(value).__name__})")
+    bad = not math.isfinite(value)
+    if low is not None:
+        bad = bad or (value <= low if low_open else value < low)
+    if high is not None:
+        bad = bad or (value >= high if high_open else value > high)
+    if bad:
+        raise ProcessError(f"{where}{field} must be {rule}, got {value!r}")
+    return value
+
+
+def _real_array(value, field: str, name: str) -> np.ndarray:
+    """``value`` as a float64 array; strings, ragged nesting, complex, bool or non-numbers are a ProcessError."""
+    try:
+        raw = np.asarray(value)
+    except (ValueError, TypeError) as error:  # ragged nesting (numpy >= 1.24), odd objects
+        raise ProcessError(
+            f"process {name!r}: {field} must be a rectangular array of real numbers; got a ragged nesting "
+            f"(rows of different lengths) or an unreadable {type(value).__name__}: {_short(value)}"
+        ) from None
+    if raw.dtype.kind == "O":  # Fractions, Decimals, or a nesting numpy could not make rectangular
+        try:
+            raw = raw.astype(np.float64)
+        except (ValueError, TypeError):
+            raise ProcessError(
+                f"process {name!r}: {field} must be a rectangular array of real numbers; got entries that "
+                f"are not numbers or a ragged nesting: {_short(value)}"
+            ) from None
+    if raw.dtype.kind not in "iuf":
+        what = {"U": "strings", "S": "bytes", "b": "booleans", "c": "complex numbers"}.get(raw.dtype.kind, str(raw.dtype))
+        raise ProcessError(
+            f"process {name!r}: {field} must contain real numbers, got {what}: {_short(value)}"
+        )
+    return raw.astype(np.float64)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,8 +159,13 @@ class GHMM:
     tol: float = DEFAULT_TOL
 
     def __post_init__(self) -> None:
-        transfer = np.asarray(self.transfer, dtype=np.float64)
-        initial = np.asarray(self.initial, dtype=np.float64)
+        if not isinstance(self.name, str):
+            raise ProcessError(f"process name must be a string, got {self.name!r}")
+        if not isinstance(self.hmm, (bool, np.bool_)):
+            raise ProcessError(f"process {self.name!r}: hmm must be True or False, got {self.hmm!r}")
+        check_number(self.tol, "tol", 0.0, None, low_open=True, owner=f"process {self.name!r}")
+        transfer = _real_array(self.transfer, "transfer matrices", self.name)
+        initial = _real_array(self.initial, "initial vector", self.name)
         object.__setattr__(self, "transfer", transfer)
         object.__setattr__(self, "initial", initial)
         if transfer.ndim != 3 or transfer.shape[1] != transfer.shape[2] or transfer.shape[0] == 0:
@@ -89,15 +174,19 @@ class GHMM:
                 f"got {transfer.shape}"
             )
         n_states = transfer.shape[1]
-        right = np.ones(n_states) if self.right is None else np.asarray(self.right, dtype=np.float64)
+        right = np.ones(n_states) if self.right is None else _real_array(self.right, "|1>> (right)", self.name)
         object.__setattr__(self, "right", right)
         if initial.shape != (n_states,) or right.shape != (n_states,):
             raise ProcessError(
                 f"process {self.name!r}: initial vector {initial.shape} and |1>> {right.shape} must both "
                 f"have shape ({n_states},) to match the transfer matrices"
             )
-        if not (np.all(np.isfinite(transfer)) and np.all(np.isfinite(initial))):
-            raise ProcessError(f"process {self.name!r}: transfer matrices or initial vector contain NaN/inf")
+        for label, values in (("transfer matrices", transfer), ("initial vector", initial), ("|1>> (right)", right)):
+            if not np.all(np.isfinite(values)):
+                where = tuple(int(i) for i in np.argwhere(~np.isfinite(values))[0])
+                raise ProcessError(
+                    f"process {self.name!r}: {label} must be finite, but entry {where} is {values[where]} (NaN/inf)"
+                )
         if self.hmm:
             if np.any(transfer < -self.tol):
                 x, s, t = np.argwhere(transfer < -self.tol)[0]
@@ -106,7 +195,11 @@ class GHMM:
                     f"T({x})[{s},{t}] = {transfer[x, s, t]:.3g}"
                 )
             if np.any(initial < -self.tol):
-                raise ProcessError(f"process {self.name!r}: an HMM needs a non-negative initial vector")
+                s = int(np.flatnonzero(initial < -self.tol)[0])
+                raise ProcessError(
+                    f"process {self.name!r}: an HMM needs a non-negative initial vector, but "
+                    f"initial[{s}] = {initial[s]:.3g}"
+                )
         row_mass = transfer.sum(axis=0) @ right
         bad = np.flatnonzero(np.abs(row_mass - right) > 1e3 * self.tol)
         if bad.size:
@@ -125,7 +218,14 @@ class GHMM:
 
     def _check_structure(self, n_states: int) -> None:
         if self.partition is not None:
-            flat = sorted(s for sector in self.partition for s in sector)
+            try:
+                flat = sorted(s for sector in self.partition for s in sector)
+            except TypeError:
+                flat = None
+            if flat is None or not all(_is_int(s) for s in flat):
+                raise ProcessError(
+                    f"process {self.name!r}: partition must be sectors of integer state indices, got {self.partition!r}"
+                )
             if flat != list(range(n_states)):
                 raise ProcessError(
                     f"process {self.name!r}: partition {self.partition} must cover each of the "
@@ -133,6 +233,10 @@ class GHMM:
                 )
             if self.partition_labels is not None and len(self.partition_labels) != len(self.partition):
                 raise ProcessError(f"process {self.name!r}: partition_labels and partition differ in length")
+        for label in ("factor_states", "factor_tokens"):
+            dims = getattr(self, label)
+            if dims is not None and (isinstance(dims, (str, bytes)) or not all(_is_int(d) and d >= 1 for d in dims)):
+                raise ProcessError(f"process {self.name!r}: {label} must be integers >= 1, got {dims!r}")
         if self.factor_states is not None and int(np.prod(self.factor_states)) != n_states:
             raise ProcessError(
                 f"process {self.name!r}: factor_states {self.factor_states} do not multiply to {n_states} states"
@@ -200,8 +304,13 @@ class GHMM:
         belief = np.broadcast_to(self.initial, (batch, self.n_states)).copy()
         beliefs[:, 0] = belief
         for t in range(length):
-            unnormalised = np.einsum("bs,bst->bt", belief, self.transfer[seqs[:, t]])
+            step = self.transfer[seqs[:, t]]
+            unnormalised = np.einsum("bs,bst->bt", belief, step)
             mass = unnormalised @ self.right
+            if not self.hmm or np.any(mass < 0):  # an HMM gets here only with entries in [-tol, 0)
+                scale = np.einsum("bs,bst,t->b", np.abs(belief), np.abs(step), np.abs(self.right))
+                mass = self._nonnegative(mass, scale, lambda i: (
+                    f"Pr(x_{t + 1} = {seqs[i[0], t]} | the first {t} tokens of sequence {i[0]})"))
             token_probs[:, t] = np.where(np.isnan(mass), 0.0, mass)
             with np.errstate(invalid="ignore", divide="ignore"):
                 belief = np.where(mass[:, None] > 0, unnormalised / mass[:, None], np.nan)
@@ -233,10 +342,39 @@ class GHMM:
         with np.errstate(divide="ignore"):
             return np.log(token_probs)
 
+    def _nonnegative(self, probs: np.ndarray, scale: np.ndarray, describe) -> np.ndarray:
+        """Probabilities with float round-off around 0 snapped to 0; a real negative one is a ProcessError.
+
+        ``scale`` is the size of the terms summed into each probability (sum of |products|, 1 for a
+        stochastic HMM), so the round-off allowance is ``ROUNDOFF * max(1, scale)`` (plus ``tol`` for an
+        HMM, whose entries may lie in [-tol, 0)). ``describe(index)`` names the offending probability (``index``: a tuple into ``probs``).
+        """
+        allowance = (ROUNDOFF + (self.tol if self.hmm else 0.0)) * np.maximum(1.0, scale)
+        bad = probs < -allowance  # NaN (an impossible prefix) compares False
+        if np.any(bad):
+            index = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ProcessError(
+                f"process {self.name!r} is not a valid process: {describe(index)} = "
+                f"{float(probs[index]):.6g} < 0 (a generalized HMM must give every word a probability >= 0; "
+                f"negatives within {ROUNDOFF:g} x the term size are float round-off and are clipped to 0)"
+            )
+        if self.hmm:  # sums of non-negative terms: a tiny positive value is exact, only negatives are round-off
+            return np.where(probs < 0, 0.0, probs)
+        # a GHMM's terms cancel, so an exact 0 comes out as +-round-off: snap both signs to 0, otherwise a
+        # tiny positive mass would "normalise" a belief of an impossible prefix into garbage
+        return np.where(np.abs(probs) <= allowance, 0.0, probs)
+
     def next_token_probs(self, beliefs: np.ndarray) -> np.ndarray:
-        """Bayes-optimal next-token distribution(s) for belief(s) ``[..., S]`` -> ``[..., X]``."""
-        probs = np.asarray(beliefs) @ self.emission
-        return np.clip(probs, 0.0, None) if self.hmm else probs
+        """Bayes-optimal next-token distribution(s) for belief(s) ``[..., S]`` -> ``[..., X]``.
+
+        For a GHMM a negative probability beyond float round-off raises :class:`ProcessError`.
+        """
+        beliefs = np.asarray(beliefs)
+        probs = beliefs @ self.emission
+        if self.hmm:
+            return np.clip(probs, 0.0, None)
+        scale = np.abs(beliefs) @ np.einsum("xst,t->sx", np.abs(self.transfer), np.abs(self.right))
+        return self._nonnegative(probs, scale, lambda i: f"Pr(next token {i[-1]} | belief {i[:-1] or ''})")
 
     def sample(self, n_sequences: int, length: int, rng: np.random.Generator) -> np.ndarray:
         """Sample ``[n_sequences, length]`` token sequences.
@@ -247,13 +385,13 @@ class GHMM:
         ``[batch, S, S]`` stack of T(token) per position (that copy was most of a toy model's
         training step on a CPU).
         """
-        if n_sequences < 0 or length < 0:
-            raise ProcessError(f"process {self.name!r}: cannot sample {n_sequences} sequences of length {length}")
+        n_sequences = check_count(n_sequences, "n_sequences", 0, owner=f"process {self.name!r}: sample")
+        length = check_count(length, "length", 0, owner=f"process {self.name!r}: sample")
         tokens = np.empty((n_sequences, length), dtype=np.int64)
         belief = np.broadcast_to(self.initial, (n_sequences, self.n_states)).copy()
         emission = self.emission
         for t in range(length):
-            probs = np.clip(belief @ emission, 0.0, None)
+            probs = np.clip(belief @ emission, 0.0, None) if self.hmm else self.next_token_probs(belief)
             cumulative = np.cumsum(probs, axis=1)
             draws = rng.random(n_sequences) * cumulative[:, -1]
             token = np.minimum((draws[:, None] >= cumulative).sum(axis=1), self.n_tokens - 1)
@@ -327,12 +465,18 @@ def mixed_states(process: GHMM, depth: int, decimals: int = 12, max_states: int 
 
     Returns a list of ``(beliefs [N_t, S], probs [N_t])``.
     """
+    depth = check_count(depth, "depth", 0, owner=f"process {process.name!r}: mixed_states")
     beliefs = process.initial[None, :].copy()
     probs = np.ones(1)
     levels = [(beliefs, probs)]
     for t in range(depth):
         unnormalised = np.einsum("ns,xst->nxt", beliefs, process.transfer).reshape(-1, process.n_states)
         mass = unnormalised @ process.right
+        if not process.hmm or np.any(mass < 0):  # GHMM: round-off is snapped to 0, a real negative raises
+            scale = np.einsum("ns,xst,t->nx", np.abs(beliefs), np.abs(process.transfer),
+                              np.abs(process.right)).reshape(-1)
+            mass = process._nonnegative(mass, scale, lambda i: (
+                f"Pr(token {i[0] % process.n_tokens} | mixed state {i[0] // process.n_tokens} at depth {t})"))
         branch = np.repeat(probs, process.n_tokens) * mass
         keep = branch > 1e-300
         unnormalised, mass, branch = unnormalised[keep], mass[keep], branch[keep]
@@ -359,6 +503,7 @@ def optimal_cross_entropy(process: GHMM, length: int, **kwargs) -> np.ndarray:
     Kronecker product the factors' values are summed (tokens are independent), which makes
     products of fractal processes tractable; otherwise the mixed-state tree is enumerated.
     """
+    length = check_count(length, "length", 1, owner=f"process {process.name!r}: optimal_cross_entropy")
     if process.factors:
         return np.sum([optimal_cross_entropy(f, length, **kwargs) for f in process.factors], axis=0)
     levels = mixed_states(process, length - 1, **kwargs)
@@ -367,4 +512,5 @@ def optimal_cross_entropy(process: GHMM, length: int, **kwargs) -> np.ndarray:
 
 def block_entropies(process: GHMM, length: int, **kwargs) -> np.ndarray:
     """Block entropies H(1..length) = H(X_{1:L}) in nats, the running sum of the per-position CE."""
+    length = check_count(length, "length", 1, owner=f"process {process.name!r}: block_entropies")
     return np.cumsum(optimal_cross_entropy(process, length, **kwargs))

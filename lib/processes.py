@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from lib.ghmm import GHMM, ProcessError, stationary_distribution
+from lib.ghmm import GHMM, ProcessError, check_number, stationary_distribution
 
 __all__ = ["z1r", "mess3", "pp_z1r", "pp_mess3", "semi_factored_z1r", "product", "get_process", "REGISTRY", "PRODUCT_SEPARATOR"]
 
@@ -41,6 +41,8 @@ def mess3(x: float = 0.15, alpha: float = 0.6) -> GHMM:
     With beta = (1 - alpha) / 2 and y = 1 - 2x, token a is emitted from state a with weight
     alpha*y (staying) etc. Stationary distribution is uniform by symmetry.
     """
+    check_number(x, "x", owner="mess3")
+    check_number(alpha, "alpha", owner="mess3")
     if not (0 < x < 0.5 and 0 < alpha < 1):
         raise ProcessError(f"mess3 needs 0 < x < 0.5 and 0 < alpha < 1, got x={x}, alpha={alpha}")
     beta, y = (1 - alpha) / 2, 1 - 2 * x

@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from lib.ghmm import GHMM, ProcessError, entropy, marginals
+from lib.ghmm import GHMM, ProcessError, check_number, entropy, marginals
 
 __all__ = [
     "Leak",
@@ -172,8 +172,7 @@ def correlated_sector_prior(
     the coupling, and the mutual information between the factors' sectors increases monotonically
     with c (it is convex along the line from the independent joint, where it is zero).
     """
-    if not 0.0 <= correlation <= 1.0:
-        raise ProcessError(f"sector correlation must lie in [0, 1], got {correlation}")
+    check_number(correlation, "sector correlation", 0.0, 1.0)
     w = np.full(n_subspaces, 1.0 / n_subspaces) if weights is None else np.asarray(weights, dtype=np.float64)
     if w.shape != (n_subspaces,) or np.any(w < 0) or abs(w.sum() - 1) > 1e-9:
         raise ProcessError(f"sector weights must be {n_subspaces} non-negative numbers summing to 1, got {weights}")
@@ -321,8 +320,7 @@ def leaky(process: GHMM, epsilon: float, name: str | None = None) -> GHMM:
     """
     if not process.hmm:
         raise ProcessError("leaky() needs an HMM (all-ones |1>>)")
-    if not 0.0 <= epsilon <= 1.0:
-        raise ProcessError(f"leak epsilon must lie in [0, 1], got {epsilon}")
+    check_number(epsilon, "leak epsilon", 0.0, 1.0)
     n = process.n_states
     mixing = (1 - epsilon) * np.eye(n) + epsilon * np.full((n, n), 1.0 / n)
     return replace(
