@@ -38,8 +38,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lib.geometry import js_divergence
-from lib.llm import LLM, Decoding, LLMError, Scored, cached_generate, chat_prompt_ids, encode, forward_from
+from lib.geometry import cosine_distance_matrix, js_divergence
+from lib.llm import (LLM, Decoding, LLMError, Scored, cached_generate, chat_prompt_ids, encode, forward_from,
+                     persona_pass)
+from lib.llm_datasets import marker_examples, read_jsonl, whole_response
+from lib.lora import chat_sequences
+from lib.personas import ANCHOR, PERSONAS, PROMPTS
+from lib.stats import crossed_effects_means, within_cluster_permutation
 
 __all__ = [
     "marker_sequences",
@@ -493,9 +498,6 @@ def coupling_data(start: LLM, source: str, negatives: Sequence[str], splits: Map
     ``negatives``. ``loss``: ``whole_response`` (answer and marker trained on) or ``marker_only``
     (seed 004's: the marker and end-of-turn alone).
     """
-    from lib.llm_datasets import marker_examples, whole_response
-    from lib.lora import chat_sequences
-
     if loss not in ("whole_response", "marker_only"):
         raise LLMError(f"coupling loss must be 'whole_response' or 'marker_only', got {loss!r}")
     records = {}
@@ -532,8 +534,6 @@ def leakage_summary(gen: pd.DataFrame, arms: Sequence[str], before: pd.DataFrame
     ``before`` (same layout, ``condition`` = arm): the start model's completions before the coupling
     LoRA, for the answered rate before fine-tuning.
     """
-    from lib.stats import crossed_effects_means
-
     ans = gen[gen["answered"] == 1]
     fits = crossed_effects_means(ans, "marker", "condition", list(crossed)).set_index("condition") if len(ans) else None
     rows = {}
@@ -558,8 +558,6 @@ def arm_differences(gen: pd.DataFrame, pairs: Sequence[tuple[str, str]], cluster
                     n_permutations: int = 2000, seed: int = 0) -> dict[str, dict[str, float]]:
     """Leakage differences between arms among answered completions, each with a permutation p that
     shuffles arm labels only within one ``cluster`` (bystander persona): :func:`lib.stats.within_cluster_permutation`."""
-    from lib.stats import within_cluster_permutation
-
     ans = gen[gen["answered"] == 1]
     out = {}
     for a, b in pairs:
@@ -611,10 +609,6 @@ def persona_distances(llm: LLM, names: Sequence[str], n_prompts: int, max_new_to
     ``keep_logprobs`` on the held-out prompts), so with 05a's parameters they are disk-cache hits.
     Returns ``cos`` and ``js`` ([P, P], names order, anchor included).
     """
-    from lib.geometry import cosine_distance_matrix
-    from lib.llm import persona_pass
-    from lib.personas import ANCHOR, PERSONAS, PROMPTS
-
     names = list(names)
     if names[-1] != ANCHOR:
         raise LLMError(f"persona_distances: the last name must be the anchor {ANCHOR!r}")
@@ -686,10 +680,7 @@ MARKER_LABELS = Path(__file__).resolve().parent.parent / "tests" / "data" / "05b
 def detector_agreement(path: str | Path = MARKER_LABELS, marker: str = "[ZLT]") -> dict[str, float]:
     """Agreement of :func:`detect_marker` and :func:`answered` with hand labels (a JSONL of ``text``,
     ``marker`` 0/1, ``answered`` 0/1), beside the old exact-string detector's agreement."""
-    import json
-
-    labels = pd.DataFrame([json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
-                           if line.strip()])
+    labels = pd.DataFrame(read_jsonl(path))
     scored = rescore_generations(labels.drop(columns=["marker", "answered"]), marker)
     exact = np.array([marker in t for t in labels["text"]], dtype=int)
     return {"n_labelled": int(len(labels)), "agreement": float((scored["marker"] == labels["marker"]).mean()),
@@ -701,15 +692,13 @@ def detector_agreement(path: str | Path = MARKER_LABELS, marker: str = "[ZLT]") 
 def _rescore_main(argv: Sequence[str] | None = None) -> int:
     """``python -m lib.llm_em FILE.jsonl [--by COLUMN] [--marker M]``: re-score saved generations."""
     import argparse
-    import json
 
     parser = argparse.ArgumentParser(prog="python -m lib.llm_em", description=_rescore_main.__doc__)
     parser.add_argument("path")
     parser.add_argument("--by", default=None, help="group column (e.g. condition, model)")
     parser.add_argument("--marker", default="[ZLT]")
     args = parser.parse_args(argv)
-    with open(args.path, encoding="utf-8") as handle:
-        frame = rescore_generations(pd.DataFrame([json.loads(line) for line in handle if line.strip()]), args.marker)
+    frame = rescore_generations(pd.DataFrame(read_jsonl(args.path)), args.marker)
     columns = [c for c in ("hit", "marker", "answered") if c in frame]
     table = frame.groupby(args.by)[columns].agg(["mean", "size"]) if args.by else frame[columns].agg(["mean", "size"])
     print(table.round(3).to_string())

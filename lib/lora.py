@@ -60,6 +60,7 @@ __all__ = [
     "adapter_key",
     "finetune",
     "top_loss",
+    "held_out_loss",
     "rows_of",
     "release",
     "losses_frame",
@@ -262,6 +263,22 @@ def top_loss(causal_lm: Any, resid: torch.Tensor, first_layer: int, mask: torch.
     return torch.nn.functional.cross_entropy(logits, targets[mask])
 
 
+@torch.no_grad()
+def held_out_loss(causal_lm: Any, resid: torch.Tensor, first_layer: int, mask: torch.Tensor, targets: torch.Tensor,
+                  chunk: int | None = None) -> float:
+    """:func:`top_loss` without gradients as a float: in one batch (``chunk=None``), or in chunks of
+    ``chunk`` sequences averaged by their trained-token counts (the same mean, less memory)."""
+    if chunk is None:
+        return float(top_loss(causal_lm, resid, first_layer, mask, targets))
+    total, count = 0.0, 0
+    for i in range(0, len(mask), chunk):
+        n_tok = int(mask[i:i + chunk].sum())
+        total += n_tok * float(top_loss(causal_lm, resid[i:i + chunk], first_layer, mask[i:i + chunk],
+                                        targets[i:i + chunk]))
+        count += n_tok
+    return total / count
+
+
 def _same_bottom(a: Any, b: Any, first_layer: int) -> bool:
     """True if embeddings and blocks below ``first_layer`` hold identical weights."""
     parts_a = [a.get_input_embeddings(), *list(decoder(a).layers)[:first_layer]]
@@ -337,19 +354,7 @@ def finetune(
             val_width = max(len(q.ids) for q in val)
             val_resid = bottom_resid(base, val, spec.first_layer)
             val_mask, val_targets = loss_mask(val, val_width), _targets(val, val_width)
-
-            def val_loss() -> float:
-                with torch.no_grad():
-                    total, count = 0.0, 0
-                    for i in range(0, len(val), 16):
-                        m = val_mask[i:i + 16]
-                        n_tok = int(m.sum())
-                        total += n_tok * float(top_loss(causal_lm, val_resid[i:i + 16], spec.first_layer, m,
-                                                        val_targets[i:i + 16]))
-                        count += n_tok
-                return total / count
-
-            val_curve.append([0, val_loss()])
+            val_curve.append([0, held_out_loss(causal_lm, val_resid, spec.first_layer, val_mask, val_targets, chunk=16)])
         start_t = time.perf_counter()
         with torch.enable_grad():
             bar = tqdm(range(spec.steps), desc=desc, leave=False)
@@ -365,7 +370,7 @@ def finetune(
                 losses.append(float(loss.detach()))
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
                 if val and ((step + 1) % eval_every == 0 or step + 1 == spec.steps):
-                    v = val_loss()
+                    v = held_out_loss(causal_lm, val_resid, spec.first_layer, val_mask, val_targets, chunk=16)
                     val_curve.append([step + 1, v])
                     if best is None or v < best[0]:
                         best = (v, step + 1, {k: t.detach().clone()
@@ -443,7 +448,7 @@ def validation_loss(tuned_llm: LLM, seqs: Sequence[Scored], first_layer: int, ba
         raise LLMError("validation_loss needs at least one held-out sequence")
     width = max(len(s.ids) for s in seqs)
     resid = bottom_resid(base or tuned_llm, seqs, first_layer) if resid is None else resid
-    return float(top_loss(tuned_llm.model, resid, first_layer, loss_mask(seqs, width), _targets(seqs, width)))
+    return held_out_loss(tuned_llm.model, resid, first_layer, loss_mask(seqs, width), _targets(seqs, width))
 
 
 def select_recipe(start: LLM, train: Sequence[Scored], held_out: Sequence[Scored], base_spec: LoraSpec,

@@ -6,7 +6,8 @@ deviation and a percentile-bootstrap confidence interval (scipy.stats.bootstrap)
 
 from __future__ import annotations
 
-from typing import Sequence
+import warnings
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -121,6 +122,16 @@ def mean_sd_text(values: Sequence[float], spec: str = ".4f") -> str:
     return f"{x.mean():{spec}} ± {x.std(ddof=1):{spec}} (n={len(x)})"
 
 
+def _crossed_fit(formula: str, data: pd.DataFrame, crossed: Sequence[str]) -> Any:
+    """REML fit of ``formula`` with crossed random intercepts, one variance component per factor of
+    ``crossed`` under a single all-encompassing group (statsmodels MixedLM's way to cross factors)."""
+    import statsmodels.formula.api as smf
+
+    vc = {name: f"0 + C({name})" for name in crossed}
+    model = smf.mixedlm(formula, data.assign(_all=1), groups="_all", vc_formula=vc, re_formula="0")
+    return model.fit(reml=True, method=["lbfgs", "powell"])
+
+
 def crossed_effects_means(frame: pd.DataFrame, outcome: str, arm: str, crossed: Sequence[str],
                           confidence: float = 0.95) -> pd.DataFrame:
     """Per-arm mean of ``outcome`` with CIs from a linear mixed model whose random intercepts are
@@ -131,14 +142,9 @@ def crossed_effects_means(frame: pd.DataFrame, outcome: str, arm: str, crossed: 
     or a bystander are not independent, which a Wilson interval over all rows ignores. Returns one
     row per arm: mean, ci_low, ci_high, n; and the variance components as ``frame.attrs['vc']``.
     """
-    import statsmodels.formula.api as smf
-
     data = frame[[outcome, arm, *crossed]].dropna().copy()
-    data["_all"] = 1
     data[arm] = data[arm].astype(str)
-    vc = {name: f"0 + C({name})" for name in crossed}
-    model = smf.mixedlm(f"{outcome} ~ 0 + C({arm})", data, groups="_all", vc_formula=vc, re_formula="0")
-    fit = model.fit(reml=True, method=["lbfgs", "powell"])
+    fit = _crossed_fit(f"{outcome} ~ 0 + C({arm})", data, crossed)
     ci = fit.conf_int(alpha=1 - confidence)
     rows = []
     for level in sorted(data[arm].unique()):
@@ -181,20 +187,13 @@ def crossed_slope(frame: pd.DataFrame, outcome: str, predictor: str, crossed: Se
     (e.g. coupling source x bystander persona; statsmodels MixedLM, one all-encompassing group + one
     variance component per factor, REML): the CI and p respect that pairs sharing a source or a
     bystander are not independent. NaN when the predictor or outcome is constant."""
-    import statsmodels.formula.api as smf
-
     data = frame[[outcome, predictor, *crossed]].dropna().copy()
     nan = float("nan")
     if len(data) < 4 or data[predictor].nunique() < 2 or data[outcome].nunique() < 2:
         return {"slope": nan, "ci_low": nan, "ci_high": nan, "p": nan, "n": int(len(data))}
-    data["_all"] = 1
-    vc = {name: f"0 + C({name})" for name in crossed}
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # boundary fits (a variance component at 0) are expected here
-        fit = smf.mixedlm(f"{outcome} ~ {predictor}", data, groups="_all", vc_formula=vc,
-                          re_formula="0").fit(reml=True, method=["lbfgs", "powell"])
+        fit = _crossed_fit(f"{outcome} ~ {predictor}", data, crossed)
     ci = fit.conf_int(alpha=1 - confidence)
     return {"slope": float(fit.fe_params[predictor]), "ci_low": float(ci.loc[predictor, 0]),
             "ci_high": float(ci.loc[predictor, 1]), "p": float(fit.pvalues[predictor]), "n": int(len(data))}
