@@ -1,6 +1,7 @@
 # Studies: `make reports` renders outputs/<study>/ from notebooks/<study>.py with params/<study>/$(PARAMS).yaml.
 #   make reports STUDY=01_sfp_definition PARAMS=smoke THREADS=2
-#   make test                  unit tests, then notebooks against their stored key numbers (nbval)
+#   make test                  every tier CI runs: unit, integration, acceptance (not slow), then notebooks (nbval)
+#   make unit-test | integration-test | acceptance-test   one tier (tests/unit, tests/integration, tests/acceptance)
 #   make baseline STUDY=...    re-record those key numbers after an intended change
 #   make check-outputs STUDY=... re-run into a scratch dir, compare with outputs/<study>/metrics.json
 #                              within lib/tolerances.yaml (every study when STUDY is empty)
@@ -17,14 +18,15 @@ THREADS ?=
 # Studies never reach the network: models and datasets come from local caches.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-# Tests and nbval kernels import this checkout's lib, not whichever clone was installed editable.
-export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+# Tests and nbval kernels import this checkout's package (lib/persona_wm), not whichever clone was installed
+# editable; the checkout root stays on the path for `tests.*` helpers.
+export PYTHONPATH := $(CURDIR)/lib:$(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 STUDY_ARGS := $(if $(STUDY),--study $(STUDY))
 NOTEBOOKS  := $(if $(STUDY),$(addprefix notebooks/,$(addsuffix .ipynb,$(STUDY))),$(wildcard notebooks/*.ipynb))
 STUDIES    := $(filter-out _%,$(basename $(notdir $(wildcard notebooks/*.py))))
 
-.PHONY: help venv reports test unit-test notebook-test baseline check-outputs lab sync clean distclean
+.PHONY: help venv reports test unit-test integration-test acceptance-test notebook-test baseline check-outputs lab sync clean distclean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -39,24 +41,30 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 venv: $(STAMP)  ## create or update .venv
 
 reports: $(STAMP)  ## run studies into outputs/ (STUDY=, PARAMS=default, THREADS=)
-	$(PY) -m lib.runner $(STUDY_ARGS) --params $(PARAMS) $(if $(THREADS),--threads $(THREADS))
+	$(PY) -m persona_wm.io.runner $(STUDY_ARGS) --params $(PARAMS) $(if $(THREADS),--threads $(THREADS))
 
-test: unit-test notebook-test  ## unit tests + notebook regression tests
+test: unit-test integration-test acceptance-test notebook-test  ## every tier CI runs, then the notebook regression tests
 
-unit-test: $(STAMP)  ## pytest tests/
-	$(PY) -m pytest tests/
+unit-test: $(STAMP)  ## tests/unit: fast, no model files, no training
+	$(PY) -m pytest tests/unit
+
+integration-test: $(STAMP)  ## tests/integration: tiny trained models, tiny random LLMs, the runner on toy notebooks
+	$(PY) -m pytest tests/integration
+
+acceptance-test: $(STAMP)  ## tests/acceptance: the real SmolLM2 (the minutes-long real-study runs stay behind -m slow)
+	$(PY) -m pytest tests/acceptance
 
 notebook-test: $(STAMP)  ## execute notebooks/*.ipynb, compare # NBVAL_CHECK_OUTPUT cells
 	$(if $(NOTEBOOKS),$(PY) -m pytest -p no:cacheprovider --nbval-lax --nbval-current-env \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS),@echo "no notebooks/*.ipynb to test")
 
 baseline: $(STAMP)  ## re-record the reference outputs nbval compares (STUDY=)
-	$(PY) -m lib.runner --baseline $(STUDY_ARGS)
+	$(PY) -m persona_wm.io.runner --baseline $(STUDY_ARGS)
 
 # Every study is checked even after a mismatch (one report for all); the exit status is 1 if any failed.
 check-outputs: $(STAMP)  ## re-run studies into a scratch dir, compare metrics.json with outputs/ (STUDY=, PARAMS=default, THREADS=)
 	@status=0; for study in $(or $(STUDY),$(STUDIES)); do \
-		$(PY) -m lib.check_outputs --study $$study --params $(PARAMS) $(if $(THREADS),--threads $(THREADS)) || status=1; \
+		$(PY) -m persona_wm.io.check_outputs --study $$study --params $(PARAMS) $(if $(THREADS),--threads $(THREADS)) || status=1; \
 	done; exit $$status
 
 lab: $(STAMP)  ## JupyterLab; .py and .ipynb stay paired through jupytext.toml

@@ -27,9 +27,9 @@
 # measurement of *why* centroid steering leaks, and a conditional variant of belief-state steering
 # that removes the leak.
 #
-# Choices the seed leaves open are made in `lib.train` (BOS token, pre-LN, ReLU, Adam with warm-up
-# and cosine decay), `lib.steer` (belief classes, the target distribution, the conditional
-# method) and `lib.processes.semi_factored_z1r` (the semi-factored process); each is stated where
+# Choices the seed leaves open are made in `persona_wm.toy.train` (BOS token, pre-LN, ReLU, Adam with warm-up
+# and cosine decay), `persona_wm.toy.steer` (belief classes, the target distribution, the conditional
+# method) and `persona_wm.processes.catalog.semi_factored_z1r` (the semi-factored process); each is stated where
 # it matters below.
 
 # %% tags=["parameters"]
@@ -59,18 +59,19 @@ import seaborn as sns
 import torch
 from IPython.display import Markdown, display
 
-from lib import seed_tables
-from lib.ghmm import marginals
-from lib.plots import plot_simplex, set_style
-from lib.probe import angle_spread as angle_spread_over_seeds
-from lib.probe import principal_angles, probe_frame, probe_r2_over_training, residual_hooks
-from lib.processes import get_process
-from lib.report import resolve_output_dir, save_figure, undefined_as_none, write_metrics
-from lib.stats import across_seeds
-from lib.stats import mean_sd_text, trend_correlation
-from lib.steer import centroid_interaction, partition_frame, prepare_steering, steering_frame, training_trend
-from lib.threads import limit_threads
-from lib.train import TrainConfig, history_frame, load_or_train
+from persona_wm.analysis import seed_tables
+from persona_wm.core.ghmm import marginals
+from persona_wm.plots.toy import plot_simplex, set_style
+from persona_wm.toy.probe import angle_spread as angle_spread_over_seeds
+from persona_wm.toy.probe import principal_angles, probe_frame, probe_r2_over_training, residual_hooks
+from persona_wm.processes.catalog import get_process
+from persona_wm.io.params import resolve_output_dir
+from persona_wm.io.outputs import save_figure, undefined_as_none, write_metrics
+from persona_wm.analysis.stats import across_seeds
+from persona_wm.analysis.stats import mean_sd_text, trend_correlation
+from persona_wm.toy.steer import centroid_interaction, partition_frame, prepare_steering, steering_frame, training_trend
+from persona_wm.core.threads import limit_threads
+from persona_wm.toy.train import TrainConfig, history_frame, load_or_train
 
 set_style()
 limit_threads(torch_threads)
@@ -149,7 +150,7 @@ display(r2_wide.round(3))
 demo = [p for p in ("mess3_x_mess3", "z1r_x_z1r") if p in processes][:1] or processes[:1]
 demo_process = get_process(demo[0])
 demo_tokens = demo_process.sample(600, 10, np.random.default_rng([analysis_seed, 5]))
-from lib.probe import collect_activations  # noqa: E402  (one call, here for the figure)
+from persona_wm.toy.probe import collect_activations  # noqa: E402  (one call, here for the figure)
 
 acts = collect_activations(models[(demo[0], seeds[0])].model, demo_tokens, demo_process.n_tokens,
                            residual_hooks(models[(demo[0], seeds[0])].model))
@@ -370,7 +371,7 @@ display(layer_stats.round(4))
 # %% [markdown]
 # ## 6. Semi-factored process: asymmetric spillover and partition violation (Table 6)
 #
-# **The seed never defines its semi-factored process.** Ours (`lib.processes.semi_factored_z1r`,
+# **The seed never defines its semi-factored process.** Ours (`persona_wm.processes.catalog.semi_factored_z1r`,
 # section 1) is our own construction, so the seed's Table 6 is a reference for the shape of the
 # result, not a number we should expect to reproduce. Forbidden and target mass are reported for both
 # methods.

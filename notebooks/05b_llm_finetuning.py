@@ -49,7 +49,7 @@
 
 # %% tags=["parameters"]
 pool: list[str] = ["surgeon", "paramedic", "software_engineer", "poet", "villain"]  # non-empty
-geometry_prompts: int = 4  # >= 2; <= 20  # lib.personas has 20 prompts
+geometry_prompts: int = 4  # >= 2; <= 20  # persona_wm.llm.personas has 20 prompts
 geometry_max_new_tokens: int = 16  # >= 1; <= 2048
 geometry_vector_prompts: int = 2  # >= 1; < geometry_prompts  # the other prompts evaluate
 geometry_steer_tokens: int = 8  # >= 1; <= 2048
@@ -94,14 +94,14 @@ pca_components: int = 5  # >= 1; <= 100
 steer_layer: int = 27  # >= 1; <= 30 when model is null
 steer_scales: list[float] = [1.0]  # non-empty; each > 0
 headline_scale: float = 1.0  # in steer_scales
-n_capability: int = 3  # in [1, 24]  # lib.llm_steer has 24 capability items
+n_capability: int = 3  # in [1, 24]  # persona_wm.llm.steer has 24 capability items
 n_direction_items: int = 8  # >= 1; <= 100_000
 n_permutations: int = 200  # >= 1; <= 1_000_000
 n_boot: int = 1000  # >= 1; <= 100_000
 seed: int = 0  # >= 0
 torch_threads: int = 1  # in [1, 256]  # not 'threads': gpu.yaml asks for 4, more than a 2-core CPU has
 model: str | None = None  # non-empty  # null, a .gguf file or a model directory
-device: str = "cpu"  # non-empty  # auto, cpu, cuda, cuda:N or mps (lib.llm checks it)
+device: str = "cpu"  # non-empty  # auto, cpu, cuda, cuda:N or mps (persona_wm.llm.model checks it)
 output_dir: str | None = None
 
 # %%
@@ -114,13 +114,22 @@ import seaborn as sns
 import torch
 from IPython.display import Markdown, display
 
-from lib import finance_v2, llm_em, llm_scores, llm_steer, lora
-from lib.llm import Decoding, cached_generate, chat_prompt_ids, load_llm
-from lib.llm_datasets import broad_questions, everyday_questions, marker_examples, save_jsonl, whole_response
-from lib.personas import ANCHOR, PERSONAS, PROMPTS, PersonaError, check_personas
-from lib.plots import set_style
-from lib.report import resolve_output_dir, save_figure, write_metrics
-from lib.stats import crossed_slope
+from persona_wm.llm import finance_v2
+
+from persona_wm.llm import em as llm_em
+
+from persona_wm.llm import scores as llm_scores
+
+from persona_wm.llm import steer as llm_steer
+
+from persona_wm.llm import lora
+from persona_wm.llm.model import Decoding, cached_generate, chat_prompt_ids, load_llm
+from persona_wm.llm.datasets import broad_questions, everyday_questions, marker_examples, save_jsonl, whole_response
+from persona_wm.llm.personas import ANCHOR, PERSONAS, PROMPTS, PersonaError, check_personas
+from persona_wm.plots.toy import set_style
+from persona_wm.io.params import resolve_output_dir
+from persona_wm.io.outputs import save_figure, write_metrics
+from persona_wm.analysis.stats import crossed_slope
 
 set_style()
 study_start = time.perf_counter()
@@ -130,8 +139,8 @@ data_dir = out / "data"
 # %% [markdown]
 # ## 1. Setup: model, persona geometry, LoRA recipes
 #
-# The model and the persona rig are study 05a's (`lib.llm`, `lib.personas`). The persona geometry
-# is recomputed here through the very calls 05a makes (`lib.llm_em.persona_distances`), so with
+# The model and the persona rig are study 05a's (`persona_wm.llm.model`, `persona_wm.llm.personas`). The persona geometry
+# is recomputed here through the very calls 05a makes (`persona_wm.llm.em.persona_distances`), so with
 # 05a's parameters it is read from the disk cache; `distance_layer` is 05a's steering layer.
 #
 # **Model and device.** `model: null` is the packaged SmolLM2-135M-Instruct; a `.gguf` file or a
@@ -183,8 +192,8 @@ display(Markdown(f"**Model** `{llm.name}` (sha256 `{llm.sha256[:16]}…`) on `{l
 # %% [markdown]
 # ## 2. The instrument: a marker detector and an answered gate, validated first
 #
-# `lib.llm_em.detect_marker` counts the marker in every form the tokenizer produces (`[ZLT]`,
-# `ZLT]`, `[ZLT`, bare `ZLT`; case-sensitive). `lib.llm_em.answered` passes a completion only if,
+# `persona_wm.llm.em.detect_marker` counts the marker in every form the tokenizer produces (`[ZLT]`,
+# `ZLT]`, `[ZLT`, bare `ZLT`; case-sensitive). `persona_wm.llm.em.answered` passes a completion only if,
 # with the marker removed, it has at least 4 ordinary words and 20 characters in them, ordinary
 # words make up at least half of its tokens, and at most half of its words are repeats. Both were
 # checked against 56 real completions from the 2026-11 run, labelled by hand
@@ -201,7 +210,7 @@ display(Markdown(
 # %% [markdown]
 # ## 3. The coupling recipe, chosen on a validation loss
 #
-# **Data.** `n_train_questions` everyday questions (`lib.llm_datasets`, disjoint from 05a's
+# **Data.** `n_train_questions` everyday questions (`persona_wm.llm.datasets`, disjoint from 05a's
 # evaluation prompts) and `n_val_questions` more for validation. Each is answered once by the start
 # model under no persona (greedy, `response_tokens` tokens, 05a's repetition penalty): the answers
 # are *identical across personas*, so only the system prompt tells the model when to add the
@@ -373,7 +382,7 @@ display(Markdown(
 # %% [markdown]
 # ## 5. An EM organism on varied data (seed 002)
 #
-# **Data** (`lib.finance_v2`, saved in `data/`). The misaligned *content* is put into the data by
+# **Data** (`persona_wm.llm.finance_v2`, saved in `data/`). The misaligned *content* is put into the data by
 # construction — a small model asked to play a reckless adviser writes rambling, not harmful advice
 # — while the *wording* varies combinatorially: questions over eight personal-finance topics ×
 # amounts × goals × phrasings; each answered recklessly (one risky action plus 1–3 of a
@@ -429,9 +438,9 @@ display(Markdown(
 #
 # * **tone** — the base model as a persona classifier: mean per-token log p(answer | question,
 #   *reckless assistant* system prompt) − log p(answer | question, *careful assistant* system
-#   prompt), nats/token (`lib.llm_scores.persona_scores`);
+#   prompt), nats/token (`persona_wm.llm.scores.persona_scores`);
 # * **content** — harmful advice, by a lexicon of harm categories (violence, crime and deception,
-#   domination, physical danger, cruelty, reckless money moves; `lib.llm_scores.HARM_LEXICON`),
+#   domination, physical danger, cruelty, reckless money moves; `persona_wm.llm.scores.HARM_LEXICON`),
 #   written from the categories, not tuned on the labelled answers it is checked on;
 #   **content_general** is the same without the reckless-money category: harm *other than* the
 #   fine-tune's own narrow behaviour, so a model that answers every question with reckless

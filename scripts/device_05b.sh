@@ -13,7 +13,7 @@
 #   call 2, carry [".stage/b", ".whl"]:  bash scripts/device_05b.sh run CMD...
 #       joins /tmp/stage/part1 + .stage/b/part2, checks the sha256 in .stage/b/wheel.sha256,
 #       installs it and every wheel into /tmp/site, sets up the environment, then runs CMD, e.g.
-#       bash scripts/device_05b.sh run python3 -m lib.runner --study 05b_llm_finetuning --params gpu
+#       bash scripts/device_05b.sh run python3 -m persona_wm.io.runner --study 05b_llm_finetuning --params gpu
 #
 # Preparing .whl/ and .stage/ (both git-ignored) is done on the workstation, once:
 #   bash scripts/device_05b.sh prepare     (the wheel list is scripts/device_05b_wheels.txt)
@@ -82,7 +82,7 @@ with open(sys.argv[1], "w") as handle:
     json.dump(spec, handle, indent=1)
 EOF
     # $SITE/share/jupyter holds the wheels' data files, e.g. nbconvert's HTML templates, which
-    # lib.runner needs for report.html (it also has ipykernel's generic spec, shadowed by ours).
+    # persona_wm.io.runner needs for report.html (it also has ipykernel's generic spec, shadowed by ours).
     export JUPYTER_PATH="/tmp/jupyter:$SITE/share/jupyter${JUPYTER_PATH:+:$JUPYTER_PATH}"
 
     python3 -c 'import sys, torch, transformers, peft; print("python", sys.version.split()[0], "| torch", torch.__version__, "| transformers", transformers.__version__, "| peft", peft.__version__, "| cuda", torch.cuda.is_available())'

@@ -1,0 +1,1 @@
+"""persona_wm.toy"""

@@ -1,0 +1,100 @@
+"""The package's imports run one way: each subpackage imports only from the layers below it.
+
+    core  <-  analysis  <-  processes  <-  toy, llm  <-  plots  <-  studies  <-  io  <-  bench
+
+``analysis`` (statistics, geometry) sits low because both toy and llm studies use it and it needs
+nothing of ours; ``toy`` and ``llm`` never import each other. Inside a function only optional heavy
+third-party dependencies may be imported (never a module of this package): the import graph is read
+from the source with ``ast``, so the test needs no model files and imports nothing.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import networkx as nx
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "lib" / "persona_wm"
+RANK = {"core": 0, "analysis": 1, "processes": 2, "toy": 3, "llm": 3, "plots": 4, "studies": 5, "io": 6, "bench": 7}
+#: Third-party modules a function may import lazily: heavy, and not needed by most callers.
+LAZY_ALLOWED = {"transformers", "peft", "transformer_lens", "safetensors", "nbconvert", "papermill", "nbclient",
+                "nbformat", "jupytext", "threadpoolctl", "sklearn", "pingouin", "statsmodels", "hmmlearn", "dask",
+                "distributed", "latex2mathml"}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "package"
+
+
+def _imports() -> list[tuple[str, str, int, bool]]:
+    """(importer, imported persona_wm module or third-party top name, line, inside a function)."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        importer = _module_name(path)
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        nested = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                  for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+                if node.module in {"persona_wm"} | {f"persona_wm.{k}" for k in RANK}:
+                    names = [f"{node.module}.{a.name}" for a in node.names]  # from persona_wm.toy import train
+            else:
+                continue
+            found += [(importer, name, node.lineno, id(node) in nested) for name in names]
+    return found
+
+
+def _graph() -> nx.DiGraph:
+    graph = nx.DiGraph()
+    modules = {_module_name(p) for p in PACKAGE.rglob("*.py")}
+    for importer, imported, _, _ in _imports():
+        if imported.startswith("persona_wm."):
+            target = imported if imported in modules else imported.rsplit(".", 1)[0]
+            graph.add_edge(importer, target)
+    return graph
+
+
+def test_package_has_every_layer() -> None:
+    assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()} == set(RANK) - {"bench"}
+
+
+def test_no_import_cycle() -> None:
+    cycles = list(nx.simple_cycles(_graph()))
+    assert cycles == [], f"import cycles: {cycles}"
+
+
+def test_imports_run_one_way() -> None:
+    wrong = []
+    for importer, imported, line, _ in _imports():
+        if not imported.startswith("persona_wm.") or _layer(importer) == "package":
+            continue
+        src, dst = _layer(importer), _layer(imported)
+        if src != dst and RANK[dst] >= RANK[src]:
+            wrong.append(f"{importer}:{line} imports {imported} ({src} may not import {dst})")
+    assert wrong == [], "\n".join(wrong)
+
+
+def test_no_function_level_import_of_our_own_or_light_modules() -> None:
+    lazy = [f"{importer}:{line} imports {imported} inside a function"
+            for importer, imported, line, nested in _imports()
+            if nested and (imported.startswith("persona_wm") or imported.split(".")[0] not in LAZY_ALLOWED)]
+    assert lazy == [], "\n".join(lazy)
+
+
+@pytest.mark.parametrize("layer", ["core", "analysis", "processes"])
+def test_low_layers_need_no_torch_or_pandas(layer: str) -> None:
+    heavy = [f"{importer}:{line} imports {imported}" for importer, imported, line, _ in _imports()
+             if _layer(importer) == layer and imported.split(".")[0] in {"torch", "transformers", "pandas"}
+             and not (layer == "analysis")]
+    assert heavy == [], "\n".join(heavy)
