@@ -115,3 +115,36 @@ def test_mixing_one_makes_coupling_c_and_one_minus_c_the_same_process() -> None:
                                atol=1e-12)
     c = get_process("em(coupling=0.25)")  # with style evidence (mixing 0.5) they differ
     assert not np.allclose(a.next_token_probs(a.beliefs(tokens)), c.next_token_probs(c.beliefs(tokens)))
+
+
+@pytest.mark.parametrize("params_file", ["03_em_reversal/default.yaml", "03_em_reversal/smoke.yaml",
+                                         "04_persona_engineering/default.yaml", "04_persona_engineering/full.yaml"])
+def test_recipe_from_params_reads_every_knob_of_a_study_params_file(params_file: str) -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from persona_wm.toy.em import EMRecipe
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[2] / "params" / params_file).read_text())
+    recipe = EMRecipe.from_params(params)
+    assert (recipe.base_steps, recipe.ft_steps, recipe.ft_lr, recipe.d_model) == (
+        params["base_steps"], params["ft_steps"], params["ft_lr"], params["d_model"])
+    assert recipe.eval_sequences == 512  # not a study parameter: the recipe's own default
+    base = recipe.base_config("em()", 3)
+    tuned = recipe.finetune_config("em()", 3, parse_em_name("em()"))
+    assert (base.steps, base.batch_size, base.lr, base.seed) == (params["base_steps"], params["base_batch"],
+                                                                 params["base_lr"], 3)
+    assert (tuned.steps, tuned.batch_size, tuned.lr, tuned.init_from) == (params["ft_steps"], params["ft_batch"],
+                                                                          params["ft_lr"], base)
+
+
+def test_recipe_from_params_names_missing_knobs_and_ignores_other_entries() -> None:
+    from persona_wm.toy.em import EMRecipe
+
+    knobs = {"d_model": 8, "n_layers": 1, "base_steps": 5, "base_batch": 4, "base_lr": 0.01, "ft_steps": 2,
+             "ft_batch": 4, "ft_lr": 0.001}
+    assert EMRecipe.from_params({**knobs, "n_contexts": 3, "seeds": [0]}) == EMRecipe(**knobs)
+    assert EMRecipe.from_params({**knobs, "eval_sequences": 64}).eval_sequences == 64
+    with pytest.raises(KeyError, match="lack the recipe knob\\(s\\) base_lr, ft_steps"):
+        EMRecipe.from_params({k: v for k, v in knobs.items() if k not in ("base_lr", "ft_steps")})

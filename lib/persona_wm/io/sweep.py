@@ -42,8 +42,7 @@ def _job(args: tuple) -> dict:
 
     if cache_dir:
         train.CACHE_DIR = Path(cache_dir)
-    recipe = EMRecipe(**{k: params[k] for k in ("d_model", "n_layers", "base_steps", "base_batch", "base_lr",
-                                                 "ft_steps", "ft_batch", "ft_lr")})
+    recipe = EMRecipe.from_params(params)
     try:
         return engineering_row(axis, name, seed, recipe, params["n_contexts"], params["analysis_seed"])
     except Exception as error:  # one failed point must not lose the whole grid; it is reported

@@ -6,8 +6,10 @@ names are re-exported here so that a study needs one import.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, fields
 from dataclasses import replace as dc_replace
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -289,17 +291,33 @@ def persona_specificity(model, process: GHMM, config: EMConfig, contexts: dict[i
 
 @dataclass(frozen=True)
 class EMRecipe:
-    """Architecture, pretraining and narrow fine-tuning settings shared by every EM experiment."""
+    """Architecture, pretraining and narrow fine-tuning settings shared by every EM experiment.
 
-    d_model: int = 32
-    n_layers: int = 2
-    base_steps: int = 250
-    base_batch: int = 128
-    base_lr: float = 0.003
-    ft_steps: int = 40
-    ft_batch: int = 64
-    ft_lr: float = 0.0002
+    The knobs have no defaults here: their values are a study's parameters (``params/<study>/*.yaml``
+    and the notebook's parameters cell), read by :meth:`from_params` — the one place that maps
+    parameters to a recipe, used by the notebooks and by :mod:`persona_wm.io.sweep`.
+    """
+
+    d_model: int
+    n_layers: int
+    base_steps: int
+    base_batch: int
+    base_lr: float
+    ft_steps: int
+    ft_batch: int
+    ft_lr: float
     eval_sequences: int = 512
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> EMRecipe:
+        """The recipe whose knobs are the same-named entries of ``params`` (a params file's mapping, or a
+        notebook's ``globals()``); other entries are ignored, ``eval_sequences`` keeps its default unless given.
+        """
+        knobs = [f for f in fields(cls) if f.init]
+        missing = [f.name for f in knobs if f.name not in params and f.default is MISSING]
+        if missing:
+            raise KeyError(f"EMRecipe.from_params: parameters lack the recipe knob(s) {', '.join(missing)}")
+        return cls(**{f.name: params[f.name] for f in knobs if f.name in params})
 
     def base_config(self, process: str, seed: int):
 
