@@ -27,6 +27,8 @@ STUDY = "90_demo"
 DEMO_NOTEBOOK = '''\
 # %% [markdown]
 # # Demo study for the runner tests
+#
+# The word probability is $\\Pr(w)$.
 
 # %% tags=["parameters"]
 seed: int = 0
@@ -96,6 +98,9 @@ def test_successful_run_writes_report_html_and_metrics(repo: Path, capsys: pytes
     assert pythonpath[:2] == [str(repo / "lib"), str(repo)]  # the checkout's own package comes first
     html = (out / "report.html").read_text()
     assert "seed = 7" in html
+    # readable offline: the markdown's TeX is MathML, no CDN MathJax/require.js; report.ipynb keeps the TeX
+    assert "<math" in html and "mathjax" not in html.lower() and "<script src=" not in html
+    assert r"$\Pr(w)$" in nbformat.read(out / "report.ipynb", as_version=4).cells[0].source
     report_nb = nbformat.read(out / "report.ipynb", as_version=4)
     injected = [c for c in report_nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert len(injected) == 1

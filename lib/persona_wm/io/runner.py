@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import errno
 import functools
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from persona_wm.core.files import atomic_write_text
+from persona_wm.io.mathml import MathMLPreprocessor, strip_mathjax
 from persona_wm.io.params import (
     OUTPUT_DIR_PARAM,
     REPO_ROOT,
@@ -257,10 +259,13 @@ def _write_notebook(notebook: Any, path: Path) -> None:
 
 
 def _export_html(notebook: Any, path: Path) -> None:
+    """report.html, readable offline: math rendered to MathML at export, no CDN script (io.mathml)."""
     from nbconvert import HTMLExporter
 
-    body, _ = HTMLExporter().from_notebook_node(notebook)
-    atomic_write_text(path, body)
+    exporter = HTMLExporter()
+    exporter.register_preprocessor(MathMLPreprocessor(), enabled=True)
+    body, _ = exporter.from_notebook_node(copy.deepcopy(notebook))  # the saved report.ipynb keeps its TeX
+    atomic_write_text(path, strip_mathjax(body))
 
 
 def _swap_into_place(tmp: Path, final: Path) -> Path:
