@@ -14,6 +14,7 @@ STAMP   := $(VENV)/.installed
 STUDY   ?=
 PARAMS  ?= default
 THREADS ?=
+DEVICE  ?=
 
 # Studies never reach the network: models and datasets come from local caches.
 export HF_HUB_OFFLINE := 1
@@ -40,8 +41,8 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 
 venv: $(STAMP)  ## create or update .venv
 
-reports: $(STAMP)  ## run studies into outputs/ (STUDY=, PARAMS=default, THREADS=)
-	$(PY) -m persona_wm.io.runner $(STUDY_ARGS) --params $(PARAMS) $(if $(THREADS),--threads $(THREADS))
+reports: $(STAMP)  ## run studies into outputs/ (STUDY=, PARAMS=default, THREADS=, DEVICE=cpu|cuda|auto)
+	$(PY) -m persona_wm.io.runner $(STUDY_ARGS) --params $(PARAMS) $(if $(THREADS),--threads $(THREADS)) $(if $(DEVICE),--device $(DEVICE))
 
 test: unit-test integration-test acceptance-test notebook-test  ## every tier CI runs, then the notebook regression tests
 

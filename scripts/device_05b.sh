@@ -18,9 +18,9 @@
 # Preparing .whl/ and .stage/ (both git-ignored) is done on the workstation, once:
 #   bash scripts/device_05b.sh prepare     (the wheel list is scripts/device_05b_wheels.txt)
 set -euo pipefail
+source "$(dirname "$0")/device_env.sh"   # device_setup, $SITE
 
 STAGE=/tmp/stage   # survives between calls while the machine stays warm
-SITE=/tmp/site     # --target install dir; put first on PYTHONPATH so it shadows the image
 
 die() { echo "device_05b: $*" >&2; exit 1; }
 
@@ -58,32 +58,9 @@ run() {
         exit 1
     fi
 
-    # 2. Install everything into /tmp/site: no index (no internet), no dependency resolution
-    #    (the wheel set was resolved on the workstation against the image's packages).
+    # 2. Install everything into $SITE and set up the environment (scripts/device_env.sh).
     shopt -s nullglob
-    PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$SITE" "$STAGE/model/$name" "$STAGE"/*.whl .whl/*.whl
-
-    # 3. Environment, inherited by the Jupyter kernel that papermill starts.
-    export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-    export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
-    export JUPYTER_PLATFORM_DIRS=1   # jupyter_core 5: use platformdirs, no migration warning
-    python3 -c 'import ipykernel' || die "ipykernel is not importable from $SITE: check .whl/"
-    # An explicit python3 kernelspec first on JUPYTER_PATH, so the kernel runs this very
-    # interpreter (and so sees /tmp/site) even if the image ships another 'python3' kernelspec.
-    local kdir=/tmp/jupyter/kernels/python3
-    mkdir -p "$kdir"
-    python3 - "$kdir/kernel.json" <<'EOF'
-import json, sys
-spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python 3 (ipykernel)", "language": "python",
-        "metadata": {"debugger": False}}
-with open(sys.argv[1], "w") as handle:
-    json.dump(spec, handle, indent=1)
-EOF
-    # $SITE/share/jupyter holds the wheels' data files, e.g. nbconvert's HTML templates, which
-    # persona_wm.io.runner needs for report.html (it also has ipykernel's generic spec, shadowed by ours).
-    export JUPYTER_PATH="/tmp/jupyter:$SITE/share/jupyter${JUPYTER_PATH:+:$JUPYTER_PATH}"
+    device_setup "$STAGE/model/$name" "$STAGE"/*.whl .whl/*.whl
 
     python3 -c 'import sys, torch, transformers, peft; print("python", sys.version.split()[0], "| torch", torch.__version__, "| transformers", transformers.__version__, "| peft", peft.__version__, "| cuda", torch.cuda.is_available())'
 

@@ -55,6 +55,9 @@ CHECK_OUTPUT_MARKER = "# NBVAL_CHECK_OUTPUT"
 #: Studies must never reach the network: models and data come from local caches.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 THREADS_PARAM = "torch_threads"
+#: Read by persona_wm.toy.train.default_device in the kernel; set by --device (make reports DEVICE=cuda).
+DEVICE_ENV = "PERSONA_WM_DEVICE"
+DEVICES = ("cpu", "cuda", "auto")
 #: Exit status after Ctrl-C (128 + SIGINT), as a shell reports it.
 INTERRUPTED_EXIT = 130
 #: ``.tmp-<study>-<pid>-<random>`` (a run in progress) and ``.old-<study>-<pid>-<random>`` (the
@@ -473,6 +476,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--params", default="default", metavar="NAME", help="params/<study>/NAME.yaml (default: %(default)s)")
     add("--threads", type=_positive_int, metavar="N", help="OMP/MKL threads (and torch_threads, if declared)")
     add("--output-root", type=Path, metavar="DIR", help="write DIR/<study> instead of outputs/<study>")
+    add("--device", choices=DEVICES, help="where toy models train and run: cpu, cuda, or auto (cuda when present; "
+        "the default); exported to the kernel as " + DEVICE_ENV)
     add("--baseline", action="store_true", help="refresh the nbval reference outputs in notebooks/*.ipynb")
     args = parser.parse_args(argv)
     if args.baseline and (args.params != "default" or args.threads is not None or args.output_root is not None):
@@ -509,6 +514,8 @@ def main(argv: Sequence[str] | None = None, root: Path = REPO_ROOT) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing written", file=sys.stderr)
         return INTERRUPTED_EXIT
+    if args.device is not None:
+        os.environ[DEVICE_ENV] = args.device  # the kernel inherits it (persona_wm.toy.train.default_device)
     return _run_reports(params, args.params, root, args.threads, args.output_root)
 
 

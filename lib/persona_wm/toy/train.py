@@ -45,7 +45,8 @@ from persona_wm.core.files import REPO_ROOT
 from persona_wm.core.ghmm import GHMM, entropy
 from persona_wm.core.sfp import restrict_to_sector
 from persona_wm.core.threads import limit_threads
-from persona_wm.processes.catalog import get_process
+from persona_wm.processes import get_process
+from persona_wm.toy.hooks import batched_forward, model_inputs
 
 __all__ = ["TrainConfig", "TrainedModel", "train", "load_or_train", "evaluate", "model_inputs",
            "build_model", "cache_path", "default_device"]
@@ -163,7 +164,14 @@ class TrainedModel:
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """``$PERSONA_WM_DEVICE`` (cpu, cuda or auto; set by ``runner --device`` / ``make reports DEVICE=``), else auto:
+    cuda when present."""
+    wanted = os.environ.get("PERSONA_WM_DEVICE", "auto") or "auto"
+    if wanted not in ("cpu", "cuda", "auto"):
+        raise ValueError(f"PERSONA_WM_DEVICE must be cpu, cuda or auto, got {wanted!r}")
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("PERSONA_WM_DEVICE=cuda but torch sees no CUDA device")
+    return "cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu"
 
 
 def build_model(config: TrainConfig, process: GHMM, device: str | torch.device = "cpu"):
@@ -180,13 +188,6 @@ def build_model(config: TrainConfig, process: GHMM, device: str | torch.device =
     with warnings.catch_warnings():  # 3.9 warns that HookedTransformer goes away in 4.0: we pin 3.9
         warnings.simplefilter("ignore", DeprecationWarning)
         return HookedTransformer(cfg)
-
-
-def model_inputs(tokens: np.ndarray, n_tokens: int, device: str | torch.device = "cpu") -> torch.Tensor:
-    """``[B, L]`` process tokens -> ``[B, L + 1]`` model input with BOS (= n_tokens) prepended."""
-    tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=device)
-    bos = torch.full((tokens.shape[0], 1), n_tokens, dtype=torch.long, device=device)
-    return torch.cat([bos, tokens], dim=1)
 
 
 def _learning_rate(config: TrainConfig, step: int) -> float:
@@ -206,13 +207,8 @@ def evaluate(model, process: GHMM, tokens: np.ndarray, batch: int = 4096) -> dic
     captured = (uniform - model) / (uniform - optimal), all averaged over sequences and positions
     1..L+1 (the final position predicts the token after the context).
     """
-    device = next(model.parameters()).device
     p_opt = process.next_token_probs(process.beliefs(tokens))  # [B, L+1, X]
-    log_p = []
-    for start in range(0, len(tokens), batch):
-        logits = model(model_inputs(tokens[start:start + batch], process.n_tokens, device))
-        log_p.append(torch.log_softmax(logits.double(), dim=-1).cpu().numpy())
-    log_p = np.concatenate(log_p)
+    log_p = batched_forward(model, tokens, process.n_tokens, batch=batch, output="log_probs").probs
     model_ce = float(np.mean(-(p_opt * log_p).sum(-1)))
     optimal_ce = float(np.mean(entropy(p_opt)))
     uniform_ce = float(np.log(process.n_tokens))
