@@ -30,8 +30,9 @@ from persona_wm.processes.em import (
     task_sectors,
     token_roles,
 )
+from persona_wm.toy.hooks import batched_forward
 from persona_wm.toy.steer import final_hook, kl_divergence
-from persona_wm.toy.train import TrainConfig, load_or_train, model_inputs
+from persona_wm.toy.train import TrainConfig, load_or_train
 
 __all__ = ["EMConfig", "em_process", "em_name", "parse_em_name", "TokenRoles", "token_roles", "task_sectors",
            "task_contexts", "Intervention", "next_token_probs", "behaviour", "behaviour_by_task", "em_measures",
@@ -75,14 +76,8 @@ class Intervention:
 def next_token_probs(model, tokens: np.ndarray, n_tokens: int, intervention: Intervention | None = None,
                      batch: int = 2048) -> np.ndarray:
     """Model next-token distributions at every position ``[B, L + 1, X]``, optionally under an intervention."""
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(tokens), batch):
-        inputs = model_inputs(tokens[start:start + batch], n_tokens, device)
-        hooks = intervention.fwd_hooks(device) if intervention is not None else []
-        logits = model.run_with_hooks(inputs, fwd_hooks=hooks) if hooks else model(inputs)
-        out.append(torch.softmax(logits.double(), -1).cpu().numpy())
-    return np.concatenate(out)
+    patch = None if intervention is None else (lambda rows, device: intervention.fwd_hooks(device))
+    return batched_forward(model, tokens, n_tokens, batch=batch, patch=patch).probs
 
 
 def behaviour(probs: np.ndarray, process: GHMM, tokens: np.ndarray, roles: TokenRoles) -> dict[str, float]:
@@ -126,13 +121,7 @@ def em_measures(base: pd.DataFrame, finetuned: pd.DataFrame) -> dict[str, float]
 @torch.no_grad()
 def residuals(model, tokens: np.ndarray, n_tokens: int, hook: str, batch: int = 2048) -> np.ndarray:
     """Residual activations ``[B, L + 1, d]`` at ``hook`` (position 0 = BOS)."""
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(tokens), batch):
-        _, cache = model.run_with_cache(model_inputs(tokens[start:start + batch], n_tokens, device),
-                                        names_filter=lambda n: n == hook)
-        out.append(cache[hook].double().cpu().numpy())
-    return np.concatenate(out)
+    return batched_forward(model, tokens, n_tokens, batch=batch, cache=[hook], output=None).residuals[hook]
 
 
 def persona_posterior(process: GHMM, config: EMConfig, tokens: np.ndarray) -> np.ndarray:

@@ -18,35 +18,19 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 from scipy.linalg import subspace_angles
 
 from persona_wm.core.ghmm import GHMM, marginals
-from persona_wm.toy.train import model_inputs
+from persona_wm.toy.hooks import batched_forward, residual_hooks
 
 __all__ = ["residual_hooks", "collect_activations", "LinearProbe", "fit_probe", "fit_probes", "r2_score",
            "probe_targets", "probe_table", "principal_angles", "angle_spread"]
 
 
-def residual_hooks(model) -> list[str]:
-    """Every residual-stream hook point in order: resid_pre of block 0, then each block's resid_post."""
-    n_layers = model.cfg.n_layers
-    return ["blocks.0.hook_resid_pre"] + [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
-
-
-@torch.no_grad()
 def collect_activations(model, tokens: np.ndarray, n_tokens: int, hook_names: Sequence[str],
                         batch: int = 2048) -> dict[str, np.ndarray]:
     """Activations ``[B, L + 1, d_model]`` (position 0 = BOS) at each hook, for contexts ``[B, L]``."""
-    device = next(model.parameters()).device
-    out: dict[str, list[np.ndarray]] = {name: [] for name in hook_names}
-    names = set(hook_names)
-    for start in range(0, len(tokens), batch):
-        inputs = model_inputs(tokens[start:start + batch], n_tokens, device)
-        _, cache = model.run_with_cache(inputs, names_filter=lambda n: n in names)
-        for name in hook_names:
-            out[name].append(cache[name].double().cpu().numpy())
-    return {name: np.concatenate(chunks) for name, chunks in out.items()}
+    return batched_forward(model, tokens, n_tokens, batch=batch, cache=hook_names, output=None).residuals
 
 
 @dataclass(frozen=True)

@@ -52,23 +52,19 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from persona_wm.core.ghmm import GHMM, ProcessError, marginals
+from persona_wm.toy.hooks import add_at_final_position, batched_forward, final_hook, residual_hooks
 from persona_wm.toy.probe import fit_probe
-from persona_wm.toy.train import eval_tokens, evaluate, model_inputs
+from persona_wm.toy.train import eval_tokens, evaluate
 
 __all__ = ["BeliefClasses", "belief_classes", "SteeringSetup", "prepare_steering", "steered_logits", "METHODS",
            "steering_vectors", "final_position", "training_trend", "centroid_interaction",
-           "steering_sweep", "summarise_sweep", "total_variation", "partition_violation", "kl_divergence", "final_hook"]
+           "steering_sweep", "summarise_sweep", "total_variation", "partition_violation", "kl_divergence", "final_hook",
+           "interaction_frame"]
 
 EPS = 1e-12
-
-
-def final_hook(model) -> str:
-    """The final layer's residual stream (the appendix's steering site)."""
-    return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
 
 
 def kl_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -139,17 +135,10 @@ class SteeringSetup:
     joint_centroids: dict[tuple[int, int, int], np.ndarray]  # (factor, class of f, class of other) -> [d]
 
 
-@torch.no_grad()
 def final_position(model, process: GHMM, tokens: np.ndarray, hook: str, batch: int = 4096):
     """Activations at ``hook`` and next-token distributions, both at the final position."""
-    device = next(model.parameters()).device
-    acts, probs = [], []
-    for start in range(0, len(tokens), batch):
-        logits, cache = model.run_with_cache(model_inputs(tokens[start:start + batch], process.n_tokens, device),
-                                             names_filter=lambda n: n == hook)
-        acts.append(cache[hook][:, -1].double().cpu().numpy())
-        probs.append(torch.softmax(logits[:, -1].double(), -1).cpu().numpy())
-    return np.concatenate(acts), np.concatenate(probs)
+    forward = batched_forward(model, tokens, process.n_tokens, batch=batch, cache=[hook], final_only=True)
+    return forward.residuals[hook], forward.probs
 
 
 def _decode_classes(acts: np.ndarray, decoder_acts: np.ndarray, decoder_beliefs: list[np.ndarray],
@@ -203,23 +192,11 @@ def prepare_steering(model, process: GHMM, tokens: np.ndarray, hook: str | None 
                          beliefs, classes, centroids, decoded, joint)
 
 
-@torch.no_grad()
 def steered_logits(model, tokens: np.ndarray, n_tokens: int, hook: str, vectors: np.ndarray,
                    batch: int = 4096) -> np.ndarray:
     """Final-position next-token distributions with ``vectors[i]`` added at ``hook`` (final position) for row i."""
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(tokens), batch):
-        add = torch.as_tensor(vectors[start:start + batch], dtype=torch.float32, device=device)
-
-        def hook_fn(resid, hook=None, add=add):
-            resid[:, -1, :] = resid[:, -1, :] + add
-            return resid
-
-        logits = model.run_with_hooks(model_inputs(tokens[start:start + batch], n_tokens, device),
-                                      fwd_hooks=[(hook, hook_fn)])
-        out.append(torch.softmax(logits[:, -1].double(), -1).cpu().numpy())
-    return np.concatenate(out)
+    return batched_forward(model, tokens, n_tokens, batch=batch, patch=add_at_final_position(hook, vectors),
+                           final_only=True).probs
 
 
 def _pair_rows(setup: SteeringSetup, factor: int, scales: Sequence[float], sources: np.ndarray | None = None):
@@ -455,6 +432,22 @@ def centroid_interaction(setup: SteeringSetup) -> float:
     fitted = design @ np.linalg.lstsq(design, centres, rcond=None)[0]
     total = ((centres - centres.mean(0)) ** 2).sum()
     return float(((centres - fitted) ** 2).sum() / total) if total > 0 else float("nan")
+
+
+def interaction_frame(models: dict, n_sequences: int = 500, seed: int = 0) -> pd.DataFrame:
+    """:func:`centroid_interaction` at every residual hook of every (process, seed) model.
+
+    Contexts are the steering contexts of :func:`steering_frame` (same generator, same draw), and the
+    classes their exact belief classes. Rows: process, seed, hook, non-additive fraction.
+    """
+    rows = []
+    for (proc, model_seed), trained in models.items():
+        tokens, _ = _contexts(trained, n_sequences, seed, model_seed)
+        for hook in residual_hooks(trained.model):
+            setup = prepare_steering(trained.model, trained.process, tokens, hook)
+            rows.append({"process": proc, "seed": model_seed, "hook": hook,
+                         "non-additive fraction": centroid_interaction(setup)})
+    return pd.DataFrame(rows)
 
 
 def training_trend(trained, n_sequences: int, seed: int, scale: float = 1.0) -> list[dict]:
