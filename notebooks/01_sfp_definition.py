@@ -49,7 +49,7 @@ from IPython.display import Markdown, display
 
 from persona_wm.core.ghmm import all_words, optimal_cross_entropy
 from persona_wm.plots.toy import plot_simplex, plot_transfer_blocks, set_style
-from persona_wm.processes.catalog import get_process, pp_mess3, pp_z1r
+from persona_wm.processes import get_process, pp_mess3, pp_z1r
 from persona_wm.io.params import resolve_output_dir
 from persona_wm.io.outputs import save_figure, write_metrics
 from persona_wm.core.sfp import (

@@ -64,7 +64,7 @@ from persona_wm.core.ghmm import marginals
 from persona_wm.plots.toy import plot_simplex, set_style
 from persona_wm.toy.probe import angle_spread as angle_spread_over_seeds
 from persona_wm.toy.probe import principal_angles, probe_frame, probe_r2_over_training, residual_hooks
-from persona_wm.processes.catalog import get_process
+from persona_wm.processes import get_process
 from persona_wm.io.params import resolve_output_dir
 from persona_wm.io.outputs import save_figure, undefined_as_none, write_metrics
 from persona_wm.analysis.stats import across_seeds

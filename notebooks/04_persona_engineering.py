@@ -68,7 +68,7 @@ from tqdm.auto import tqdm
 from persona_wm.toy.em import EMRecipe, parse_em_name
 from persona_wm.toy.engineering import AXIS_KNOB, engineering_row, engineering_summary, sweep_jobs
 from persona_wm.plots.toy import set_style
-from persona_wm.processes.catalog import get_process
+from persona_wm.processes import get_process
 from persona_wm.io.params import REPO_ROOT, resolve_output_dir
 from persona_wm.io.outputs import save_figure, undefined_as_none, write_metrics
 from persona_wm.core.sfp import is_partition_preserving

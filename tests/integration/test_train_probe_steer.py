@@ -160,7 +160,7 @@ def test_partition_violation_reports_forbidden_mass(tiny_semi) -> None:
 
 
 def test_steering_needs_a_factored_process(tiny_semi) -> None:
-    from persona_wm.processes.catalog import z1r
+    from persona_wm.processes import z1r
 
     with pytest.raises(ProcessError, match="factored process"):
         prepare_steering(tiny_semi.model, z1r(), np.zeros((4, 10), dtype=int))
@@ -220,7 +220,7 @@ def test_across_seeds_and_bootstrap() -> None:
 
 
 def test_cache_key_tracks_the_process_definition(monkeypatch) -> None:
-    import persona_wm.processes.catalog as processes
+    import persona_wm.processes as processes
 
     config = TrainConfig(process="z1r")
     before = config.key()
@@ -252,7 +252,7 @@ def test_fine_tune_starts_from_its_base_and_is_cached_separately(tmp_path) -> No
 
 def test_restricted_sector_samples_stay_in_the_sector() -> None:
     from persona_wm.core.sfp import restrict_to_sector
-    from persona_wm.processes.catalog import get_process
+    from persona_wm.processes import get_process
 
     process = get_process("semi_factored")
     inside = restrict_to_sector(process, "(0,0)")  # both factors in S0: both emit 0 forever

@@ -7,7 +7,7 @@ import pytest
 
 from persona_wm.core.ghmm import ProcessError
 from persona_wm.core.sfp import is_partition_preserving
-from persona_wm.processes.catalog import get_process
+from persona_wm.processes import get_process
 from persona_wm.toy.em import EMConfig, behaviour, em_name, em_process, parse_em_name, task_contexts, token_roles
 
 

@@ -18,7 +18,7 @@ from persona_wm.core.ghmm import (
     optimal_cross_entropy,
     stationary_distribution,
 )
-from persona_wm.processes.catalog import get_process, mess3, pp_z1r, product, z1r
+from persona_wm.processes import get_process, mess3, pp_z1r, product, z1r
 
 SMALL = ["z1r", "mess3", "pp_z1r", "pp_mess3", "z1r_x_z1r", "pp_z1r_x_pp_z1r", "z1r_x_mess3"]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from persona_wm.plots.toy import plot_simplex, plot_transfer_blocks, simplex_xy
-from persona_wm.processes.catalog import get_process
+from persona_wm.processes import get_process
 
 
 def test_simplex_vertices_and_centre() -> None:

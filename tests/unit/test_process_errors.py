@@ -12,7 +12,7 @@ import pytest
 
 from persona_wm.core.ghmm import GHMM, ProcessError, all_words, block_entropies, mixed_states, optimal_cross_entropy
 from persona_wm.core.sfp import correlated_sector_prior, leaky
-from persona_wm.processes.catalog import get_process, mess3, z1r
+from persona_wm.processes import get_process, mess3, z1r
 from persona_wm.toy.em import EMConfig, em_process
 
 Z1R = z1r()
@@ -75,12 +75,12 @@ MALFORMED = [
     ("partition-strings", lambda: GHMM(Z1R.transfer, UNIFORM3, partition=(("a",), (1, 2)), name="bad"), r"partition must be sectors of integer state indices"),
     ("factor-states-float", lambda: GHMM(Z1R.transfer, UNIFORM3, factor_states=(1.5, 2), name="bad"), r"factor_states must be integers >= 1, got \(1.5, 2\)"),
     # ---- the EM organism's knobs, through its name and directly
-    ("em-n_tasks-float", lambda: get_process("em(n_tasks=1.5)"), r"'em\(n_tasks=1.5\)': EM-SFP: n_tasks must be an integer >= 1, got 1.5 \(float\)"),
-    ("em-n_tasks-bool", lambda: get_process("em(n_tasks=True)"), r"n_tasks must be an integer >= 1, got True \(bool\)"),
-    ("em-n_tasks-integral-float", lambda: get_process("em(n_tasks=2.0)"), r"n_tasks must be an integer >= 1, got 2.0 \(float\)"),
+    ("em-n_tasks-float", lambda: get_process("em(n_tasks=1.5)"), r"^'em\(n_tasks=1.5\)': EM-SFP: n_tasks must be an integer, got 1.5 \(float\)$"),
+    ("em-n_tasks-bool", lambda: get_process("em(n_tasks=True)"), r"n_tasks must be an integer, got True \(bool\)"),
+    ("em-n_tasks-integral-float", lambda: get_process("em(n_tasks=2.0)"), r"n_tasks must be an integer, got 2.0 \(float\)"),
     ("em-n_tasks-zero", lambda: get_process("em(n_tasks=0)"), r"n_tasks must be an integer >= 1, got 0"),
     ("em-n_personas-one", lambda: get_process("em(n_personas=1)"), r"n_personas must be an integer >= 2, got 1"),
-    ("em-persona_dim-string", lambda: get_process("em(persona_dim='2')"), r"persona_dim must be an integer >= 1, got '2' \(str\)"),
+    ("em-persona_dim-string", lambda: get_process("em(persona_dim='2')"), r"persona_dim must be an integer, got '2' \(str\)"),
     ("em-persona_dim-negative", lambda: EMConfig(persona_dim=-1), r"persona_dim must be an integer >= 1, got -1"),
     ("em-mixing-bool", lambda: get_process("em(mixing=True)"), r"mixing must be a finite number, got True \(bool\)"),
     ("em-mixing-string", lambda: get_process("em(mixing='high')"), r"mixing must be a finite number, got 'high' \(str\)"),

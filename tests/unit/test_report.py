@@ -261,7 +261,7 @@ def test_missing_params_file_lists_the_available_ones(repo: Path) -> None:
 
 def test_real_process_registry_rejects_unknown_names(tmp_path: Path) -> None:
     """Against the real persona_wm.processes.catalog (skipped until it exists)."""
-    pytest.importorskip("persona_wm.processes.catalog")
+    pytest.importorskip("persona_wm.processes")
     write_notebook(tmp_path, 'processes: list[str] = ["z1r"]\n')
     write_params(tmp_path, "processes: [z1r, mess3_x_mess3]\n")
     assert report.load_params(STUDY, "default", root=tmp_path) == {"processes": ["z1r", "mess3_x_mess3"]}
@@ -372,7 +372,7 @@ def test_undefined_as_none_replaces_only_non_finite_floats() -> None:
 
 
 def test_process_names_inside_a_mapping_are_validated() -> None:
-    pytest.importorskip("persona_wm.processes.catalog")
+    pytest.importorskip("persona_wm.processes")
     from persona_wm.io.params import ParamsError, validate_params
 
     schema = {"sweep_processes": (dict[str, list[str]], {})}

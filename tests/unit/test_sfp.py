@@ -18,7 +18,7 @@ from persona_wm.core.sfp import (
     semi_factored_process,
     sfp_from_blocks,
 )
-from persona_wm.processes.catalog import get_process, mess3, pp_mess3, pp_z1r, product, z1r
+from persona_wm.processes import get_process, mess3, pp_mess3, pp_z1r, product, z1r
 
 
 def _prefix_beliefs(process: GHMM, n: int = 300, length: int = 10, seed: int = 0) -> np.ndarray:

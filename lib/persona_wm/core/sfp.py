@@ -23,9 +23,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from persona_wm.core.ghmm import GHMM, ProcessError, check_number, entropy, marginals
-
-#: Joins factor names in a product process name: ``mess3_x_mess3``.
-PRODUCT_SEPARATOR = "_x_"
+from persona_wm.core.names import PRODUCT_SEPARATOR, format_term
 
 __all__ = [
     "product",
@@ -245,6 +243,8 @@ def semi_factored_process(
     :func:`correlated_sector_prior` over sectors, and inside sector sigma the product of each
     factor's within-sector initial vector. All factors need the same number N of subspaces. With
     ``correlation=0`` and the factors' own sector weights, this is exactly their product.
+    Named (unless ``name`` is given) as the registry's ``sfp`` family builds it:
+    ``sfp(factors=('pp_z1r','pp_z1r'),correlation=0.5)``.
     """
     if len(factors) < 2:
         raise ProcessError("an SFP needs at least two factors")
@@ -262,7 +262,9 @@ def semi_factored_process(
         for w in within[1:]:
             inside = np.kron(inside, w)
         initial[list(states)] = prior[sigma] * inside
-    label = name or f"sfp[{joint.name}, c={correlation:g}]"
+    weights_knob = None if weights is None else tuple(float(w) for w in weights)
+    label = name or format_term("sfp", {"factors": tuple(f.name for f in factors), "correlation": correlation,
+                                        "weights": weights_knob}, {"correlation": 0.0, "weights": None})
     result = joint.with_initial(initial, name=label)
     if np.allclose(initial, joint.initial, atol=1e-15, rtol=0):
         return replace(result, factors=joint.factors)
@@ -333,7 +335,8 @@ def restrict_to_sector(process: GHMM, label: str | Sequence[str]) -> GHMM:
 
     Because an SFP never leaves a sector, this samples "sequences of that sector" (e.g. task 1 in
     the misaligned persona, the narrow fine-tuning data of study 03). A set of sectors keeps their
-    relative prior weights.
+    relative prior weights. Named as the registry's ``restricted`` family builds it:
+    ``restricted(process='em()',sectors=('(mis,t0b)',))``.
     """
     labels = process.partition_labels or ()
     wanted = [label] if isinstance(label, str) else list(label)
@@ -345,7 +348,7 @@ def restrict_to_sector(process: GHMM, label: str | Sequence[str]) -> GHMM:
     initial[states] = process.initial[states]
     if initial.sum() <= 0:
         initial[states] = 1.0  # sectors with prior weight 0: start uniformly inside them
-    name = f"{process.name}|{'+'.join(wanted)}"
+    name = format_term("restricted", {"process": process.name, "sectors": tuple(wanted)})
     return replace(process, initial=initial / initial.sum(), name=name, factors=None)
 
 
@@ -355,6 +358,8 @@ def leaky(process: GHMM, epsilon: float, name: str | None = None) -> GHMM:
     After each transition a fraction eps of the mass is redistributed over all states, so every
     block leaks into every other while sum_x T_eps(x) stays stochastic (HMMs only). The prior
     and structure metadata are kept, so :func:`is_partition_preserving` reports the violation.
+    Named (unless ``name`` is given) as the registry's ``leaky`` family builds it:
+    ``leaky(process='pp_z1r_x_pp_z1r',epsilon=0.05)``.
     """
     if not process.hmm:
         raise ProcessError("leaky() needs an HMM (all-ones |1>>)")
@@ -362,7 +367,8 @@ def leaky(process: GHMM, epsilon: float, name: str | None = None) -> GHMM:
     n = process.n_states
     mixing = (1 - epsilon) * np.eye(n) + epsilon * np.full((n, n), 1.0 / n)
     return replace(
-        process, transfer=process.transfer @ mixing, name=name or f"{process.name}+leak{epsilon:g}", factors=None
+        process, transfer=process.transfer @ mixing, factors=None,
+        name=name or format_term("leaky", {"process": process.name, "epsilon": epsilon}),
     )
 
 

@@ -28,7 +28,8 @@ from typing import Any, NamedTuple
 import yaml
 
 from persona_wm.core.files import REPO_ROOT
-from persona_wm.processes.catalog import get_process
+from persona_wm.core.ghmm import ProcessError
+from persona_wm.processes import get_process
 
 #: Injected by the runner, never read from a params file.
 OUTPUT_DIR_PARAM = "output_dir"
@@ -815,7 +816,10 @@ def _holds_process_names(key: str) -> bool:
 
 
 def _process_validator() -> Callable[[str], Any]:
-    """The registry lookup (a seam: tests replace it with a fake registry)."""
+    """The registry lookup (a seam: tests replace it with a fake registry).
+
+    It builds the process, so a knob outside its range (``em(mixing=2.0)``) is caught here too.
+    """
     return get_process
 
 
@@ -831,7 +835,7 @@ def _check_process_names(value: Any, where: str, field: str) -> None:
             continue
         try:
             get_process(name)
-        except (KeyError, ValueError) as err:
-            reason = err.args[0] if err.args else type(err).__name__
+        except (ProcessError, KeyError, ValueError) as err:  # the registry's one message names the part and rule
+            reason = str(err) if isinstance(err, ProcessError) else err.args[0] if err.args else type(err).__name__
             label = field if isinstance(value, str) else f"{field}[{i}]"
             raise ParamsError(f"{where}: field '{label}': invalid process name {name!r}: {reason}") from None

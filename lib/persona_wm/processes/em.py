@@ -31,22 +31,26 @@ g0, g1, b0, b1] — "bad" is recognisably the same thing in every task, as harmf
 insecure code and in bad advice. Without it each task has its own answer tokens
 (V_B = [q_1..q_K, w0, w1, then g0, g1, b0, b1 per task]) and anything that links misbehaviour
 across tasks must go through a latent rather than through shared output features. Processes are built from a canonical name ``em(key=value, ...)`` so that the trainer's
-config (a string) identifies them and caches work.
+config (a string) identifies them and caches work: ``em`` is a registry family whose knobs are the
+fields of :class:`EMConfig` (its all-default process prints as ``em()``, the name cached models were
+trained under).
 """
 
 from __future__ import annotations
 
-import ast
+import inspect
+import typing
 from dataclasses import dataclass, fields
 from functools import lru_cache
 
 import numpy as np
 
 from persona_wm.core.ghmm import GHMM, ProcessError, check_count, check_number
+from persona_wm.core.registry import family, process_knobs, process_name
 from persona_wm.core.sfp import leaky, restrict_to_sector, sfp_from_blocks
 
-__all__ = ["EMConfig", "EM_MAX_TRANSFER_ENTRIES", "em_process", "em_name", "parse_em_name", "TokenRoles", "token_roles",
-           "n_task_tokens", "task_sectors", "task_contexts", "sector_labels", "answer_positions", "content_merge",
+__all__ = ["EMConfig", "EM_MAX_TRANSFER_ENTRIES", "em_process", "em_family", "em_name", "parse_em_name", "TokenRoles",
+           "token_roles", "n_task_tokens", "task_sectors", "task_contexts", "sector_labels", "answer_positions", "content_merge",
            "ANSWER_THRESHOLD"]
 
 
@@ -102,34 +106,30 @@ class EMConfig:
         return np.linspace(0.0, self.difficulty, self.n_tasks) if self.n_tasks > 1 else np.array([self.difficulty])
 
 
+def em_family(**knobs) -> GHMM:
+    """The registry family ``em``: ``get_process("em(mixing=0.25)")``; its knobs are :class:`EMConfig`'s fields."""
+    return em_process(EMConfig(**knobs))
+
+
+_EM_TYPES = typing.get_type_hints(EMConfig)
+em_family.__signature__ = inspect.Signature(  # knobs = EMConfig's fields, in field order, with their types
+    [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=_EM_TYPES[f.name])
+     for f in fields(EMConfig)],
+    return_annotation=GHMM,
+)
+family("em", title="EM-SFP", bare_default=False)(em_family)
+
+
 def em_name(config: EMConfig) -> str:
-    """Canonical process name: only the knobs that differ from the defaults, in field order."""
-    default = EMConfig()
-    changed = [f"{f.name}={getattr(config, f.name)!r}" for f in fields(config)
-               if getattr(config, f.name) != getattr(default, f.name)]
-    return f"em({','.join(changed)})"
+    """Canonical process name: only the knobs that differ from the defaults, in field order (``em()`` if none)."""
+    return process_name("em", **{f.name: getattr(config, f.name) for f in fields(config)})
 
 
 def parse_em_name(name: str) -> EMConfig:
-    """Inverse of :func:`em_name`: ``em(mixing=0.8,n_tasks=4)`` -> EMConfig."""
-    if not (name.startswith("em(") and name.endswith(")")):
-        raise ProcessError(f"not an EM-SFP name: {name!r} (expected em(key=value,...))")
-    body = name[3:-1].strip()
-    kwargs = {}
-    valid = {f.name for f in fields(EMConfig)}
-    for item in filter(None, (part.strip() for part in body.split(","))):
-        key, _, value = item.partition("=")
-        key = key.strip()
-        if key not in valid:
-            raise ProcessError(f"unknown EM-SFP knob {key!r} in {name!r}; knobs: {', '.join(sorted(valid))}")
-        if key in kwargs:
-            raise ProcessError(f"EM-SFP knob {key!r} is given twice in {name!r}")
-        try:
-            kwargs[key] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as error:
-            raise ProcessError(f"EM-SFP knob {key!r} in {name!r} has an unreadable value {value!r}") from error
+    """Inverse of :func:`em_name`: ``em(mixing=0.8,n_tasks=4)`` -> EMConfig (knobs checked by the registry)."""
+    _, knobs = process_knobs(name, "em")
     try:
-        return EMConfig(**kwargs)
+        return EMConfig(**knobs)
     except ProcessError as error:
         raise ProcessError(f"{name!r}: {error}") from None
 

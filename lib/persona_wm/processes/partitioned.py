@@ -1,57 +1,36 @@
-"""Named processes (Z1R, Mess3, the partition-preserving Z1R of eq. 8, ...) and a registry.
+"""Partitioned processes and SFPs (numpy only), each registered as a family; and the wrapper families.
 
-Processes are plain tensors ``T[x, s, s']`` wrapped in :class:`persona_wm.core.ghmm.GHMM`. Names compose with
-``_x_`` into Kronecker products, so ``get_process("mess3_x_mess3")`` is the fully factored
-Mess3 x Mess3 process of appendix A, with joint token v = v1 |V2| + v2 and initial vector the
-Kronecker product of the factors' initial vectors (never "the" stationary vector of the joint,
-which is not unique for products of periodic processes such as Z1R x Z1R).
+Atoms: ``pp_z1r`` (eq. 8), ``pp_mess3`` (Mess3 (+) Mess3'), ``semi_factored`` (study 02's SFP).
+
+Wrappers, whose knob is another process's name (a string literal, so its ``_x_`` does not split the
+outer name; printed canonically):
+
+* ``restricted(process='em()',sectors=('(mis,t0b)',))`` — the process started inside some of its
+  sectors (:func:`persona_wm.core.sfp.restrict_to_sector`);
+* ``leaky(process='pp_z1r_x_pp_z1r',epsilon=0.05)`` — every transition leaks mass ``epsilon`` to all
+  states (:func:`persona_wm.core.sfp.leaky`);
+* ``sfp(factors=('pp_z1r','pp_z1r'),correlation=0.5)`` — the factors' product with a correlated sector
+  prior (:func:`persona_wm.core.sfp.semi_factored_process`; optional ``weights``).
+
+These are the names the core functions print, so whatever they return can be rebuilt by name.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 
-from persona_wm.core.ghmm import GHMM, ProcessError, check_number, stationary_distribution
-from persona_wm.core.sfp import PRODUCT_SEPARATOR, correlated_sector_prior, product, sfp_from_blocks
-from persona_wm.processes.em import em_process, parse_em_name
+from persona_wm.core.ghmm import GHMM
+from persona_wm.core.registry import ProcessName, family, get_process
+from persona_wm.core.sfp import (
+    correlated_sector_prior,
+    leaky,
+    restrict_to_sector,
+    semi_factored_process,
+    sfp_from_blocks,
+)
+from persona_wm.processes.classic import mess3
 
-__all__ = ["z1r", "mess3", "pp_z1r", "pp_mess3", "semi_factored_z1r", "product", "get_process", "REGISTRY", "PRODUCT_SEPARATOR"]
-
-def z1r() -> GHMM:
-    """Zero-One-Random: S0 emits 0 -> S1, S1 emits 1 -> SR, SR emits a fair coin -> S0.
-
-    Periodic with period 3, so its stationary vector (uniform) is unique but a product of two
-    copies has a three-fold degenerate eigenvalue 1.
-    """
-    transfer = np.zeros((2, 3, 3))
-    transfer[0, 0, 1] = 1.0  # S0 --0--> S1
-    transfer[1, 1, 2] = 1.0  # S1 --1--> SR
-    transfer[0, 2, 0] = 0.5  # SR --0--> S0
-    transfer[1, 2, 0] = 0.5  # SR --1--> S0
-    return GHMM(transfer, stationary_distribution(transfer.sum(0)), name="z1r")
-
-
-def mess3(x: float = 0.15, alpha: float = 0.6) -> GHMM:
-    """Mess3(x, alpha) of Marzen & Crutchfield: 3 states, 3 tokens, a fractal belief simplex.
-
-    With beta = (1 - alpha) / 2 and y = 1 - 2x, token a is emitted from state a with weight
-    alpha*y (staying) etc. Stationary distribution is uniform by symmetry.
-    """
-    check_number(x, "x", owner="mess3")
-    check_number(alpha, "alpha", owner="mess3")
-    if not (0 < x < 0.5 and 0 < alpha < 1):
-        raise ProcessError(f"mess3 needs 0 < x < 0.5 and 0 < alpha < 1, got x={x}, alpha={alpha}")
-    beta, y = (1 - alpha) / 2, 1 - 2 * x
-    transfer = np.empty((3, 3, 3))
-    for token in range(3):
-        for s in range(3):
-            for t in range(3):
-                weight = alpha if t == token else beta
-                transfer[token, s, t] = weight * (y if s == t else x)
-    name = "mess3" if (x, alpha) == (0.15, 0.6) else f"mess3({x},{alpha})"
-    return GHMM(transfer, stationary_distribution(transfer.sum(0)), name=name)
+__all__ = ["pp_z1r", "pp_mess3", "semi_factored_z1r", "restricted", "leaky_process", "sfp"]
 
 
 def _sector_mixture(sector_stationaries: list[np.ndarray], weights: np.ndarray, sectors) -> np.ndarray:
@@ -63,6 +42,7 @@ def _sector_mixture(sector_stationaries: list[np.ndarray], weights: np.ndarray, 
     return initial
 
 
+@family("pp_z1r")
 def pp_z1r() -> GHMM:
     """The partition-preserving Z1R-like process of eq. (8), with partition span{S0} (+) span{S1, SR}.
 
@@ -82,6 +62,7 @@ def pp_z1r() -> GHMM:
     return GHMM(transfer, initial, name="pp_z1r", partition=sectors, partition_labels=("S0", "S1SR"))
 
 
+@family("pp_mess3")
 def pp_mess3(first: tuple[float, float] = (0.15, 0.6), second: tuple[float, float] = (0.05, 0.85)) -> GHMM:
     """Two Mess3 sectors with different (x, alpha) on a shared alphabet: Mess3 (+) Mess3'.
 
@@ -98,6 +79,7 @@ def pp_mess3(first: tuple[float, float] = (0.15, 0.6), second: tuple[float, floa
     return GHMM(transfer, initial, name="pp_mess3", partition=sectors, partition_labels=("M", "M'"))
 
 
+@family("semi_factored")
 def semi_factored_z1r(correlation: float = 0.5) -> GHMM:
     """The semi-factored process of study 02: two eq.-8 factors whose blocks are *not* all products.
 
@@ -133,27 +115,20 @@ def semi_factored_z1r(correlation: float = 0.5) -> GHMM:
     )
 
 
-#: Atomic processes by name; products are written ``a_x_b``.
-REGISTRY: dict[str, Callable[[], GHMM]] = {
-    "z1r": z1r,
-    "mess3": mess3,
-    "pp_z1r": pp_z1r,
-    "pp_mess3": pp_mess3,
-    "semi_factored": semi_factored_z1r,
-}
+# --------------------------------------------------------------------------- wrappers of other processes
+@family("restricted")
+def restricted(process: ProcessName, sectors: tuple[str, ...]) -> GHMM:
+    """``process`` started inside ``sectors`` (labels such as ``'(mis,t0b)'``), their prior weights kept."""
+    return restrict_to_sector(get_process(process), sectors)
 
 
-def get_process(name: str) -> GHMM:
-    """Build a process from its name: an atom of :data:`REGISTRY`, atoms joined by ``_x_``, or ``em(...)``."""
-    if not isinstance(name, str) or not name:
-        raise ProcessError(f"process name must be a non-empty string, got {name!r}")
-    if name.startswith("em("):  # parametric EM-SFP family of study 03: em(key=value, ...)
-        return em_process(parse_em_name(name))
-    atoms = name.split(PRODUCT_SEPARATOR)
-    unknown = [a for a in atoms if a not in REGISTRY]
-    if unknown:
-        raise ProcessError(
-            f"unknown process {unknown[0]!r} in {name!r}; known processes: {', '.join(sorted(REGISTRY))} "
-            f"(join with {PRODUCT_SEPARATOR!r} for products)"
-        )
-    return product(*(REGISTRY[a]() for a in atoms))
+@family("leaky")
+def leaky_process(process: ProcessName, epsilon: float) -> GHMM:
+    """``process`` with leak ``epsilon``: T_eps(x) = T(x) [(1 - eps) I + eps U] (no longer partition preserving)."""
+    return leaky(get_process(process), epsilon)
+
+
+@family("sfp")
+def sfp(factors: tuple[ProcessName, ...], correlation: float = 0.0, weights: tuple[float, ...] | None = None) -> GHMM:
+    """The product of partitioned ``factors`` with the correlated sector prior (correlation c, subspace ``weights``)."""
+    return semi_factored_process([get_process(f) for f in factors], correlation, weights)
