@@ -54,30 +54,23 @@ output_dir: str | None = None
 import time
 
 import matplotlib.pyplot as plt
-import numpy as np
-import pandas as pd
-import seaborn as sns
-import torch
 from IPython.display import Markdown, display
 
-from persona_wm.toy.em import (EMRecipe, coupling_contrast, coupling_curve, coupling_sweep,
-                    describe_contrast, em_experiment, em_rows, parse_em_name, reversal_for, reversal_over_seeds,
-                    twin_table)
 from persona_wm.core.ghmm import optimal_cross_entropy
-from persona_wm.plots.toy import set_style
-from persona_wm.io.params import resolve_output_dir
-from persona_wm.io.outputs import save_figure, undefined_as_none, write_metrics
-from persona_wm.core.sfp import is_partition_preserving, sector_order
-from persona_wm.analysis.stats import across_seeds, mean_t_ci, spearman_with_ci
 from persona_wm.core.threads import limit_threads
+from persona_wm.io.outputs import save_figure, write_metrics
+from persona_wm.io.params import resolve_output_dir
+from persona_wm.plots.em import (plot_breadth_vs_coupling, plot_em_before_after, plot_reversal_curves,
+                                 plot_sector_blocks, plot_specificity_scatter)
+from persona_wm.plots.toy import set_style
+from persona_wm.studies import em_reversal as study
+from persona_wm.toy.em import EMRecipe, describe_contrast, em_experiment
 
 set_style()
 limit_threads(torch_threads)
 out = resolve_output_dir(output_dir, "03_em_reversal")
 started = time.perf_counter()
-recipe = EMRecipe(d_model=d_model, n_layers=n_layers, base_steps=base_steps, base_batch=base_batch, base_lr=base_lr,
-                  ft_steps=ft_steps, ft_batch=ft_batch, ft_lr=ft_lr)
-config = parse_em_name(process)
+recipe = EMRecipe.from_params(globals())  # the recipe knobs of the parameters cell, by name
 
 # %% [markdown]
 # ## 1. The organism: an EM-SFP
@@ -98,25 +91,13 @@ config = parse_em_name(process)
 
 # %%
 em = em_experiment(process, seeds[0], recipe, n_contexts, analysis_seed, torch_threads)
-proc = em["process"]
-order = sector_order(proc)
-fig, ax = plt.subplots(figsize=(6.2, 5.2))
-sns.heatmap(proc.net[np.ix_(order, order)], cmap="mako_r", ax=ax, cbar_kws={"label": "Σ_x T(x): Pr(next state | state)"},
-            xticklabels=False, yticklabels=False)
-edges = np.cumsum([len(s) for s in proc.partition])[:-1]
-for e in edges:
-    ax.axhline(e, color="crimson", lw=0.5)
-    ax.axvline(e, color="crimson", lw=0.5)
-ax.set_xlabel(f"next state ({len(proc.partition)} sectors, sector order)")
-ax.set_ylabel("current state (sector order)")
-ax.set_title(f"{process}: {proc.n_states} states, {proc.n_tokens} tokens, block diagonal "
-             f"({is_partition_preserving(proc).preserving})")
-fig.tight_layout()
+proc, positions = em["process"], em["base"].config.context_length + 1
+fig = plot_sector_blocks(proc, process)
 save_figure(fig, out, "organism_block_structure")
 plt.show()
-optimal = optimal_cross_entropy(proc, em["base"].config.context_length + 1).mean()
-display(Markdown(f"Sectors: {', '.join(proc.partition_labels)}. Mean Bayes-optimal CE over the 11 predicted "
-                 f"positions: {optimal:.4f} nats."))
+optimal = optimal_cross_entropy(proc, positions).mean()
+display(Markdown(f"Sectors: {', '.join(proc.partition_labels)}. Mean Bayes-optimal CE over the {positions} "
+                 f"predicted positions: {optimal:.4f} nats."))
 
 # %% [markdown]
 # ## 2. Emergent misalignment appears
@@ -129,29 +110,12 @@ display(Markdown(f"Sectors: {', '.join(proc.partition_labels)}. Mean Bayes-optim
 # = KL(Bayes-optimal ‖ model) of the task content.
 
 # %%
-results = {s: (em if s == seeds[0] else em_experiment(process, s, recipe, n_contexts, analysis_seed, torch_threads))
-           for s in seeds}
-behaviour = pd.concat([pd.concat([r["before"].assign(model="base"), r["after"].assign(model="fine-tuned")]).assign(seed=s)
-                       for s, r in results.items()])
-behaviour["task"] = "task " + (behaviour.task + 1).astype(str)
-ce = pd.DataFrame([{"seed": s, "base CE / optimal": r["base"].final_eval["ce_ratio"],
-                    "fine-tuned CE / optimal": r["tuned"].final_eval["ce_ratio"]} for s, r in results.items()])
-display(ce.round(4))
-
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-sns.barplot(data=behaviour, x="task", y="misaligned", hue="model", errorbar="sd", ax=axes[0])
-axes[0].set_ylabel("misaligned share of answer mass (aligned contexts)")
-axes[0].set_xlabel("task (fine-tuning data: task 1 only)")
-sns.barplot(data=behaviour, x="task", y="capability_kl", hue="model", errorbar="sd", ax=axes[1])
-axes[1].set_ylabel("capability error KL(optimal ‖ model) (nats)")
-axes[1].set_xlabel("task")
-fig.tight_layout()
+breadth = study.em_breadth(process, seeds, recipe, n_contexts, analysis_seed, torch_threads, first=em)
+display(breadth.ce.round(4))
+fig = plot_em_before_after(breadth.behaviour)
 save_figure(fig, out, "em_before_after")
 plt.show()
-
-em_table = pd.DataFrame([{"seed": s, **r["em"]} for s, r in results.items()])
-em_mean = em_table.drop(columns="seed").mean()
-display(em_table.round(4))
+display(breadth.table.round(4))
 
 # %% [markdown]
 # ## 2b. The control: is it the coupling? (coupled − factored)
@@ -166,25 +130,13 @@ display(em_table.round(4))
 # except a latent). Breadth per coupling value: mean over seeds with a Student-t 95% CI.
 
 # %%
-sweep = coupling_sweep(process, couplings, coupling_seeds, recipe, n_contexts, analysis_seed, torch_threads)
-curves = {d: coupling_curve(sweep, d) for d in ("shared", "specific")}
-contrasts = {d: coupling_contrast(sweep, d) for d in ("shared", "specific")}
-display(pd.DataFrame([{"design": d, "coupling": c, "breadth (mean)": m, "95% CI": f"[{lo:.3f}, {hi:.3f}]"}
-                      for d, cur in curves.items() for c, m, lo, hi in zip(*cur.values())]).round(3))
-display(pd.DataFrame(contrasts).T.drop(columns="ci_method").round(4))
+coupling = study.coupling_test(process, couplings, coupling_seeds, recipe, n_contexts, analysis_seed,
+                               torch_threads)
+display(coupling.curve_table().round(3))
+display(coupling.contrast_table().round(4))
 
 # %%
-fig, ax = plt.subplots(figsize=(6.5, 4))
-sns.lineplot(data=sweep, x="coupling", y="breadth", hue="design", marker="o", errorbar=("ci", 95),
-             seed=analysis_seed, ax=ax)
-sns.stripplot(data=sweep, x="coupling", y="breadth", hue="design", native_scale=True, dodge=False, alpha=0.4,
-              legend=False, ax=ax)
-ax.axhline(0.5, color="0.5", ls=":", lw=1)
-ax.axhline(0.2, color="0.5", ls="--", lw=1)
-ax.set_xlabel("persona–capability coupling (0 = factored, 1 = fully coupled)")
-ax.set_ylabel("EM breadth (held-out / task-1 increase)")
-ax.set_title("Breadth vs coupling (points: seeds; band: 95% CI)")
-fig.tight_layout()
+fig = plot_breadth_vs_coupling(coupling.sweep, analysis_seed)
 save_figure(fig, out, "breadth_vs_coupling")
 plt.show()
 
@@ -203,14 +155,11 @@ plt.show()
 # has no meaning there.
 
 # %%
-search = em_rows(search_processes, search_seeds, recipe, n_contexts, analysis_seed, torch_threads,
-                 desc="coupling search")
-tried = pd.concat([sweep, search])
-twins = twin_table(tried)
-n_configs_tried = int(tried.process.nunique())
-display(twins.round(3))
-display(Markdown(f"{n_configs_tried} distinct configurations tried ({len(tried)} trainings); "
-                 f"{int(twins.meets_target.sum())} of {len(twins)} coupled/factored pairs meet the target."))
+search = study.coupling_search(coupling, search_processes, search_seeds, recipe, n_contexts, analysis_seed,
+                               torch_threads)
+display(search.twins.round(3))
+display(Markdown(f"{search.n_configs_tried} distinct configurations tried ({len(search.tried)} trainings); "
+                 f"{search.pairs_meeting_target} of {len(search.twins)} coupled/factored pairs meet the target."))
 
 # %% [markdown]
 # ## 3. Reversal: belief-state steering vs difference-in-means
@@ -230,43 +179,13 @@ display(Markdown(f"{n_configs_tried} distinct configurations tried ({len(tried)}
 # misaligned mass removed per task (1 = back to the base model); damage = capability KL added.
 
 # %%
-rows, summaries = [], []
-for s, r in results.items():
-    restored, summary = reversal_for(r, scales)
-    rows.append(restored.assign(seed=s))
-    summaries.append(summary.assign(seed=s))
-restored = pd.concat(rows)
-summary = pd.concat(summaries)
-summary_mean = across_seeds(summary, ["method", "scale"], ["restoration_task1", "restoration_heldout",
-                                                           "restoration_min", "capability_damage"])
-
-fig, ax = plt.subplots(figsize=(7.5, 4.5))
-steer_curves = summary[summary.scale.notna()].assign(
-    restoration=lambda d: (d.restoration_task1 + 2 * d.restoration_heldout) / 3)
-sns.lineplot(data=steer_curves, x="restoration", y="capability_damage", hue="method", marker="o",
-             estimator="mean", errorbar=None, sort=False, units="seed" if len(seeds) > 1 else None, ax=ax)
-ablations = summary[summary.scale.isna()].assign(
-    restoration=lambda d: (d.restoration_task1 + 2 * d.restoration_heldout) / 3)
-sns.scatterplot(data=ablations, x="restoration", y="capability_damage", style="method", color="k", s=60, ax=ax)
-ax.axvline(restoration_target, color="0.5", ls=":", lw=1)
-ax.axhline(0, color="0.5", lw=0.6)
-ax.set_xlabel("restoration of aligned behaviour (mean over tasks; 1 = base model)")
-ax.set_ylabel("capability damage (Δ content KL, nats)")
-ax.set_title("Reversal curves: steering scale increases along each line")
-fig.tight_layout()
+reversal = study.reversal(breadth.experiments, scales, restoration_target)
+fig = plot_reversal_curves(reversal.summary, restoration_target)
 save_figure(fig, out, "reversal_curves")
 plt.show()
-
-reversal_per_seed, reversal_stats = reversal_over_seeds(summary, restoration_target)
-best = {m: {k: (None if pd.isna(reversal_stats.loc[m, f"{k}_mean"]) else float(reversal_stats.loc[m, f"{k}_mean"]))
-            for k in ("scale", "restoration_heldout", "restoration_task1", "capability_damage")}
-        for m in reversal_stats.index}
-damage_at_target = {m: float(v) for m, v in reversal_stats["damage_at_target_mean"].dropna().items()}
-damage_sd = reversal_stats["damage_at_target_sd"].to_dict()
-display(reversal_stats.round(4))
-display(Markdown("Signed capability change at mean restoration " f"{restoration_target:g} (interpolated along each "
-                 "curve, mean ± sd over seeds): " + ", ".join(f"{m} {v:+.4f} ± {damage_sd[m]:.4f}"
-                                                              for m, v in damage_at_target.items())))
+display(reversal.stats.round(4))
+display(Markdown(f"Signed capability change at mean restoration {restoration_target:g} (interpolated along each "
+                 f"curve, mean ± sd over seeds): {reversal.damage_text()}"))
 
 # %% [markdown]
 # ## 4. Specificity as a pre-deployment diagnostic
@@ -282,23 +201,14 @@ display(Markdown("Signed capability change at mean restoration " f"{restoration_
 # the design effect with the coupling effect, so it is shown within each design too.
 
 # %%
-diagnostic = sweep
-diag_stats = across_seeds(diagnostic, ["process"], ["specificity_ratio", "breadth", "task1_increase",
-                                                    "heldout_increase"])
-display(diag_stats.round(4))
-correlation = spearman_with_ci(diagnostic.specificity_ratio, diagnostic.breadth, n_boot=n_boot, seed=analysis_seed)
-within = {d: spearman_with_ci(g.specificity_ratio, g.breadth, n_boot=n_boot, seed=analysis_seed)
-          for d, g in diagnostic.groupby("design")}
-display(pd.DataFrame({"pooled": correlation, **within}).T.round(3))
-fig, ax = plt.subplots(figsize=(7, 4.2))
-sns.scatterplot(data=diagnostic, x="specificity_ratio", y="breadth", hue="process", style="process", s=60, ax=ax)
-ax.set_xscale("log")
-ax.set_xlabel("persona-steering spillover ratio before fine-tuning (log; lower = more specific)")
-ax.set_ylabel("EM breadth after fine-tuning (held-out / task-1 increase)")
-ax.set_title(f"Spearman ρ = {correlation['spearman_rho']:.2f} "
-             f"[{correlation['ci_low']:.2f}, {correlation['ci_high']:.2f}], n = {correlation['n']}")
-ax.legend(fontsize=6)
-fig.tight_layout()
+diagnostic = study.specificity_diagnostic(coupling.sweep, n_boot, analysis_seed)
+display(diagnostic.stats.round(4))
+display(diagnostic.correlation_table().round(3))
+rho = diagnostic.correlation
+fig = plot_specificity_scatter(diagnostic.points, "specificity_ratio", "breadth", "process",
+                               "EM breadth after fine-tuning (held-out / task-1 increase)",
+                               f"Spearman ρ = {rho['spearman_rho']:.2f} [{rho['ci_low']:.2f}, {rho['ci_high']:.2f}], "
+                               f"n = {rho['n']}", legend_fontsize=6)
 save_figure(fig, out, "diagnostic_scatter")
 plt.show()
 
@@ -306,53 +216,55 @@ plt.show()
 # ## Conclusion
 
 # %%
-bs, dim = best["belief_state"], best["diff_in_means"]
-breadth_ci = mean_t_ci(em_table.breadth)
-shared_c, specific_c = contrasts["shared"], contrasts["specific"]
-rsd = lambda method, measure: float(np.nan_to_num(reversal_stats.loc[method, f"{measure}_sd"]))  # noqa: E731
-ranked = sorted(damage_at_target, key=lambda m: damage_at_target[m])
-best_keeper = ranked[0]
-keeper_separated = bool(len(ranked) > 1 and damage_at_target[ranked[0]] + damage_sd[ranked[0]]
-                        < damage_at_target[ranked[1]] - damage_sd[ranked[1]])
-
-
+em_mean, (breadth_mean, breadth_low, breadth_high) = breadth.mean, breadth.breadth_ci
 display(Markdown(
     f"- **EM appears, but the coupling does not carry it.** In `{process}` fine-tuning on task 1 in the misaligned "
     f"world raises the misaligned share on task 1 by {em_mean['task1_increase']:.3f} and on held-out tasks by "
-    f"{em_mean['heldout_increase']:.3f}: breadth {breadth_ci[0]:.2f} [{breadth_ci[1]:.2f}, {breadth_ci[2]:.2f}] "
+    f"{em_mean['heldout_increase']:.3f}: breadth {breadth_mean:.2f} [{breadth_low:.2f}, {breadth_high:.2f}] "
     f"(t 95% CI, {len(seeds)} seeds). The control that could produce this without the phenomenon is the factored "
-    f"twin: with shared answer tokens, {describe_contrast(shared_c)}; with task-specific answer tokens, "
-    f"{describe_contrast(specific_c)}. "
+    f"twin: with shared answer tokens, {describe_contrast(coupling.contrasts['shared'])}; with task-specific answer "
+    f"tokens, {describe_contrast(coupling.contrasts['specific'])}. "
     + ("The contrast's CI contains 0 in both designs: breadth is set by whether answer tokens are shared, not by the "
        "persona–capability coupling, so this organism does **not** test the proposal's mechanism."
-       if all(c["ci_low"] <= 0 <= c["ci_high"] for c in contrasts.values()) else
-       "The coupling contrast is reported above with its CI; read it before the absolute breadth.") + "\n"
-    f"- **Search.** {n_configs_tried} configurations tried ({len(tried)} trainings, sweep + `search_processes`); "
-    f"{int(twins.meets_target.sum())} of {len(twins)} coupled/factored pairs reach coupled breadth ≥ 0.5 with the "
-    f"factored twin ≤ 0.2" + (": **none**. Not re-tuned further; a design in which a sequence shows several tasks "
-                              "(so that the persona is a latent the network must carry across tasks) is the "
-                              "natural next organism." if not twins.meets_target.any() else
-                              f": {', '.join(twins[twins.meets_target].config)} (seed 0 only unless listed in "
-                              "the sweep: confirm with more seeds).") + "\n"
+       if coupling.contrast_ci_contains_zero else
+       "The coupling contrast is reported above with its CI; read it before the absolute breadth.")))
+
+# %%
+meeting = search.twins[search.twins.meets_target]
+display(Markdown(
+    f"- **Search.** {search.n_configs_tried} configurations tried ({len(search.tried)} trainings, sweep + "
+    f"`search_processes`); {search.pairs_meeting_target} of {len(search.twins)} coupled/factored pairs reach coupled "
+    "breadth ≥ 0.5 with the factored twin ≤ 0.2"
+    + (": **none**. Not re-tuned further; a design in which a sequence shows several tasks (so that the persona is a "
+       "latent the network must carry across tasks) is the natural next organism." if meeting.empty else
+       f": {', '.join(meeting.config)} (seed 0 only unless listed in the sweep: confirm with more seeds).")))
+
+# %%
+bs, dim, sd, ranked = reversal.best["belief_state"], reversal.best["diff_in_means"], reversal.sd, reversal.ranked
+display(Markdown(
     f"- **Reversal** (on `{process}`; mean ± sd over {len(seeds)} seeds). Belief-state steering reaches ≥ "
-    f"{restoration_target:.0%} restoration on every task at scale {bs['scale']:.2f} ± {rsd('belief_state', 'scale'):.2f} "
-    f"(held-out {bs['restoration_heldout']:.2f} ± {rsd('belief_state', 'restoration_heldout'):.2f}, task 1 "
-    f"{bs['restoration_task1']:.2f} ± {rsd('belief_state', 'restoration_task1'):.2f}, signed capability change "
-    f"{bs['capability_damage']:+.4f} ± {rsd('belief_state', 'capability_damage'):.4f} nats); difference-in-means at "
-    f"scale {dim['scale']:.2f} ± {rsd('diff_in_means', 'scale'):.2f} (held-out {dim['restoration_heldout']:.2f} ± "
-    f"{rsd('diff_in_means', 'restoration_heldout'):.2f}, {dim['capability_damage']:+.4f} ± "
-    f"{rsd('diff_in_means', 'capability_damage'):.4f}). At equal restoration "
-    f"({restoration_target:g}) the signed capability change is "
-    + ", ".join(f"{m} {v:+.4f} ± {damage_sd[m]:.4f}" for m, v in damage_at_target.items())
-    + f" nats (mean ± sd over {len(seeds)} seeds; negative = the steering also undoes part of the fine-tune's capability cost); **{best_keeper}** "
-    f"leaves the lowest capability error ({'more' if keeper_separated else 'not more'} than one sd below the next, "
+    f"{restoration_target:.0%} restoration on every task at scale {bs['scale']:.2f} ± {sd('belief_state', 'scale'):.2f} "
+    f"(held-out {bs['restoration_heldout']:.2f} ± {sd('belief_state', 'restoration_heldout'):.2f}, task 1 "
+    f"{bs['restoration_task1']:.2f} ± {sd('belief_state', 'restoration_task1'):.2f}, signed capability change "
+    f"{bs['capability_damage']:+.4f} ± {sd('belief_state', 'capability_damage'):.4f} nats); difference-in-means at "
+    f"scale {dim['scale']:.2f} ± {sd('diff_in_means', 'scale'):.2f} (held-out {dim['restoration_heldout']:.2f} ± "
+    f"{sd('diff_in_means', 'restoration_heldout'):.2f}, {dim['capability_damage']:+.4f} ± "
+    f"{sd('diff_in_means', 'capability_damage'):.4f}). At equal restoration ({restoration_target:g}) the signed "
+    f"capability change is {reversal.damage_text()} nats (mean ± sd over {len(seeds)} seeds; negative = the steering "
+    f"also undoes part of the fine-tune's capability cost); **{ranked[0]}** leaves the lowest capability error "
+    f"({'more' if reversal.keeper_separated else 'not more'} than one sd below the next, "
     f"{ranked[1] if len(ranked) > 1 else '-'}). Ablation of either direction restores little (held-out "
-    f"{best['ablation_belief_state']['restoration_heldout']:.2f} / "
-    f"{best['ablation_diff_in_means']['restoration_heldout']:.2f}; sd "
-    f"{rsd('ablation_belief_state', 'restoration_heldout'):.2f} / {rsd('ablation_diff_in_means', 'restoration_heldout'):.2f}).\n"
-    f"- **Diagnostic** over the coupling sweep ({diagnostic.process.nunique()} configurations × "
-    f"{len(coupling_seeds)} seeds): Spearman ρ(specificity ratio, breadth) = {correlation['spearman_rho']:.2f} "
-    f"[{correlation['ci_low']:.2f}, {correlation['ci_high']:.2f}], p = {correlation['p']:.3g} pooled; within designs "
+    f"{reversal.best['ablation_belief_state']['restoration_heldout']:.2f} / "
+    f"{reversal.best['ablation_diff_in_means']['restoration_heldout']:.2f}; sd "
+    f"{sd('ablation_belief_state', 'restoration_heldout'):.2f} / "
+    f"{sd('ablation_diff_in_means', 'restoration_heldout'):.2f})."))
+
+# %%
+rho, within = diagnostic.correlation, diagnostic.within
+display(Markdown(
+    f"- **Diagnostic** over the coupling sweep ({diagnostic.n_configs} configurations × {len(coupling_seeds)} seeds): "
+    f"Spearman ρ(specificity ratio, breadth) = {rho['spearman_rho']:.2f} [{rho['ci_low']:.2f}, {rho['ci_high']:.2f}], "
+    f"p = {rho['p']:.3g} pooled; within designs "
     + ", ".join(f"{d} {w['spearman_rho']:.2f} [{w['ci_low']:.2f}, {w['ci_high']:.2f}]" for d, w in within.items())
     + ". The pooled value mixes the design effect (task-specific tokens change both specificity and breadth) with "
     "the within-design relation. The hypothesis is a *positive* ρ (a larger spillover ratio, i.e. a less specific "
@@ -360,47 +272,26 @@ display(Markdown(
     + "; ".join(f"{d}: " + ("CI excludes 0, " + ("in the hypothesised direction" if w["spearman_rho"] > 0 else
                                                   "**opposite** to the hypothesis (more specific, broader)")
                             if (w["ci_low"] > 0 or w["ci_high"] < 0) else "CI contains 0, no prediction")
-                for d, w in within.items()) + "."
-))
+                for d, w in within.items()) + "."))
 
 # %% [markdown]
 # ## Metrics
 
+# %% [markdown]
+# The sections' results assemble into one frozen dataclass; `metrics.json` is written from its `metrics()`
+# (undefined numbers, such as an ablation's scale or a CI from one seed, are written as null).
+
 # %%
-metrics = {
-    "process": process,
-    "seeds": seeds,
-    "em": {k: float(em_mean[k]) for k in ("task1_increase", "heldout_increase", "breadth")},
-    "em_sd": {k: float(em_table[k].std(ddof=1)) if len(em_table) > 1 else 0.0
-              for k in ("task1_increase", "heldout_increase", "breadth")},
-    "em_ci": {"breadth_ci_low": breadth_ci[1], "breadth_ci_high": breadth_ci[2], "method": "Student t over seeds"},
-    "coupling_test": {
-        **{f"design_{d}": cur for d, cur in curves.items()},
-        "contrast": {**contrasts["shared"], "n_configs_tried": n_configs_tried},
-        "contrast_by_design": contrasts,
-        "n_configs_tried": n_configs_tried,
-        "n_trainings": int(len(tried)),
-        "pairs_meeting_target": int(twins.meets_target.sum()),
-        "twins": twins.to_dict("records"),
-    },
-    "reversal": {m: {"best": best[m], "damage_at_target": damage_at_target.get(m),
-                     "damage_at_target_sd": damage_sd.get(m),
-                     "restoration_heldout_sd": reversal_stats.loc[m, "restoration_heldout_sd"]} for m in best},
-    "diagnostic": {"n_configs": int(diagnostic.process.nunique()), "n_points": correlation["n"],
-                   "within_design": within,
-                   "spearman_rho": correlation["spearman_rho"], "ci_low": correlation["ci_low"],
-                   "ci_high": correlation["ci_high"], "p": correlation["p"],
-                   "points": diag_stats[["process", "specificity_ratio_mean", "specificity_ratio_sd", "breadth_mean",
-                                         "breadth_sd"]].to_dict("records")},
-}
-# ablations have no scale, a CI from a handful of points can be undefined: written as null
-write_metrics(undefined_as_none(metrics), out)
+result = study.EMReversalResult(process, seeds, breadth, coupling, search, reversal, diagnostic)
+write_metrics(result.metrics(), out)
 display(Markdown(f"Report computed in {time.perf_counter() - started:.0f} s (cached models reused)."))
 
 # %%
 # NBVAL_CHECK_OUTPUT
+metrics = result.metrics()
 print(f"breadth > 0.5: {metrics['em']['breadth'] > 0.5}")
-print(f"belief-state steering restores >= 0.9 on held-out tasks: {best['belief_state']['restoration_heldout'] >= 0.9}")
+print(f"belief-state steering restores >= 0.9 on held-out tasks: "
+      f"{reversal.best['belief_state']['restoration_heldout'] >= 0.9}")
 print("methods:", sorted(metrics["reversal"]))
 print("diagnostic configs:", metrics["diagnostic"]["n_configs"])
 print("coupling values:", metrics["coupling_test"]["design_shared"]["values"])

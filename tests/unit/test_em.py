@@ -148,3 +148,12 @@ def test_recipe_from_params_names_missing_knobs_and_ignores_other_entries() -> N
     assert EMRecipe.from_params({**knobs, "eval_sequences": 64}).eval_sequences == 64
     with pytest.raises(KeyError, match="lack the recipe knob\\(s\\) base_lr, ft_steps"):
         EMRecipe.from_params({k: v for k, v in knobs.items() if k not in ("base_lr", "ft_steps")})
+
+
+def test_mean_restoration_weights_the_two_held_out_tasks() -> None:
+    import pandas as pd
+
+    from persona_wm.toy.em import mean_restoration
+
+    summary = pd.DataFrame({"restoration_task1": [0.3, 1.0], "restoration_heldout": [0.6, 0.1]})
+    np.testing.assert_allclose(mean_restoration(summary), [0.5, 0.4])

@@ -40,7 +40,7 @@ __all__ = ["EMConfig", "em_process", "em_name", "parse_em_name", "TokenRoles", "
            "restoration", "summarise_reversal", "best_settings", "damage_at_restoration", "persona_specificity",
            "EMRecipe", "em_experiment", "reversal_for", "diagnostic_row", "REVERSAL_METHODS", "variant_and_content",
            "answer_positions", "content_merge", "DESIGNS", "with_knobs", "em_rows", "coupling_sweep", "twin_table", "coupling_curve",
-           "coupling_contrast", "describe_contrast", "reversal_over_seeds"]
+           "coupling_contrast", "describe_contrast", "reversal_over_seeds", "mean_restoration"]
 
 
 @dataclass
@@ -239,13 +239,18 @@ def best_settings(summary: pd.DataFrame) -> dict[str, dict[str, float]]:
     return best
 
 
+def mean_restoration(summary: pd.DataFrame) -> pd.Series:
+    """Restoration averaged over the tasks of a :func:`summarise_reversal` table: (task 1 + 2 x held-out) / 3."""
+    return (summary.restoration_task1 + 2 * summary.restoration_heldout) / 3
+
+
 def damage_at_restoration(summary: pd.DataFrame, method: str, level: float) -> float:
     """Capability damage interpolated at mean restoration = ``level`` along a method's scale sweep."""
     curve = summary[(summary.method == method) & summary.scale.notna()].sort_values("scale")
-    mean_restoration = (curve.restoration_task1 + 2 * curve.restoration_heldout) / 3
-    if len(curve) == 0 or mean_restoration.max() < level:
+    restored = mean_restoration(curve)
+    if len(curve) == 0 or restored.max() < level:
         return float("nan")
-    return float(np.interp(level, mean_restoration.cummax(), curve.capability_damage))
+    return float(np.interp(level, restored.cummax(), curve.capability_damage))
 
 
 # =========================================================================== specificity + pipeline

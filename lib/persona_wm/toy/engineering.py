@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from persona_wm.analysis.stats import across_seeds
 from persona_wm.core.ghmm import GHMM
+from persona_wm.core.sfp import is_partition_preserving
+from persona_wm.processes import get_process
 from persona_wm.toy.em import (
     EMConfig,
     EMRecipe,
@@ -23,9 +26,11 @@ from persona_wm.toy.em import (
     token_roles,
     variant_and_content,
 )
+from persona_wm.toy.train import load_or_train
 
-__all__ = ["fidelity", "engineering_point", "engineering_row", "sweep_jobs", "pareto_front", "engineering_summary",
-           "ENGINEERING_MEASURES", "AXIS_KNOB"]
+__all__ = ["fidelity", "engineering_point", "engineering_row", "engineering_grid", "sweep_jobs", "pareto_front",
+           "engineering_summary", "ENGINEERING_MEASURES", "AXIS_KNOB", "leak_table", "equivalent_pairs",
+           "recorded_train_seconds"]
 
 #: Sweep axis -> the EMConfig knob it varies ("joint" and other axes are labelled by process name).
 AXIS_KNOB = {"mixing": "mixing", "persona_dim": "persona_dim", "n_personas": "n_personas", "leak": "leak"}
@@ -44,6 +49,37 @@ def engineering_row(axis: str, name: str, seed: int, recipe: EMRecipe, n_context
     value = getattr(parse_em_name(name), knob) if knob else name
     return {"axis": axis, "value": value, "process": name, "seed": seed,
             **engineering_point(name, seed, recipe, n_contexts, analysis_seed, threads)}
+
+
+def engineering_grid(sweep_processes: dict[str, list[str]], seeds: list[int], recipe: EMRecipe, n_contexts: int,
+                     analysis_seed: int, threads: int | None = None, progress: bool = True) -> pd.DataFrame:
+    """:func:`engineering_row` for every point of every axis and seed, in :func:`sweep_jobs` order (one process)."""
+    jobs = sweep_jobs(sweep_processes, seeds)
+    return pd.DataFrame([engineering_row(axis, name, seed, recipe, n_contexts, analysis_seed, threads)
+                         for axis, name, seed in tqdm(jobs, desc="sweep points", disable=not progress)])
+
+
+def leak_table(names: list[str]) -> pd.DataFrame:
+    """Per distinct process name (sorted): whether it is partition preserving, and its leak mass
+    (:func:`persona_wm.core.sfp.is_partition_preserving`)."""
+    return pd.DataFrame([{"process": name, "partition preserving": bool(v), "leak mass": v.leak_mass}
+                         for name in sorted(set(names)) for v in [is_partition_preserving(get_process(name))]])
+
+
+def equivalent_pairs(points: pd.DataFrame, columns: list[str], label: str = "process") -> list[tuple[str, str]]:
+    """(a, b) labels of every pair of rows (a before b) that are equal in every one of ``columns``, exactly."""
+    return [(a[label], b[label]) for i, a in points.iterrows() for j, b in points.iterrows()
+            if i < j and all(a[c] == b[c] for c in columns)]
+
+
+def recorded_train_seconds(recipe: EMRecipe, grid: pd.DataFrame) -> float:
+    """Training time (as recorded in the model cache when trained) of the base and fine-tuned models of every
+    distinct (process, seed) of ``grid``; a model not in the cache is trained first."""
+    pairs = grid[["process", "seed"]].drop_duplicates().itertuples(index=False)
+    return float(sum(load_or_train(recipe.base_config(p, s), progress=False).train_seconds
+                     + load_or_train(recipe.finetune_config(p, s, parse_em_name(p)), progress=False).train_seconds
+                     for p, s in pairs))
+
 
 def fidelity(model, process: GHMM, config: EMConfig, tokens: np.ndarray) -> float:
     """In-distribution persona adherence: 1 - mean total-variation distance between the model's and the
