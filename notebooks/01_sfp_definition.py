@@ -29,6 +29,7 @@
 # The arc: GHMM notation → the Mess3 belief fractal → factored processes (beliefs factorise) →
 # non-ergodic processes (eq. 8) → SFP definition and block structure (eqs. 4–7) → factor
 # correlation (eq. 9) as a function of the sector-prior knob → a table of optimal cross-entropies.
+# Each section is a call into `persona_wm.studies.sfp_definition`; the notebook shows and narrates the result.
 
 # %% tags=["parameters"]
 context_length: int = 10  # >= 1; <= 100
@@ -41,31 +42,20 @@ seed: int = 0  # >= 0
 output_dir: str | None = None
 
 # %%
-import numpy as np
-import pandas as pd
 import matplotlib.pyplot as plt
+import numpy as np
 import seaborn as sns
 from IPython.display import Markdown, display
 
-from persona_wm.core.ghmm import all_words, optimal_cross_entropy
-from persona_wm.plots.toy import plot_simplex, plot_transfer_blocks, set_style
-from persona_wm.processes import get_process, pp_mess3, pp_z1r
-from persona_wm.io.params import resolve_output_dir
 from persona_wm.io.outputs import save_figure, write_metrics
-from persona_wm.core.sfp import (
-    factor_marginals,
-    is_partition_preserving,
-    leaky,
-    mutual_information,
-    mutual_information_by_position,
-    product_of_marginals,
-    semi_factored_process,
-)
+from persona_wm.io.params import resolve_output_dir
+from persona_wm.plots.toy import plot_simplex, plot_transfer_blocks, set_style
+from persona_wm.processes import get_process, pp_z1r
+from persona_wm.studies import sfp_definition as study
 
 set_style()
 out = resolve_output_dir(output_dir, "01_sfp_definition")
-rng = np.random.default_rng(seed)
-CE_PROCESSES = ["z1r", "mess3", "z1r_x_z1r", "mess3_x_mess3", "pp_z1r_x_pp_z1r"]
+rng = np.random.default_rng(seed)  # one generator, drawn from section by section in this order
 
 # %% [markdown]
 # ## 1. GHMM notation
@@ -79,9 +69,8 @@ CE_PROCESSES = ["z1r", "mess3", "z1r_x_z1r", "mess3_x_mess3", "pp_z1r_x_pp_z1r"]
 
 # %%
 z1r = get_process("z1r")
-display(pd.concat({f"T({x})": pd.DataFrame(z1r.transfer[x], index=["S0", "S1", "SR"], columns=["S0", "S1", "SR"])
-                   for x in range(z1r.n_tokens)}, axis=1))
-word_mass = {L: z1r.word_probability(all_words(2, L)).sum() for L in (1, 5, 10)}
+display(study.transfer_table(z1r, study.Z1R_STATES))
+word_mass = study.word_mass(z1r, (1, 5, 10))
 display(Markdown(f"Initial vector (stationary): {np.round(z1r.initial, 4).tolist()}. "
                  f"Total probability of all words: " + ", ".join(f"L={L}: {m:.12f}" for L, m in word_mass.items())
                  + " — eq. 2 defines a distribution at every length."))
@@ -96,14 +85,11 @@ display(Markdown(f"Initial vector (stationary): {np.round(z1r.initial, 4).tolist
 
 # %%
 mess3 = get_process("mess3")
-seqs = mess3.sample(n_simplex_sequences, simplex_length, rng)
-beliefs = mess3.beliefs(seqs)
-points = beliefs[:, 1:].reshape(-1, 3)
-last_token = seqs.reshape(-1)  # token that produced each belief
+cloud = study.belief_cloud(mess3, n_simplex_sequences, simplex_length, rng)
 fig, ax = plt.subplots(figsize=(5.2, 4.8))
-plot_simplex(points, ax, hue=np.array(["A", "B", "C"])[last_token], hue_name="last token",
+plot_simplex(cloud.points, ax, hue=np.array(["A", "B", "C"])[cloud.last_token], hue_name="last token",
              vertex_labels=("state 0", "state 1", "state 2"),
-             title=f"Mess3 beliefs after 1..{simplex_length} tokens ({len(points)} prefixes)", palette="Set2")
+             title=f"Mess3 beliefs after 1..{simplex_length} tokens ({len(cloud.points)} prefixes)", palette="Set2")
 save_figure(fig, out, "mess3_belief_simplex")
 plt.show()
 
@@ -118,21 +104,19 @@ plt.show()
 
 # %%
 m3x2 = get_process("mess3_x_mess3")
-joint_seqs = m3x2.sample(n_simplex_sequences, simplex_length, rng)
-joint_beliefs = m3x2.beliefs(joint_seqs)
-factor_a, factor_b = factor_marginals(joint_beliefs[:, -1], m3x2)
-product_gap = float(np.abs(joint_beliefs - product_of_marginals(joint_beliefs, m3x2)).max())
+factored = study.factorised_beliefs(m3x2, n_simplex_sequences, simplex_length, rng)
+product_gap = factored.product_gap
 fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
-plot_simplex(factor_a, axes[0], hue=factor_b.argmax(-1), hue_name="factor B most likely state",
+plot_simplex(factored.factor_a, axes[0], hue=factored.factor_b.argmax(-1), hue_name="factor B most likely state",
              title="factor A marginal belief", palette="Set1", size=4)
-plot_simplex(factor_b, axes[1], hue=factor_a.argmax(-1), hue_name="factor A most likely state",
+plot_simplex(factored.factor_b, axes[1], hue=factored.factor_a.argmax(-1), hue_name="factor A most likely state",
              title="factor B marginal belief", palette="Set1", size=4)
 fig.suptitle(f"Mess3 × Mess3 after {simplex_length} tokens: each factor draws its own fractal")
 fig.tight_layout()
 save_figure(fig, out, "product_factor_beliefs")
 plt.show()
-display(Markdown(f"Largest deviation $|\\rho_{{AB}}-\\rho_A\\otimes\\rho_B|$ over {joint_beliefs.shape[0]} prefixes × "
-                 f"{joint_beliefs.shape[1]} positions: **{product_gap:.1e}** (float round-off). The colours "
+display(Markdown(f"Largest deviation $|\\rho_{{AB}}-\\rho_A\\otimes\\rho_B|$ over {factored.joint.shape[0]} prefixes × "
+                 f"{factored.joint.shape[1]} positions: **{product_gap:.1e}** (float round-off). The colours "
                  "(the other factor's state) are mixed everywhere: factor A's belief says nothing about factor B."))
 
 # %% [markdown]
@@ -146,12 +130,9 @@ display(Markdown(f"Largest deviation $|\\rho_{{AB}}-\\rho_A\\otimes\\rho_B|$ ove
 
 # %%
 ppz = pp_z1r()
-display(pd.concat({f"T'({x})": pd.DataFrame(ppz.transfer[x], index=["S0", "S1", "SR"], columns=["S0", "S1", "SR"])
-                   for x in range(2)}, axis=1))
+display(study.transfer_table(ppz, study.Z1R_STATES, symbol="T'"))
 example = np.array([[0, 1, 0, 1, 1], [0, 0, 0, 0, 0]])
-example_beliefs = ppz.beliefs(example)
-display(pd.DataFrame({"prefix": ["".join(map(str, w[:t])) or "∅" for w in example for t in range(6)],
-                      "Pr(sector S0)": np.round(example_beliefs[:, :, 0].ravel(), 4)}).T)
+display(study.prefix_beliefs(ppz, example, state=0, label="Pr(sector S0)"))
 
 # %% [markdown]
 # ## 5. Semi-Factored Processes (eqs. 4–7)
@@ -169,9 +150,8 @@ fig.suptitle("pp-Z1R ⊗ pp-Z1R: every T(x) is block diagonal over the four sect
 save_figure(fig, out, "sfp_block_structure")
 plt.show()
 
-verdict = is_partition_preserving(pp2)
-perturbed = leaky(pp2, leak_epsilon)
-perturbed_verdict = is_partition_preserving(perturbed)
+partition = study.partition_check(pp2, leak_epsilon)
+verdict, perturbed_verdict = partition.verdict, partition.perturbed
 display(Markdown(f"- `is_partition_preserving(pp_z1r ⊗ pp_z1r)`: **{verdict.preserving}** — {verdict}\n"
                  f"- after mixing ε = {leak_epsilon} of each transition uniformly over all states: "
                  f"**{perturbed_verdict.preserving}** — {len(perturbed_verdict.leaks)} leaking (token, sector → sector) "
@@ -194,30 +174,11 @@ display(Markdown(f"- `is_partition_preserving(pp_z1r ⊗ pp_z1r)`: **{verdict.pr
 # *persists* through the context — the regime where persona and capability stay entangled.
 
 # %%
-rows = []
-for family, factor in [("pp_z1r ⊗ pp_z1r", pp_z1r()), ("pp_mess3 ⊗ pp_mess3", pp_mess3())]:
-    for c in correlations:
-        sfp = semi_factored_process([factor, factor], c)
-        mean, stderr = mutual_information_by_position(sfp, n_mi_sequences, context_length, rng)
-        rows += [{"process": family, "correlation c": c, "position": t, "MI (nats)": m, "stderr": s}
-                 for t, (m, s) in enumerate(zip(mean, stderr))]
-mi_table = pd.DataFrame(rows)
-product_mi = mutual_information(m3x2.beliefs(m3x2.sample(n_mi_sequences, context_length, rng)), m3x2).mean(0)
-
-fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-for ax, (family, frame) in zip(axes, mi_table.groupby("process", sort=False)):
-    sns.lineplot(data=frame, x="position", y="MI (nats)", hue="correlation c", marker="o", palette="flare", ax=ax)
-    ax.plot(np.arange(context_length + 1), product_mi, "k--", lw=1, label="mess3 × mess3 (fully factored)")
-    ax.set_title(family)
-    ax.set_xlabel("position (tokens seen)")
-    ax.set_ylabel("mean mutual information I(A;B) (nats)")
-    ax.legend(fontsize=7, title="correlation c", title_fontsize=7)
-fig.tight_layout()
+mi = study.mutual_information_sweep(correlations, n_mi_sequences, context_length, rng, reference=m3x2)
+fig = study.plot_mutual_information(mi, reference_label="mess3 × mess3 (fully factored)")
 save_figure(fig, out, "mutual_information_by_position")
 plt.show()
-
-final = mi_table[(mi_table.position == context_length) & (mi_table.process == "pp_mess3 ⊗ pp_mess3")]
-display(final[["correlation c", "MI (nats)", "stderr"]].reset_index(drop=True))
+display(mi.final[["correlation c", "MI (nats)", "stderr"]].reset_index(drop=True))
 
 # %% [markdown]
 # ## 7. Bayes-optimal cross-entropy per position
@@ -228,8 +189,7 @@ display(final[["correlation c", "MI (nats)", "stderr"]].reset_index(drop=True))
 # transformers of study 02 are measured against.
 
 # %%
-ce = pd.DataFrame({name: optimal_cross_entropy(get_process(name), context_length) for name in CE_PROCESSES},
-                  index=pd.RangeIndex(1, context_length + 1, name="position"))
+ce = study.optimal_ce_table(study.CE_PROCESSES, context_length)
 display(ce.T.round(4).assign(mean=ce.mean().round(5)))
 
 fig, ax = plt.subplots(figsize=(6.5, 3.8))
@@ -245,8 +205,7 @@ plt.show()
 # ## Conclusion
 
 # %%
-mi_by_c = final.set_index("correlation c")["MI (nats)"]
-monotone = bool(np.all(np.diff(mi_by_c.to_numpy()) > 0))
+mi_by_c, monotone = mi.by_correlation, mi.monotone
 display(Markdown(
     f"- The GHMM core is exact: word probabilities sum to 1 at every length, and for products the joint "
     f"belief equals the product of the factors' beliefs to {product_gap:.0e}.\n"
@@ -262,32 +221,17 @@ display(Markdown(
 
 # %% [markdown]
 # ## Metrics
+#
+# `metrics.json` is written from one result object that holds the sections' results (cross-entropy
+# table, partition check, mutual-information sweep), so every number in it is one the sections above showed.
 
 # %%
-metrics = {
-    "context_length": context_length,
-    "optimal_ce": {name: float(ce[name].mean()) for name in CE_PROCESSES},
-    "optimal_ce_by_position": {name: ce[name].tolist() for name in CE_PROCESSES},
-    "partition_preserving": {
-        "pp_z1r_x_pp_z1r": verdict.preserving,
-        "perturbed": perturbed_verdict.preserving,
-        "perturbed_leak_mass": perturbed_verdict.leak_mass,
-    },
-    "mutual_information": {
-        "process": "pp_mess3_x_pp_mess3",
-        "position": context_length,
-        "n_sequences": n_mi_sequences,
-        "by_correlation": [
-            {"correlation": float(r["correlation c"]), "mi": float(r["MI (nats)"]), "stderr": float(r["stderr"])}
-            for _, r in final.iterrows()
-        ],
-        "monotone": monotone,
-    },
-}
-write_metrics(metrics, out)
+result = study.SFPDefinitionResult(context_length, optimal_ce=ce, partition=partition, mutual_information=mi)
+write_metrics(result.metrics(), out)
 
 # %%
 # NBVAL_CHECK_OUTPUT
+metrics = result.metrics()
 for name, value in metrics["optimal_ce"].items():
     print(f"optimal_ce.{name} = {value:.6f}")
 print("partition_preserving:", verdict.preserving, perturbed_verdict.preserving)

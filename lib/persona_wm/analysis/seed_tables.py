@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["STEERING", "PARTITION", "SEMI_FACTORED_PROSE", "TABLE1", "steering_table", "partition_table", "beside_seed",
-           "reading_agreement", "READING_SUFFIX"]
+__all__ = ["STEERING", "PARTITION", "SEMI_FACTORED_PROSE", "TABLE1", "TABLE_LABELS", "HEADLINE_RATIO", "steering_table",
+           "table_label", "partition_table", "beside_seed", "reading_agreement", "fold_by_reading", "READING_SUFFIX"]
 
 _COLUMNS = ["scale", "kl_target", "kl_steered", "kl_unsteered", "ratio"]
 _NAN = float("nan")
@@ -67,11 +67,23 @@ SEMI_FACTORED_PROSE = {"factor0_spillover_scale_1": 0.34, "factor1_spillover_max
 #: Table 1 (Z1R x Z1R averaged over both factors): scale -> (kl_target, steered, unsteered)
 TABLE1 = {0.5: (1.025, 0.249, 0.001), 1.0: (0.079, 1.710, 0.004), 2.0: (0.181, 3.781, 0.010)}
 
+#: Which seed table holds (process, steered factor).
+TABLE_LABELS = {("z1r_x_z1r", 0): "Table 2", ("z1r_x_z1r", 1): "Table 3", ("mess3_x_mess3", 0): "Table 4",
+                ("mess3_x_mess3", 1): "Table 5"}
+
+#: The seed's headline spillover ratio at scale 1, both factors (Table 1 for Z1R x Z1R, Tables 4-5 for Mess3 x Mess3).
+HEADLINE_RATIO = {"z1r_x_z1r": 0.0022, "mess3_x_mess3": 0.0057}
+
 
 def steering_table(process: str, factor: int) -> pd.DataFrame | None:
     """The seed's table for (process, factor), or None if the seed reports none."""
     rows = STEERING.get((process, factor))
     return None if rows is None else pd.DataFrame(rows, columns=_COLUMNS)
+
+
+def table_label(process: str, factor: int) -> str:
+    """The seed table of (process, factor), or a note that the seed has none (prose only)."""
+    return TABLE_LABELS.get((process, factor), "no seed table (prose only)")
 
 
 def partition_table() -> pd.DataFrame:
@@ -135,3 +147,9 @@ def reading_agreement(stats: pd.DataFrame, quantity: str = "ratio", scales: tupl
             row["fold"] = float(np.exp(np.mean(logs))) if logs else float("nan")
             out.append(row)
     return pd.DataFrame(out)
+
+
+def fold_by_reading(agreement: pd.DataFrame) -> pd.Series:
+    """Per (process, reading): the geometric mean over both factors of :func:`reading_agreement`'s ``fold``
+    (1 = the reading reproduces the seed's tables exactly)."""
+    return agreement.groupby(["process", "reading"]).fold.apply(lambda f: float(np.exp(np.log(f).mean())))

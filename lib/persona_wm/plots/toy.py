@@ -16,7 +16,7 @@ import seaborn as sns
 from persona_wm.core.ghmm import GHMM
 from persona_wm.core.sfp import sector_order
 
-__all__ = ["simplex_xy", "plot_simplex", "plot_transfer_blocks", "set_style"]
+__all__ = ["simplex_xy", "plot_simplex", "plot_transfer_blocks", "plot_training_curves", "set_style"]
 
 _TRIANGLE = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, np.sqrt(3) / 2]])
 
@@ -91,5 +91,25 @@ def plot_transfer_blocks(process: GHMM, token_labels: Sequence[str] | None = Non
         ax.set_title(f"T({token_labels[x] if token_labels else x})")
         ax.set_xlabel("next state (sector order)")
         ax.set_ylabel("current state (sector order)" if x == 0 else "")
+    fig.tight_layout()
+    return fig
+
+
+def plot_training_curves(history: pd.DataFrame, reference_excess: float = 0.005) -> plt.Figure:
+    """Excess cross-entropy (model CE / Bayes-optimal CE - 1, log scale) against training step, one line per
+    (process, seed), with a dotted reference line at ``reference_excess``.
+
+    ``history`` is :func:`persona_wm.toy.train.history_frame`'s frame (``process``, ``seed``, ``step``,
+    ``ce_ratio``); step 0 (the untrained network) is left out.
+    """
+    fig, ax = plt.subplots(figsize=(7, 4))
+    curves = history[history.step > 0].assign(excess=lambda d: d.ce_ratio - 1)
+    sns.lineplot(data=curves, x="step", y="excess", hue="process", units="seed", estimator=None, ax=ax, lw=1)
+    ax.set_yscale("log")
+    ax.axhline(reference_excess, color="0.4", ls=":", lw=1)
+    ax.text(curves.step.max(), reference_excess, f" {1 + reference_excess:g}× optimal", va="center", fontsize=7)
+    ax.set_xlabel("training step (batches)")
+    ax.set_ylabel("model CE / Bayes-optimal CE − 1 (log scale)")
+    ax.set_title("Training curves against the exact Bayes-optimal cross-entropy (one line per seed)")
     fig.tight_layout()
     return fig
