@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from persona_wm.core.files import atomic_write, atomic_write_text
+from persona_wm.core.values import undefined_as_none  # re-exported: notebooks and io use it from here
 
 __all__ = ["MetricsError", "save_figure", "write_metrics", "undefined_as_none", "read_metrics",
            "METRICS_SIGNIFICANT_DIGITS", "FIGURE_DPI"]
@@ -52,22 +53,6 @@ def write_metrics(metrics: Mapping[str, Any], output_dir: str | Path) -> Path:
     """
     text = json.dumps(_jsonable(metrics, "metrics"), sort_keys=True, indent=2, allow_nan=False) + "\n"
     return atomic_write_text(Path(output_dir) / "metrics.json", text)
-
-
-def undefined_as_none(value: Any) -> Any:
-    """Recursively replace non-finite floats (an undefined ratio, a CI from too few points) by None.
-
-    ``write_metrics`` refuses NaN on purpose, so that an accidental NaN cannot slip into a result;
-    a study calls this only on values it knows may legitimately be undefined, and they are then
-    written as JSON null.
-    """
-    if isinstance(value, Mapping):
-        return {k: undefined_as_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [undefined_as_none(v) for v in value]
-    if isinstance(value, (float, np.floating)) and not math.isfinite(float(value)):
-        return None
-    return value
 
 
 def read_metrics(path: str | Path) -> dict[str, Any]:
