@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -27,7 +26,13 @@ from persona_wm.core.ghmm import marginals
 from persona_wm.core.values import undefined_as_none
 from persona_wm.processes import get_process
 from persona_wm.toy.hooks import residual_hooks
-from persona_wm.toy.probe import angle_spread, collect_activations, principal_angles, probe_frame, probe_r2_over_training
+from persona_wm.toy.probe import (
+    angle_spread,
+    collect_activations,
+    principal_angles,
+    probe_frame,
+    probe_r2_over_training,
+)
 from persona_wm.toy.steer import interaction_frame, partition_frame, steering_frame, training_trend
 from persona_wm.toy.train import TrainConfig, TrainedModel, history_frame, load_or_train
 
