@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-__all__ = ["plot_rho_by_layer", "plot_paired_heatmaps", "plot_jackknife", "plot_steering"]
+__all__ = ["plot_controls", "plot_jackknife", "plot_paired_heatmaps", "plot_rho_by_layer", "plot_steering"]
 
 
 def plot_rho_by_layer(stats: pd.DataFrame, seed: pd.DataFrame, axes: Sequence[plt.Axes]) -> None:
@@ -66,6 +66,20 @@ def plot_jackknife(stats: pd.DataFrame, ax: plt.Axes) -> None:
     ax.axhline(0.5, ls=":", lw=0.8, color="k")
     ax.set_xlabel("layer (residual stream after l blocks)")
     ax.set_ylabel("Spearman rho (cosine distance vs JS)")
+    ax.legend(fontsize=7)
+
+
+def plot_controls(frame: pd.DataFrame, n_prompts: int, ax: plt.Axes) -> None:
+    """Rho by layer of the persona condition and each control (``condition`` column), with 95% bootstrap
+    bands where a condition has them (``ci_low``/``ci_high``)."""
+    palette = dict(zip(frame.condition.unique(), sns.color_palette(n_colors=frame.condition.nunique())))
+    sns.lineplot(data=frame, x="layer", y="rho", hue="condition", palette=palette, marker="o", ax=ax)
+    for name, group in frame.dropna(subset=["ci_low"]).groupby("condition"):
+        ax.fill_between(group["layer"], group["ci_low"], group["ci_high"], color=palette[name], alpha=0.12)
+    ax.axhline(0, color="0.5", lw=0.6)
+    ax.set_xlabel("layer (residual stream after l blocks)")
+    ax.set_ylabel("Spearman ρ(1 − cos of centroids, JS)")
+    ax.set_title(f"Representation–behaviour ρ and its controls ({n_prompts} prompts; bands: 95% bootstrap over prompts)")
     ax.legend(fontsize=7)
 
 
