@@ -1,31 +1,45 @@
-"""Run study 04's persona-engineering grid outside the notebook, in parallel worker processes.
+"""Run study 04's persona-engineering grid outside the notebook, as Dask tasks on one machine or a cluster.
 
     python -m persona_wm.io.sweep [--params full] [--workers 8] [--device cuda] [--out grid.json]
+    python -m persona_wm.io.sweep --params full --scheduler tcp://host:8786 --out grid.json
+    python -m persona_wm.io.sweep --params default --workers 0       # in this process, one job after another
 
-For the dense grid (``params/04_persona_engineering/full.yaml``) on a GPU machine (the device
-tool): every (configuration, seed) is an independent train -> fine-tune -> measure job, so jobs are
-spread over worker processes that share the GPU (tiny models are launch-bound, one process cannot
-fill it). Reads the params YAML directly (no notebook tooling needed there), writes the grid rows,
-the per-configuration summary, the Pareto analysis and the wall time to ``--out``, and prints a
-short summary. The notebook does the same analysis on the CPU default grid.
+Every (configuration, seed) is an independent train -> fine-tune -> measure job. By default the jobs
+run on a Dask ``LocalCluster`` of ``--workers`` processes with one thread each (on a GPU machine they
+share the GPU: tiny models are launch-bound, one process cannot fill it). ``--scheduler`` sends them
+to a running Dask scheduler instead (``dask scheduler``, then ``dask worker tcp://host:8786
+--nthreads 1`` on each machine). Such workers need this package importable, the same ``--cache-dir``
+for a shared model cache, and ``distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_: null`` in
+their Dask config (or ``--no-nanny``): the nanny's default makes each job about twice as costly (see
+:data:`NANNY_ENVIRON`).
+
+Params are read through :func:`persona_wm.io.params.load_params`, so a malformed file stops with one
+ParamsError line before any worker starts. Writes the grid rows (sorted by axis, process, seed,
+whatever order the jobs finish in), the per-configuration summary, the Pareto analysis and the wall
+time to ``--out``, and prints a short summary. The notebook does the same analysis on the CPU
+default grid.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
+import dask
 import pandas as pd
 import torch
-import yaml
+from distributed import Client, Future, LocalCluster, as_completed
+from tqdm.auto import tqdm
 
-from persona_wm.core.files import REPO_ROOT
+from persona_wm.core.files import REPO_ROOT, atomic_write_text
 from persona_wm.core.threads import limit_threads
 from persona_wm.io.outputs import undefined_as_none
+from persona_wm.io.params import ParamsError, load_params
 from persona_wm.toy import train
 from persona_wm.toy.em import EMRecipe
 from persona_wm.toy.engineering import engineering_row, engineering_summary, sweep_jobs
@@ -33,60 +47,170 @@ from persona_wm.toy.engineering import engineering_row, engineering_summary, swe
 STUDY = "04_persona_engineering"
 
 
-def _job(args: tuple) -> dict:
-    axis, name, seed, params, device, cache_dir = args
+Job = tuple[str, str, int]  # (axis, process name, seed), as persona_wm.toy.engineering.sweep_jobs gives them
+#: Completed jobs between two partial writes of --out (partial results survive a time limit).
+PARTIAL_EVERY = 20
+#: Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also freezes glibc's mmap
+#: threshold: every large numpy array of a job is then a fresh mmap. Measured on 10 warm default-grid
+#: jobs here: 8x the page faults and 4-5x the system time (CPU per job about 1.9x). None unsets it.
+NANNY_ENVIRON = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
+
+def run_job(job: Job, recipe: EMRecipe, n_contexts: int, analysis_seed: int, device: str = "cpu",
+            cache_dir: str | None = None) -> dict:
+    """One grid row, computed where the scheduler puts it (a Dask worker, or this process).
+
+    Caps this process's thread pools to 1 (N single-thread workers fill N cores; more threads per
+    worker only oversubscribe them) and trains on ``device``. A failing point returns a row with an
+    ``error`` instead of raising, so one bad configuration does not lose the whole grid.
+    """
+    axis, name, seed = job
     limit_threads(1)
-    if device.startswith("cuda"):
-        os.environ.setdefault("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
-
+    previous_cache = train.CACHE_DIR
     if cache_dir:
         train.CACHE_DIR = Path(cache_dir)
-    recipe = EMRecipe.from_params(params)
     try:
-        return engineering_row(axis, name, seed, recipe, params["n_contexts"], params["analysis_seed"])
-    except Exception as error:  # one failed point must not lose the whole grid; it is reported
+        _use_device(device)
+        return engineering_row(axis, name, seed, recipe, n_contexts, analysis_seed)
+    except Exception as error:  # noqa: BLE001 -- any failure of one point is reported in the output's "failed" list
         return {"axis": axis, "process": name, "seed": seed, "error": f"{type(error).__name__}: {error}"}
+    finally:
+        train.CACHE_DIR = previous_cache  # a long-lived worker of a shared cluster keeps its own default
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _use_device(device: str) -> None:
+    """Make :func:`persona_wm.toy.train.default_device` (what the EM experiment trains on) give ``device``.
+
+    ``cpu`` hides the GPUs from this process while CUDA is still uninitialised (a LocalCluster's
+    workers get that from their environment at start); ``cuda:N`` selects GPU N. Raises when the
+    process cannot honour the request, rather than silently training elsewhere.
+    """
+    kind, _, index = device.partition(":")
+    if kind == "cpu" and not torch.cuda.is_initialized():
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif kind == "cuda" and index:
+        torch.cuda.set_device(int(index))
+    actual = train.default_device()
+    if actual != kind:
+        raise RuntimeError(f"--device {device} asked, but this worker would train on {actual}")
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+
+
+def run_jobs(jobs: Sequence[Job], recipe: EMRecipe, n_contexts: int, analysis_seed: int, device: str = "cpu",
+             cache_dir: str | Path | None = None, client: Client | None = None,
+             partial_out: Path | None = None) -> list[dict]:
+    """The rows of ``jobs`` in the order of ``jobs``, whatever order they finish in.
+
+    ``client`` None runs them here, one after another (the sequential reference); otherwise each job
+    is one Dask task. Progress is a tqdm bar plus one line per finished job; every
+    :data:`PARTIAL_EVERY` jobs the rows so far are written to ``partial_out`` (marked partial).
+    """
+    extra = (recipe, n_contexts, analysis_seed, device, str(cache_dir) if cache_dir else None)
+    rows: list[dict | None] = [None] * len(jobs)
+    if client is None:
+        finished: Iterator[tuple[int, dict]] = ((i, run_job(job, *extra)) for i, job in enumerate(jobs))
+    else:
+        futures = {client.submit(run_job, job, *extra, pure=False): i for i, job in enumerate(jobs)}
+        finished = ((futures[f], _task_row(f, jobs[futures[f]])) for f in as_completed(futures))
+    with tqdm(total=len(jobs), desc="sweep", unit="job") as bar:
+        for done, (i, row) in enumerate(finished, 1):
+            rows[i] = row
+            status = row.get("error") or f"fidelity {row['fidelity']:.3f} robustness {row['robustness']:.3f}"
+            bar.write(f"[{done}/{len(jobs)}] {row['axis']} {row['process']} seed {row['seed']}: {status}")
+            bar.update()
+            if partial_out is not None and done % PARTIAL_EVERY == 0:
+                grid = [r for r in rows if r is not None]
+                atomic_write_text(partial_out, json.dumps({"partial": True, "grid": grid}, default=float))
+    return rows  # type: ignore[return-value]  # every slot is filled once every job has finished
+
+
+def _task_row(future: Future, job: Job) -> dict:
+    """A task's row, or an error row when the task itself failed (a worker died, the package is missing)."""
+    if future.status == "error":
+        error = future.exception()
+        axis, name, seed = job
+        return {"axis": axis, "process": name, "seed": seed, "error": f"{type(error).__name__}: {error}"}
+    return future.result()
+
+
+@contextmanager
+def _dask_client(workers: int, scheduler: str | None, device: str) -> Iterator[Client | None]:
+    """A client of ``scheduler``, of a fresh LocalCluster of ``workers`` single-thread processes, or None (0)."""
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="30s")
+        except OSError as err:
+            raise SystemExit(f"error: cannot reach the Dask scheduler {scheduler}: {err}") from None
+        with client:
+            try:
+                client.wait_for_workers(1, timeout="120s")
+            except TimeoutError:
+                raise SystemExit(f"error: no worker joined the Dask scheduler {scheduler} within 120 s") from None
+            yield client
+        return
+    if workers == 0:
+        yield None
+        return
+    env = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {}
+    before = dict(os.environ)
+    try:
+        with dask.config.set(NANNY_ENVIRON), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                                          dashboard_address=None, env=env) as cluster, \
+                Client(cluster) as client:
+            yield client
+    finally:  # each nanny writes its pre-spawn variables (OMP_NUM_THREADS=1, ...) into this process's environment
+        os.environ.clear()
+        os.environ.update(before)
+
+
+def main(argv: list[str] | None = None, root: Path = REPO_ROOT) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="full")
-    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                        help="LocalCluster worker processes, one thread each; 0 runs the jobs in this process")
+    parser.add_argument("--scheduler", default=None,
+                        help="address of a running Dask scheduler (tcp://host:8786) instead of a LocalCluster")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    parser.add_argument("--cache-dir", default=None, help="model cache (default .cache/models of the checkout)")
     parser.add_argument("--out", type=Path, default=Path("grid.json"))
     args = parser.parse_args(argv)
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
+
+    try:
+        params = load_params(STUDY, args.params, root)
+    except ParamsError as err:
+        raise SystemExit(f"error: {err}") from None
+    recipe = EMRecipe.from_params(params)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    root = REPO_ROOT
-    params = yaml.safe_load((root / "params" / STUDY / f"{args.params}.yaml").read_text())
-
-    jobs = [(*job, params, device, args.cache_dir) for job in sweep_jobs(params["sweep_processes"], params["seeds"])]
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = "1"  # workers inherit this: N workers x all-core BLAS would oversubscribe the CPU
+    jobs = sweep_jobs(params["sweep_processes"], params["seeds"])
     start = time.perf_counter()
-    rows = []
-    with mp.get_context("spawn").Pool(args.workers) as pool:
-        for i, row in enumerate(pool.imap_unordered(_job, jobs), 1):
-            rows.append(row)
-            status = row.get("error") or f"fidelity {row['fidelity']:.3f} robustness {row['robustness']:.3f}"
-            print(f"[{i}/{len(jobs)}] {row['process']} seed {row['seed']}: {status}", flush=True)
-            if i % 20 == 0:  # partial results survive a time limit
-                args.out.write_text(json.dumps({"partial": True, "grid": rows}, default=float))
+    with _dask_client(args.workers, args.scheduler, device) as client:
+        workers = len(client.nthreads()) if args.scheduler else args.workers
+        if client is None or not device.startswith("cuda"):
+            names = [_device_name(device)]
+        else:
+            names = sorted(set(client.run(_device_name, device).values()))  # the GPUs the workers see
+        rows = run_jobs(jobs, recipe, params["n_contexts"], params["analysis_seed"], device, args.cache_dir,
+                        client, partial_out=args.out)
     wall = time.perf_counter() - start
     failed = [r for r in rows if "error" in r]
     rows = [r for r in rows if "error" not in r]
-
+    if not rows:
+        raise SystemExit(f"error: all {len(jobs)} jobs failed; the first: {failed[0]['error']}")
 
     grid = pd.DataFrame(rows).sort_values(["axis", "process", "seed"]).reset_index(drop=True)
     points, improvements = engineering_summary(grid, params["baseline_process"])
-    result = {"params": args.params, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-              "workers": args.workers, "n_jobs": len(jobs), "wall_s": wall, "grid": grid.to_dict("records"),
+    result = {"params": args.params, "device": ", ".join(names),
+              "workers": workers, "n_jobs": len(jobs), "wall_s": wall, "grid": grid.to_dict("records"),
               "points": points.to_dict("records"), "pareto_front": points[points.pareto].process.tolist(),
               "improvements_over_baseline": improvements.process.tolist(),
               "clear_improvements": improvements[improvements["clear"]].process.tolist(), "failed": failed}
-    args.out.write_text(json.dumps(undefined_as_none(result), indent=1, default=float))
+    atomic_write_text(args.out, json.dumps(undefined_as_none(result), indent=1, default=float))
     print(json.dumps({k: result[k] for k in ("device", "n_jobs", "wall_s", "pareto_front",
                                              "improvements_over_baseline", "clear_improvements", "failed")}, indent=1))
     return result

@@ -1,0 +1,152 @@
+"""persona_wm.io.sweep on Dask: a 2-worker LocalCluster (the default) and an externally started scheduler
+(--scheduler) give exactly the output of the same jobs run in this process one after another (same seeds,
+same numbers), with rows in job order whatever order they finish in; a malformed params file stops with
+one ParamsError line before any cluster starts.
+
+Runs a tiny grid (3 configurations x 2 seeds, d_model 8, 5 base steps) from a throwaway repo holding a
+copy of study 04's notebook (whose parameters cell is the schema) and tiny params files. Most of the
+time is the Dask workers importing torch and transformer_lens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import dask
+import pytest
+import torch
+import yaml
+from distributed import Client, LocalCluster
+from threadpoolctl import threadpool_limits
+
+from persona_wm.core.files import REPO_ROOT
+from persona_wm.io import sweep
+from persona_wm.io.params import load_params
+from persona_wm.toy.em import EMRecipe
+from persona_wm.toy.engineering import sweep_jobs
+
+STUDY = sweep.STUDY
+#: Overrides of the default params: small enough for seconds per job on a shared 2-core CPU. em()
+#: sits on two axes, so one (process, seed) gives two rows, as in the real grids.
+TINY = {"baseline_process": "em()",
+        "sweep_processes": {"leak": ["em()", "em(leak=0.05)"], "mixing": ["em()"]},
+        "seeds": [0, 1], "d_model": 8, "n_layers": 1, "base_steps": 5, "base_batch": 16, "ft_steps": 2,
+        "ft_batch": 8, "n_contexts": 20, "torch_threads": 1}
+#: Fields that may differ between otherwise identical runs: timing, and how many workers ran it.
+RUN_FIELDS = {"wall_s", "workers"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_process_state():
+    """Running jobs in this process caps its thread pools to 1 and, for --device cpu, hides the GPUs; a nanny
+    started here writes its pre-spawn variables into os.environ. Later test modules get back what they had."""
+    environment, torch_threads, blas = dict(os.environ), torch.get_num_threads(), threadpool_limits(limits=None)
+    yield
+    os.environ.clear()
+    os.environ.update(environment)
+    torch.set_num_threads(torch_threads)
+    blas.restore_original_limits()
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A repo root with study 04's notebook and params files tiny.yaml and bad.yaml (d_model 0)."""
+    root = tmp_path_factory.mktemp("repo")
+    (root / "notebooks").mkdir()
+    shutil.copy(REPO_ROOT / "notebooks" / f"{STUDY}.py", root / "notebooks" / f"{STUDY}.py")
+    folder = root / "params" / STUDY
+    folder.mkdir(parents=True)
+    params = yaml.safe_load((REPO_ROOT / "params" / STUDY / "default.yaml").read_text()) | TINY
+    (folder / "tiny.yaml").write_text(yaml.safe_dump(params))
+    (folder / "bad.yaml").write_text(yaml.safe_dump(params | {"d_model": 0}))
+    return root
+
+
+def _run(repo: Path, tmp: Path, *options: str) -> dict:
+    """main() on the tiny params with a fresh model cache (every model trained in this run); the file it wrote."""
+    out = tmp / "grid.json"
+    sweep.main(["--params", "tiny", "--device", "cpu", "--cache-dir", str(tmp / "cache"), "--out", str(out),
+                *options], root=repo)
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def sequential(repo, tmp_path_factory) -> dict:
+    """The reference: every job in this process, one after another (--workers 0)."""
+    return _run(repo, tmp_path_factory.mktemp("sequential"), "--workers", "0")
+
+
+@pytest.fixture(scope="module")
+def external_cluster():
+    """A LocalCluster started outside the sweep, as a real cluster's scheduler would be."""
+    with dask.config.set(sweep.NANNY_ENVIRON), LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                                            dashboard_address=None) as cluster:
+        yield cluster
+
+
+def _without_run_fields(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k not in RUN_FIELDS}
+
+
+def test_sequential_reference_is_a_full_grid(sequential) -> None:
+    assert sequential["n_jobs"] == 6 and sequential["failed"] == [] and sequential["workers"] == 0
+    assert [(r["axis"], r["process"], r["seed"]) for r in sequential["grid"]] == sorted(
+        sweep_jobs(TINY["sweep_processes"], TINY["seeds"]))
+    assert {p["process"] for p in sequential["points"]} == {"em()", "em(leak=0.05)"}
+
+
+def test_local_cluster_workers_have_one_thread_and_no_gpu_and_no_malloc_trim() -> None:
+    before = dict(os.environ)
+    with sweep._dask_client(2, None, "cpu") as client:
+        assert set(client.nthreads().values()) == {1} and len(client.nthreads()) == 2
+        assert set(client.run(os.getenv, "MALLOC_TRIM_THRESHOLD_").values()) == {None}
+        assert set(client.run(os.getenv, "CUDA_VISIBLE_DEVICES").values()) == {""}
+        assert set(client.run(os.getenv, "OMP_NUM_THREADS").values()) == {"1"}
+    assert dict(os.environ) == before
+
+
+def test_local_cluster_gives_the_sequential_output(repo, sequential, tmp_path) -> None:
+    result = _run(repo, tmp_path, "--workers", "2")
+    assert result["workers"] == 2
+    assert _without_run_fields(result) == _without_run_fields(sequential)
+
+
+def test_scheduler_address_gives_the_sequential_output(repo, sequential, external_cluster, tmp_path) -> None:
+    result = _run(repo, tmp_path, "--scheduler", external_cluster.scheduler_address)
+    assert result["workers"] == 2
+    assert _without_run_fields(result) == _without_run_fields(sequential)
+
+
+def test_rows_come_back_in_job_order(repo, external_cluster, tmp_path) -> None:
+    """run_jobs returns rows in the order of its job list (forward or reversed), not in finishing order."""
+    params = load_params(STUDY, "tiny", repo)
+    recipe = EMRecipe.from_params(params)
+    jobs = sweep_jobs(params["sweep_processes"], params["seeds"])
+    here = sweep.run_jobs(jobs, recipe, params["n_contexts"], params["analysis_seed"], "cpu", tmp_path / "here")
+    with Client(external_cluster.scheduler_address) as client:
+        forward = sweep.run_jobs(jobs, recipe, params["n_contexts"], params["analysis_seed"], "cpu",
+                                 tmp_path / "dask", client)
+        backward = sweep.run_jobs(jobs[::-1], recipe, params["n_contexts"], params["analysis_seed"], "cpu",
+                                  tmp_path / "dask", client)
+    assert [(r["axis"], r["process"], r["seed"]) for r in forward] == jobs
+    assert forward == here
+    assert backward == here[::-1]
+
+
+def test_malformed_params_fail_before_any_worker(repo, tmp_path, monkeypatch) -> None:
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a cluster was started for a malformed params file")
+
+    monkeypatch.setattr(sweep, "LocalCluster", no_cluster)
+    monkeypatch.setattr(sweep, "Client", no_cluster)
+    monkeypatch.setattr(sweep, "run_jobs", no_cluster)
+    out = tmp_path / "grid.json"
+    with pytest.raises(SystemExit) as stop:
+        sweep.main(["--params", "bad", "--workers", "2", "--out", str(out)], root=repo)
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    assert f"params/{STUDY}/bad.yaml" in message and "d_model" in message
+    assert not out.exists()
