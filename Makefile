@@ -27,7 +27,7 @@ STUDY_ARGS := $(if $(STUDY),--study $(STUDY))
 NOTEBOOKS  := $(if $(STUDY),$(addprefix notebooks/,$(addsuffix .ipynb,$(STUDY))),$(wildcard notebooks/*.ipynb))
 STUDIES    := $(filter-out _%,$(basename $(notdir $(wildcard notebooks/*.py))))
 
-.PHONY: help venv reports test unit-test integration-test acceptance-test notebook-test baseline check-outputs lab sync clean distclean
+.PHONY: help venv reports bench test unit-test integration-test acceptance-test notebook-test baseline check-outputs lab sync clean distclean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -43,6 +43,11 @@ venv: $(STAMP)  ## create or update .venv
 
 reports: $(STAMP)  ## run studies into outputs/ (STUDY=, PARAMS=default, THREADS=, DEVICE=cpu|cuda|auto)
 	$(PY) -m persona_wm.io.runner $(STUDY_ARGS) --params $(PARAMS) $(if $(THREADS),--threads $(THREADS)) $(if $(DEVICE),--device $(DEVICE))
+
+# Timings merge into outputs/bench/metrics.json (one key per section and device); on the GPU machine:
+#   make bench DEVICE=cuda BENCH_ARGS="--ns 1,8,64,256"
+bench: $(STAMP)  ## time GHMM vs hmmlearn, stacked vs sequential training, LLM hooks (DEVICE=, THREADS=1,2, BENCH_ARGS=)
+	$(PY) -m persona_wm.bench $(if $(DEVICE),--device $(DEVICE)) $(if $(THREADS),--threads $(THREADS)) $(BENCH_ARGS)
 
 test: unit-test integration-test acceptance-test notebook-test  ## every tier CI runs, then the notebook regression tests
 

@@ -1,51 +1,316 @@
-"""Time study 02's training and steering evaluation on this machine (CPU) or a GPU.
+"""Speed measurements of the library, written to ``outputs/bench/metrics.json`` (``make bench``).
 
-    python -m persona_wm.bench [--params default] [--device cuda] [--threads 2] [--cache-dir DIR]
+    python -m persona_wm.bench [--sections hmm stacked llm] [--device cpu|cuda|auto] [--ns 1,8,64]
+                               [--threads 1,2] [--steps 50] [--seq-models 4] [--output FILE]
+    python -m persona_wm.bench --cold 02_steering_specificity=3.5   # record a cold study run (minutes)
 
-Prints one JSON object: seconds spent training (or loading cached models) and in each steering
-evaluation of the report (all pairs x scales at the final layer, the per-layer sweep, the
-partition analysis). Used for the CPU/GPU timings in the README. Reads the params YAML directly
-(no notebook tooling needed), so it runs on the device machine with only torch and the carried
-TransformerLens wheels.
+Sections (each writes its own key and its own machine/date/threads metadata under ``meta.<section>``,
+and a run merges into the existing file, so a GPU run adds its keys next to the CPU ones):
+
+* ``hmm`` -> ``ghmm_vs_hmmlearn``: the library's batched GHMM forward (per-token probabilities and
+  beliefs of every prefix, :meth:`GHMM.forward`) on 20k Mess3 sequences of length 10, against
+  hmmlearn's forward algorithm on the same sequences, one ``score`` call per sequence (``speedup``) and
+  one call with ``lengths`` (``speedup_vs_lengths``). Mess3 emits from the state it moves to, so it is
+  hmmlearn's CategoricalHMM with start = eta P, transitions P and emissions E; the log-likelihoods of both
+  are compared (``max_abs_loglik_diff``).
+* ``stacked`` -> ``stacked_training.<device>_t<threads>``: model-steps per second of
+  :func:`persona_wm.toy.stacked.train_group` on N models against ``train()`` one model at a time,
+  same config (Mess3, the studies' 2-layer d_model 64 architecture, batch 256, evaluations at step 0
+  and the last step on 512 sequences), same thread count, measured side by side: for each N, the
+  stacked run and then ``train()`` of ``min(N, --seq-models)`` of the same configs (one-at-a-time
+  throughput does not depend on N). Wall clock; on a CPU also CPU time (``speedup_cpu_time_n<N>``, the
+  fairer number on a shared machine), the share of the stacked run spent sampling (``sample_fraction``:
+  host time drawing and sampling batches, partly in a background thread on a GPU; ``sample_wait_fraction``:
+  time the training loop waited for them) and evaluating, and
+  ``matmul_ms_per_model_step``: the fp32 matmuls of one model-step alone (forward and both backward
+  products of every linear map), the floor no trainer goes below on that device.
+* ``llm`` -> ``llm.forward_overhead``: :func:`persona_wm.llm.model.forward` capturing the residual
+  stream of every layer (forward hooks) over the same forward with no hooks, as a ratio of median
+  times (1.0 = no overhead); SmolLM2 when its weights package is installed, else (or with
+  ``--llm tiny``) a tiny random Llama; ``llm.model`` says which.
+* ``study02`` (not run by default) -> ``study02``: study 02's train-or-load and steering timings.
+
+``cold_minutes.<study>``: minutes of a cold (empty-cache) default run of a study, measured elsewhere
+(the runner) and merged here with ``--cold STUDY=MINUTES`` or :func:`record_cold_minutes`.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
+import os
+import platform
+import statistics
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
+import tokenizers
 import torch
 import yaml
 
 from persona_wm.core.files import REPO_ROOT
 from persona_wm.core.threads import limit_threads
+from persona_wm.llm import model as L
+from persona_wm.processes import get_process
 from persona_wm.toy.probe import residual_hooks
+from persona_wm.toy.stacked import train_group
 from persona_wm.toy.steer import partition_frame, steering_frame
-from persona_wm.toy.train import TrainConfig, load_or_train
+from persona_wm.toy.train import TrainConfig, build_model, load_or_train, train
 
+OUTPUT = REPO_ROOT / "outputs" / "bench" / "metrics.json"
+SECTIONS = ("hmm", "stacked", "llm", "study02")
+DEFAULT_SECTIONS = ("hmm", "stacked", "llm")
 STUDY = "02_steering_specificity"
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+# --------------------------------------------------------------------------------------------- helpers
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="default")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--cache-dir", type=Path, default=None)
-    args = parser.parse_args(argv)
-    if args.threads:
-        limit_threads(args.threads)
-    root = REPO_ROOT
-    p = yaml.safe_load((root / "params" / STUDY / f"{args.params}.yaml").read_text())
-    timings: dict[str, float] = {}
+def machine(device: torch.device, threads: int | list[int] | None = None) -> dict:
+    """Where and when a section ran."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "host": platform.node(),
+            "cpu": cpu, "cpu_count": os.cpu_count(), "load_average_1min": _load(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "threads": threads, "torch": torch.__version__, "python": platform.python_version()}
 
+
+def _load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def read_metrics(path: Path = OUTPUT) -> dict:
+    return json.loads(Path(path).read_text()) if Path(path).exists() else {}
+
+
+def write_metrics(metrics: dict, path: Path = OUTPUT) -> None:
+    """Atomic write (a crash never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(metrics, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def record_cold_minutes(timings: dict[str, float], path: Path = OUTPUT) -> dict:
+    """Merge ``{study: minutes}`` of cold default runs into ``cold_minutes`` of the bench file."""
+    metrics = read_metrics(path)
+    for study, minutes in timings.items():
+        if not isinstance(minutes, (int, float)) or isinstance(minutes, bool) or not minutes > 0:
+            raise ValueError(f"cold minutes of {study!r} must be a positive number, got {minutes!r}")
+        metrics.setdefault("cold_minutes", {})[study] = float(minutes)
+    metrics.setdefault("meta", {})["cold_minutes"] = {"recorded": dt.datetime.now(dt.UTC).isoformat(
+        timespec="seconds"), "note": "cold (empty cache) default runs, measured by whoever recorded them"}
+    write_metrics(metrics, path)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------- GHMM vs hmmlearn
+def as_categorical_hmm(process):
+    """hmmlearn's CategoricalHMM for a GHMM that emits from the state it moves to: T(x)[s, t] = P[s, t] E[t, x]."""
+    from hmmlearn.hmm import CategoricalHMM
+
+    if not process.hmm:
+        raise ValueError(f"{process.name} is a generalized HMM (negative entries allowed): hmmlearn has no counterpart")
+    transitions = process.transfer.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        emission = np.where(transitions[None] > 0, process.transfer / transitions[None], np.nan)  # [x, s, t]
+    per_target = np.nanmean(emission, axis=1)  # [x, t]
+    if not np.allclose(np.nan_to_num(emission - per_target[:, None, :]), 0.0, atol=1e-12):
+        raise ValueError(f"{process.name}: T(x)[s, t] is not P[s, t] E[t, x]; no state-emitting HMM to compare")
+    hmm = CategoricalHMM(n_components=process.n_states, n_features=process.n_tokens, init_params="", params="")
+    hmm.startprob_ = process.initial @ transitions
+    hmm.transmat_ = transitions
+    hmm.emissionprob_ = per_target.T
+    return hmm
+
+
+def bench_hmm(n_sequences: int = 20_000, length: int = 10, seed: int = 0) -> dict:
+    """Batched GHMM forward vs hmmlearn's forward algorithm on the same Mess3 sequences."""
+    process = get_process("mess3")
+    tokens = process.sample(n_sequences, length, np.random.default_rng(seed))
+    hmm = as_categorical_hmm(process)
+    start = time.perf_counter()
+    beliefs, token_probs = process.forward(tokens)
+    lib_seconds = time.perf_counter() - start
+    ours = np.log(token_probs).sum(axis=1)
+    start = time.perf_counter()
+    theirs = np.array([hmm.score(row.reshape(-1, 1)) for row in tokens])
+    per_sequence_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    total = hmm.score(tokens.reshape(-1, 1), lengths=[length] * n_sequences)
+    lengths_seconds = time.perf_counter() - start
+    diff = float(np.max(np.abs(ours - theirs)))
+    if diff > 1e-8 or abs(total - ours.sum()) > 1e-6 * abs(total):
+        raise AssertionError(f"GHMM and hmmlearn log-likelihoods differ: max |diff| {diff:.3g}")
+    return {"speedup": per_sequence_seconds / lib_seconds, "speedup_vs_lengths": lengths_seconds / lib_seconds,
+            "lib_seconds": lib_seconds, "hmmlearn_per_sequence_seconds": per_sequence_seconds,
+            "hmmlearn_lengths_seconds": lengths_seconds, "max_abs_loglik_diff": diff, "n_sequences": n_sequences,
+            "length": length, "process": process.name, "lib_call": "GHMM.forward (token probabilities and beliefs)",
+            "beliefs_shape": list(beliefs.shape)}
+
+
+# --------------------------------------------------------------------------------------------- stacked training
+def bench_config(seed: int, steps: int) -> TrainConfig:
+    """The measured workload: the studies' architecture on Mess3, two evaluations (step 0 and the last)."""
+    return TrainConfig(process="mess3", steps=steps, batch_size=256, seed=seed, eval_every=steps, eval_sequences=512)
+
+
+def matmul_floor(config: TrainConfig, device: torch.device, reps: int = 10) -> tuple[float, float]:
+    """Wall and CPU seconds of the fp32 matmuls of one model-step alone (every linear map's forward, dX, dW)."""
+    rows, d, width = config.batch_size * (config.context_length + 1), config.d_model, config.n_heads * config.d_head
+    shapes = [(d, 3 * width), (width, d), (d, config.d_mlp), (config.d_mlp, d)] * config.n_layers
+    shapes.append((d, get_process(config.process).n_tokens))
+    x = {k: torch.randn(1, rows, k, device=device) for k in {s[0] for s in shapes}}
+    w = {s: torch.randn(1, *s, device=device) for s in shapes}
+    g = {n: torch.randn(1, rows, n, device=device) for n in {s[1] for s in shapes}}
+
+    def run() -> None:
+        for k, n in shapes:
+            torch.bmm(x[k], w[(k, n)])
+            torch.bmm(g[n], w[(k, n)].transpose(1, 2))
+            torch.bmm(x[k].transpose(1, 2), g[n])
+
+    run()
+    _, wall, cpu = _timed(lambda: [run() for _ in range(reps)], device)
+    return wall / reps, cpu / reps
+
+
+def _timed(fn, device: torch.device):
+    _sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def bench_stacked(device: torch.device, ns: list[int], threads: int, steps: int, seq_models: int,
+                  models_per_pass: int | None = None) -> dict:
+    """Stacked vs one-at-a-time training throughput at one thread count (see the module docstring)."""
+    limit_threads(threads)
+    build_model(bench_config(0, steps), get_process("mess3"), device)  # imports and first-call costs, untimed
+    entry: dict = {"threads": threads, "steps": steps, "process": "mess3", "batch_size": 256, "d_model": 64,
+                   "n_layers": 2, "eval_sequences": 512}
+    on_cpu = device.type == "cpu"
+    floor_wall, floor_cpu = matmul_floor(bench_config(0, steps), device)
+    entry["matmul_ms_per_model_step"] = 1e3 * floor_wall
+    if on_cpu:
+        entry["matmul_cpu_ms_per_model_step"] = 1e3 * floor_cpu
+    for n in ns:
+        configs = [bench_config(seed, steps) for seed in range(n)]
+        sequential = configs[:min(n, seq_models)]
+        (_, info), wall, cpu = _timed(lambda c=configs: train_group(c, device, progress=False,
+                                                                    models_per_pass=models_per_pass), device)
+        _, seq_wall, seq_cpu = _timed(lambda s=sequential: [train(c, device=str(device), progress=False) for c in s],
+                                      device)
+        stacked_rate, seq_rate = n * steps / wall, len(sequential) * steps / seq_wall
+        entry.update({f"speedup_n{n}": stacked_rate / seq_rate,
+                      f"model_steps_per_s_stacked_n{n}": stacked_rate,
+                      f"model_steps_per_s_sequential_n{n}": seq_rate,
+                      f"sequential_models_n{n}": len(sequential),
+                      f"models_per_pass_n{n}": info["models_per_pass"],
+                      f"sample_fraction_n{n}": info["sample_seconds"] / wall,
+                      f"sample_wait_fraction_n{n}": info["sample_wait_seconds"] / wall,
+                      f"eval_fraction_n{n}": info["eval_seconds"] / wall})
+        if on_cpu:
+            entry[f"speedup_cpu_time_n{n}"] = (n * steps / cpu) / (len(sequential) * steps / seq_cpu)
+            entry[f"stacked_cpu_ms_per_model_step_n{n}"] = 1e3 * cpu / (n * steps)
+            entry[f"sequential_cpu_ms_per_model_step_n{n}"] = 1e3 * seq_cpu / (len(sequential) * steps)
+        print(f"stacked {device.type} threads={threads} N={n}: {stacked_rate:.1f} vs {seq_rate:.1f} model-steps/s "
+              f"(x{stacked_rate / seq_rate:.2f}" + (f", CPU time x{entry[f'speedup_cpu_time_n{n}']:.2f})" if on_cpu
+                                                    else ")"), flush=True)
+    return entry
+
+
+# --------------------------------------------------------------------------------------------- LLM hooks
+def _tiny_llama(directory: Path) -> Path:
+    """A 4-layer hidden-64 random Llama with a small byte-level BPE tokenizer (as the LLM integration tests)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    corpus = ["You are a poet who answers in verse.", "How can I sleep better?", "Keep a regular bedtime.",
+              "What should I cook tonight?", "The capital of France is Paris.", "Two plus two is four."] * 4
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.train_from_iterator(corpus, tokenizers.trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
+                          "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}"
+                          "{{ '<|im_start|>assistant\n' }}{% endif %}")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=fast.pad_token_id,
+        eos_token_id=fast.eos_token_id, bos_token_id=None, tie_word_embeddings=True))
+    model.save_pretrained(directory)
+    fast.save_pretrained(directory)
+    return directory
+
+
+def bench_llm(device: torch.device, threads: int, which: str = "auto", reps: int = 7) -> dict:
+    """Median time of llm.model.forward with every layer's residual hooked over the same forward without hooks."""
+    limit_threads(threads)
+    try:
+        packaged = L.weights_path().exists()
+    except L.LLMError:  # the weights package is not installed (e.g. on the GPU machine)
+        packaged = False
+    use_smollm2 = which == "smollm2" or (which == "auto" and packaged)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        if use_smollm2:
+            llm = L.load_llm(device=str(device), threads=threads)
+            label = f"{llm.name} (SmolLM2, the studies' model)"
+        else:
+            llm = L.load_llm(model=_tiny_llama(Path(tmp) / "tiny-llama"), device=str(device), threads=threads,
+                             root=Path(tmp) / "cache")
+            label = "tiny random Llama (4 layers, hidden 64; SmolLM2 weights package not used)"
+        load_seconds = time.perf_counter() - start
+        prompts = [("You are a poet who answers in verse.", "How can I sleep better?"),
+                   ("You are a surgeon.", "What should I cook tonight?"),
+                   ("", "Name a colour."), ("You are a pirate.", "Tell me about the sea.")] * 2
+        seqs = [L.scored_sequence(L.chat_prompt_ids(llm, system, user), L.encode(llm, "Keep a regular bedtime."))
+                for system, user in prompts]
+        layers = list(range(1, llm.n_layers + 1))
+        times: dict[str, list[float]] = {"bare": [], "hooked": []}
+        for rep in range(reps + 1):  # interleaved; the first pair warms up and is dropped
+            for name, hooked in (("bare", ()), ("hooked", layers)):
+                _sync(device)
+                t0 = time.perf_counter()
+                L.forward(llm, seqs, layers=hooked)
+                _sync(device)
+                if rep:
+                    times[name].append(time.perf_counter() - t0)
+        bare, hooked = statistics.median(times["bare"]), statistics.median(times["hooked"])
+        return {"forward_overhead": hooked / bare, "bare_forward_s": bare, "hooked_forward_s": hooked,
+                "model": label, "load_seconds": load_seconds, "n_layers_hooked": len(layers),
+                "batch": len(seqs), "tokens_per_sequence_max": max(len(s.ids) for s in seqs), "reps": reps}
+
+
+# --------------------------------------------------------------------------------------------- study 02
+def bench_study02(device: torch.device, threads: int, params: str = "default", cache_dir: Path | None = None) -> dict:
+    """Study 02's training (or cache loading) and steering evaluations, timed."""
+    limit_threads(threads)
+    p = yaml.safe_load((REPO_ROOT / "params" / STUDY / f"{params}.yaml").read_text())
+    timings: dict = {}
     start = time.perf_counter()
     models = {}
     for process in p["processes"]:
@@ -54,20 +319,14 @@ def main(argv: list[str] | None = None) -> dict:
             config = TrainConfig(process=process, steps=steps, batch_size=p["batch_size"][process],
                                  lr=float(p["learning_rate"][process]), seed=seed, eval_every=max(steps // 10, 1),
                                  eval_sequences=p["eval_sequences"],
-                                 snapshot_steps=tuple(int(round(f * steps)) for f in p["snapshot_fractions"]))
-            models[(process, seed)] = load_or_train(config, device=args.device, cache_dir=args.cache_dir,
-                                                    progress=False)
-    _sync(args.device)
+                                 snapshot_steps=tuple(round(f * steps) for f in p["snapshot_fractions"]))
+            models[(process, seed)] = load_or_train(config, device=str(device), cache_dir=cache_dir, progress=False)
+    _sync(device)
     timings["train_or_load_s"] = time.perf_counter() - start
     timings["trained_from_scratch"] = sum(not m.from_cache for m in models.values())
-    timings["ce_ratio"] = {f"{k[0]}/{k[1]}": m.final_eval["ce_ratio"] for k, m in models.items()}
 
     def timed(name: str, fn) -> None:
-        _sync(args.device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(args.device)
-        timings[name] = time.perf_counter() - t0
+        _, timings[name], _ = _timed(fn, device)
 
     n, seed = p["n_steering_sequences"], p["analysis_seed"]
     timed("steering_final_layer_s", lambda: steering_frame(models, p["scales"], n, seed, progress=False))
@@ -77,10 +336,96 @@ def main(argv: list[str] | None = None) -> dict:
     semi = {k: v for k, v in models.items() if k[0] == "semi_factored"}
     if semi:
         timed("partition_s", lambda: partition_frame(semi, ["(1,0)", "(0,1)"], p["partition_scales"], n, seed))
-    timings["steering_total_s"] = sum(v for k, v in timings.items() if k.endswith("_s") and k != "train_or_load_s")
-    timings["device"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    print(json.dumps(timings, indent=2))
+    timings["params"] = params
     return timings
+
+
+# --------------------------------------------------------------------------------------------- main
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _cold(text: str) -> tuple[str, float]:
+    study, _, minutes = text.partition("=")
+    try:
+        return study, float(minutes)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--cold takes STUDY=MINUTES, got {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS))
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
+    parser.add_argument("--ns", type=_ints, default=[1, 8, 64], help="stacked model counts, e.g. 1,8,64,256")
+    parser.add_argument("--threads", type=_ints, default=None,
+                        help="torch/BLAS thread counts to measure the stacked section at (default 1,2 on a CPU, "
+                             "1 on a GPU); the other sections use the first")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per measured run "
+                                                                 "(default 50 on a CPU, 200 on a GPU)")
+    parser.add_argument("--seq-models", type=int, default=4, help="models trained one at a time per measurement")
+    parser.add_argument("--models-per-pass", type=int, default=None, help="stacked models per forward pass "
+                                                                           "(default: all on a GPU, 1 on a CPU)")
+    parser.add_argument("--llm", choices=("auto", "smollm2", "tiny"), default="auto")
+    parser.add_argument("--params", default="default", help="study 02 params file (study02 section)")
+    parser.add_argument("--cold", type=_cold, action="append", default=[], metavar="STUDY=MINUTES",
+                        help="only record cold-run minutes of a study (repeatable), measure nothing")
+    parser.add_argument("--output", type=Path, default=OUTPUT)
+    args = parser.parse_args(argv)
+    if args.cold:
+        return record_cold_minutes(dict(args.cold), args.output)
+    wanted = args.device.strip().lower()
+    if wanted not in ("cpu", "cuda", "auto"):
+        parser.error(f"--device must be cpu, cuda or auto, got {args.device!r}")
+    if wanted == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no CUDA device")
+    device = torch.device("cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu")
+    threads = args.threads or ([1, 2] if device.type == "cpu" else [1])
+    steps = args.steps or (50 if device.type == "cpu" else 200)
+    metrics = read_metrics(args.output)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+    def save(section: str, key: str, value: dict, used_threads) -> None:
+        # re-read so that a section's result is kept even if a later section fails
+        current = read_metrics(args.output)
+        where = machine(device, used_threads)
+        if section == "stacked":  # runs at other N merge into the entry; meta keeps one line per run
+            current.setdefault("stacked_training", {}).setdefault(key, {}).update(value)
+            runs = current.setdefault("meta", {}).setdefault(f"stacked_training.{key}", [])
+            runs.append({**where, "ns": args.ns, "steps": value["steps"]})
+        else:
+            current.setdefault("meta", {})[section] = where
+            current[key] = value
+        write_metrics(current, args.output)
+        metrics.clear()
+        metrics.update(current)
+
+    if "hmm" in args.sections:
+        limit_threads(threads[0])
+        result = bench_hmm()
+        print(f"GHMM vs hmmlearn: x{result['speedup']:.1f} (per-sequence score), "
+              f"x{result['speedup_vs_lengths']:.1f} (one call with lengths)", flush=True)
+        save("hmm", "ghmm_vs_hmmlearn", result, threads[0])
+    if "stacked" in args.sections:
+        for count in threads:
+            label = f"{device.type}_t{count}"
+            save("stacked", label, bench_stacked(device, args.ns, count, steps, args.seq_models,
+                                                 args.models_per_pass), count)
+    if "llm" in args.sections:
+        result = bench_llm(device, threads[0], args.llm)
+        print(f"LLM forward with every layer hooked / without: x{result['forward_overhead']:.3f} "
+              f"({result['model']})", flush=True)
+        save("llm", "llm", result, threads[0])
+    if "study02" in args.sections:
+        save("study02", "study02", bench_study02(device, threads[0], args.params), threads[0])
+    print(f"wrote {args.output}")
+    return metrics
 
 
 if __name__ == "__main__":

@@ -49,11 +49,15 @@ from persona_wm.processes import get_process
 from persona_wm.toy.hooks import batched_forward, model_inputs
 
 __all__ = ["TrainConfig", "TrainedModel", "train", "load_or_train", "evaluate", "model_inputs",
-           "build_model", "cache_path", "default_device"]
+           "build_model", "cache_path", "default_device", "cache_key", "cached_trainers", "load_cached"]
 
 #: Bump when the training code changes in a way that changes results; invalidates the cache.
 TRAINING_CODE_VERSION = 2  # unchanged by the fine-tuning fields: configs without them hash as before
 CACHE_DIR = REPO_ROOT / ".cache" / "models"
+#: Who trained a cached model: ``train()`` one at a time, or ``persona_wm.toy.stacked.train_many`` N at once.
+TRAINERS = ("sequential", "stacked")
+#: Bump when the stacked trainer changes in a way that changes results; invalidates stacked entries only.
+STACKED_TRAINING_CODE_VERSION = 1
 
 
 ARCHITECTURE_FIELDS = ("context_length", "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "act_fn",
@@ -147,6 +151,12 @@ class TrainedModel:
     snapshots: dict[int, dict[str, torch.Tensor]]
     train_seconds: float
     from_cache: bool = False
+    #: Trainer lineage: who trained this model, then its ``init_from`` base, ... (see :func:`cache_key`).
+    trainers: tuple[str, ...] = ("sequential",)
+
+    @property
+    def trainer(self) -> str:
+        return self.trainers[0]
 
     @property
     def process(self) -> GHMM:
@@ -247,6 +257,7 @@ def train(config: TrainConfig, device: str | None = None, threads: int | None = 
     if config.init_from is not None:
         base = load_or_train(config.init_from, device=device, threads=threads, cache_dir=cache_dir, progress=progress)
         model.load_state_dict(base.model.state_dict())
+    trainers = ("sequential",) + (base.trainers if config.init_from is not None else ())
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     rng = np.random.default_rng([config.seed, 0])
     eval_set = eval_tokens(config, process)
@@ -280,27 +291,88 @@ def train(config: TrainConfig, device: str | None = None, threads: int | None = 
         if history and history[-1]["step"] == step + 1:
             bar.set_postfix(ce_ratio=f"{history[-1]['ce_ratio']:.4f}")
     model.eval()
-    return TrainedModel(config, model, history, snapshots, time.perf_counter() - start)
+    return TrainedModel(config, model, history, snapshots, time.perf_counter() - start, trainers=trainers)
 
 
-def cache_path(config: TrainConfig, cache_dir: Path | None = None) -> Path:
-    return Path(cache_dir or CACHE_DIR) / f"{config.process}-{config.key()}.pt"
+def cache_key(config: TrainConfig, trainers: tuple[str, ...] | None = None) -> str:
+    """The cache key of ``config`` trained by the lineage ``trainers`` (own trainer first, then the base's ...).
+
+    An all-sequential lineage (the default) keys as :meth:`TrainConfig.key` always has, so existing entries
+    stay valid; any stacked trainer in the lineage hashes the lineage and the stacked code version in, so
+    models of one config from different trainers are different entries and never stand in for each other.
+    """
+    depth = len(_chain(config))
+    trainers = tuple(trainers) if trainers is not None else ("sequential",) * depth
+    if len(trainers) != depth or any(t not in TRAINERS for t in trainers):
+        raise ValueError(f"cache_key: trainers must be {depth} of {TRAINERS} (the config, then each base), "
+                         f"got {trainers}")
+    if all(t == "sequential" for t in trainers):
+        return config.key()
+    payload = json.dumps({"config_key": config.key(), "trainers": list(trainers),
+                          "stacked_version": STACKED_TRAINING_CODE_VERSION}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _chain(config: TrainConfig) -> tuple[TrainConfig, ...]:
+    """``config`` and its chain of ``init_from`` bases."""
+    chain = [config]
+    while chain[-1].init_from is not None:
+        chain.append(chain[-1].init_from)
+    return tuple(chain)
+
+
+def cache_path(config: TrainConfig, cache_dir: Path | None = None, trainers: tuple[str, ...] | None = None) -> Path:
+    return Path(cache_dir or CACHE_DIR) / f"{config.process}-{cache_key(config, trainers)}.pt"
+
+
+def cached_trainers(config: TrainConfig, cache_dir: Path | None = None) -> tuple[str, ...] | None:
+    """The trainer lineage of the entry :func:`load_or_train` loads for ``config`` (None: nothing cached).
+
+    A sequential entry wins over a stacked one; a fine-tune is looked up for the base that would be
+    loaded (an uncached base counts as sequential), so a fine-tune always matches the base one analyses.
+    """
+    base: tuple[str, ...] = ()
+    if config.init_from is not None:
+        base = (cached_trainers(config.init_from, cache_dir)
+                or ("sequential",) * len(_chain(config.init_from)))
+    for trainer in TRAINERS:
+        if cache_path(config, cache_dir, (trainer,) + base).exists():
+            return (trainer,) + base
+    return None
+
+
+def load_cached(config: TrainConfig, device: str | torch.device | None = None,
+                cache_dir: Path | None = None) -> TrainedModel | None:
+    """The cached model of this exact config (see :func:`cached_trainers`), or None."""
+    trainers = cached_trainers(config, cache_dir)
+    if trainers is None:
+        return None
+    device = device or default_device()
+    blob = torch.load(cache_path(config, cache_dir, trainers), map_location=device, weights_only=False)
+    model = build_model(config, get_process(config.process), device)
+    model.load_state_dict(blob["state_dict"])
+    return TrainedModel(config, model.eval(), blob["history"], blob["snapshots"], blob["train_seconds"], True,
+                        trainers)
 
 
 def load_or_train(config: TrainConfig, device: str | None = None, threads: int | None = None,
                   cache_dir: Path | None = None, progress: bool = True) -> TrainedModel:
-    """Load the cached model of this exact config, or train it and cache it (atomic write)."""
+    """Load the cached model of this exact config, or train it and cache it (atomic write).
+
+    The cache may hold it from ``train()`` or from ``persona_wm.toy.stacked.train_many``: see
+    :func:`cached_trainers` for which entry is loaded; ``TrainedModel.trainers`` says which it was.
+    """
     device = device or default_device()
-    path = cache_path(config, cache_dir)
-    if path.exists():
-        blob = torch.load(path, map_location=device, weights_only=False)
-        model = build_model(config, get_process(config.process), device)
-        model.load_state_dict(blob["state_dict"])
-        return TrainedModel(config, model.eval(), blob["history"], blob["snapshots"], blob["train_seconds"], True)
+    cached = load_cached(config, device, cache_dir)
+    if cached is not None:
+        return cached
     trained = train(config, device=device, threads=threads, progress=progress, cache_dir=cache_dir)
+    path = cache_path(config, cache_dir, trained.trainers)
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {"config": asdict(config), "state_dict": {k: v.cpu() for k, v in trained.model.state_dict().items()},
             "history": trained.history, "snapshots": trained.snapshots, "train_seconds": trained.train_seconds}
+    if trained.trainers != ("sequential",) * len(trained.trainers):  # a fine-tune of a stacked base
+        blob["trainers"] = list(trained.trainers)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
