@@ -136,10 +136,13 @@ display(Markdown(f"Decoding: greedy, `max_new_tokens` = {max_new_tokens}, `repet
 #   Seed 001 approximated JS by chunked KL; we compute it exactly. The first `js_short_tokens`
 #   positions give the short-window JS of the T = 8 gate.
 #
-# Passes are cached on disk (`.cache/llm/`), keyed by the model hash and the exact token ids.
+# Passes are cached on disk (`.cache/llm/`), keyed by the model hash and the exact token ids. A cached pass keeps
+# only what the analyses below read: the centroids at every layer, the two JS matrices and, on the held-out
+# prompts, the no_persona residual at the steering layer; the persona log-probs that steering is scored
+# against are recomputed (bit-identically) only when a steering sweep is not cached.
 
 # %%
-forced = study.teacher_force(setup, responses, js_short_tokens, n_vector_prompts, steer_tokens)
+forced = study.teacher_force(setup, responses, js_short_tokens, n_vector_prompts, steer_layer, steer_tokens)
 geometry_s = time.perf_counter() - gen_start
 js_pairs = forced.js_pairs
 display(Markdown(f"{n_prompts} prompts × {len(setup.names)} personas teacher-forced in {geometry_s:.0f} s "

@@ -101,10 +101,11 @@ def test_generation_capture_equals_teacher_forced_centroid(llm):
 def test_zero_steering_has_no_effect(llm):
     systems = [PERSONAS["poet"], ""]
     response = L.encode(llm, "Cook pasta with tomatoes and basil.")
-    passes = [L.persona_pass(llm, systems, "What should I cook?", response, short_tokens=3, keep_logprobs=4, anchor=1)]
+    passes = [L.persona_pass(llm, systems, "What should I cook?", response, short_tokens=3, anchor=1, anchor_layers=[21],
+                             anchor_tokens=4)]
     assert passes[0]["js"].shape == (2, 2) and float(passes[0]["js"][0, 1]) > 0
     base = llm_steer.steering_base(llm, 21, passes, 4, llm_steer.capability_items(3))
-    targets = passes[0]["target_logprobs"][:1][:, None]  # [P=1, B_e=1, T, V]
+    targets = llm_steer.persona_targets(llm, systems, [("What should I cook?", response)], [0], 4)  # [P=1, B_e=1, T, V]
     frame = llm_steer.steering_sweep(llm, base, {"centroid": torch.zeros(1, llm.d_model)}, ["poet"], [1.0], targets)
     row = frame.iloc[0]
     assert abs(row["intended_shift"]) < 1e-6 and row["spillover"] < 1e-6 and row["capability_accuracy_drop"] == 0

@@ -21,6 +21,7 @@ import json
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -226,14 +227,77 @@ def test_greedy_generation_and_its_capture(llm):
 
 def test_zero_steering_has_no_effect(llm):
     systems = ["You are a poet who answers in verse.", ""]
-    response = L.encode(llm, "Cook pasta with tomatoes.")
-    passes = [L.persona_pass(llm, systems, "What should I cook tonight?", response, short_tokens=2, keep_logprobs=3,
-                             anchor=1)]
+    user, response = "What should I cook tonight?", L.encode(llm, "Cook pasta with tomatoes.")
+    passes = [L.persona_pass(llm, systems, user, response, short_tokens=2, anchor=1, anchor_layers=[2], anchor_tokens=3)]
     base = llm_steer.steering_base(llm, 2, passes, 3, llm_steer.capability_items(3))
-    targets = passes[0]["target_logprobs"][:1][:, None]
+    targets = llm_steer.persona_targets(llm, systems, [(user, response)], [0], 3)
     frame = llm_steer.steering_sweep(llm, base, {"centroid": torch.zeros(1, llm.d_model)}, ["poet"], [1.0], targets)
     row = frame.iloc[0]
     assert abs(row["intended_shift"]) < 1e-6 and row["spillover"] < 1e-6
+
+
+def test_persona_pass_keeps_only_what_the_studies_read(llm):
+    systems = ["You are a poet who answers in verse.", "You are a surgeon.", ""]
+    user, response = "What should I cook tonight?", L.encode(llm, "Cook pasta with tomatoes and basil.")
+    seqs = [L.scored_sequence(L.chat_prompt_ids(llm, s, user), response) for s in systems]
+    full = L.forward(llm, seqs, layers=list(range(1, llm.n_layers + 1)))
+    p = L.persona_pass(llm, systems, user, response, short_tokens=2, anchor=2, anchor_layers=[3, 1], anchor_tokens=2)
+    assert set(p) == {"means", "js", "js_short", "anchor_ids", "anchor_start", "anchor_resid", "anchor_layers"}
+    assert p["means"].shape == (3, llm.n_layers, llm.d_model) and p["anchor_layers"].tolist() == [1, 3]
+    end = seqs[2].start + 2  # the prompt and the first two scored positions
+    assert p["anchor_resid"].shape == (2, end, llm.d_model)
+    assert torch.equal(p["anchor_resid"][1], full.resid[3][2, :end])
+    assert torch.equal(p["means"][:, 0], full.scored_mean(1, seqs))
+    without = L.persona_pass(llm, systems, user, response, short_tokens=2)
+    assert set(without) == {"means", "js", "js_short"} and torch.equal(without["js"], p["js"])
+    base_needs_layer = [p]
+    with pytest.raises(L.LLMError, match="steering at layer 2 needs persona passes made with anchor_layers"):
+        llm_steer.steering_base(llm, 2, base_needs_layer, 2, llm_steer.capability_items(3))
+
+
+def test_persona_targets_are_the_passes_log_probs_computed_on_demand(llm):
+    systems = ["You are a poet who answers in verse.", "You are a surgeon.", ""]
+    items = [("What should I cook tonight?", L.encode(llm, "Cook pasta with tomatoes.")),
+             ("How do I sleep better?", L.encode(llm, "Keep a regular bedtime and a dark room, always."))]
+    reference = []
+    for user, response in items:  # what a persona pass reads: one batch of every system prompt
+        seqs = [L.scored_sequence(L.chat_prompt_ids(llm, s, user), response) for s in systems]
+        reference.append(L.forward(llm, seqs, layers=[1]).logprobs[:, :4].to(torch.float16))
+    targets = llm_steer.persona_targets(llm, systems, items, [1, 0], 4)
+    assert "_tensor" not in targets.__dict__  # nothing computed until asked
+    tensor = targets.tensor()
+    assert tensor.shape == (2, 2, 4, llm.vocab_size) and tensor.dtype == torch.float16
+    for b, lp in enumerate(reference):
+        assert torch.equal(tensor[:, b, : lp.shape[1]], lp[[1, 0]])
+        assert not tensor[:, b, lp.shape[1]:].any()  # zero-padded past a short response
+    subset = llm_steer.select_targets(targets, [1])
+    assert subset.personas == (0,) and subset.key != targets.key and torch.equal(subset.tensor(), tensor[[1]])
+    assert llm_steer.persona_targets(llm, systems, items, [1, 0], 4).key == targets.key
+    assert torch.equal(llm_steer.select_targets(tensor, [1]), tensor[[1]])
+
+
+def test_a_cached_steering_sweep_never_computes_its_targets(llm):
+    systems = ["You are a poet who answers in verse.", ""]
+    user, response = "What should I cook tonight?", L.encode(llm, "Cook pasta with tomatoes.")
+    passes = [L.persona_pass(llm, systems, user, response, short_tokens=2, anchor=1, anchor_layers=[2], anchor_tokens=3)]
+    base = llm_steer.steering_base(llm, 2, passes, 3, llm_steer.capability_items(3))
+    vectors = {"centroid": torch.ones(1, llm.d_model) * 0.1}
+    first = llm_steer.persona_targets(llm, systems, [(user, response)], [0], 3)
+    frame = llm_steer.steering_sweep(llm, base, vectors, ["poet"], [1.0], first)
+    as_tensor = llm_steer.steering_sweep(llm, base, vectors, ["poet"], [1.0], first.tensor())  # keyed by bytes
+    pd.testing.assert_frame_equal(frame, as_tensor)
+    again = llm_steer.persona_targets(llm, systems, [(user, response)], [0], 3)
+    pd.testing.assert_frame_equal(llm_steer.steering_sweep(llm, base, vectors, ["poet"], [1.0], again), frame)
+    assert "_tensor" not in again.__dict__  # the hit needed only the targets' identity
+
+
+def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv(L.CACHE_ENV, raising=False)
+    assert L.cache_root() == REPO_ROOT / ".cache" / "llm"
+    monkeypatch.setenv(L.CACHE_ENV, str(tmp_path / "fresh"))
+    assert L.cache_root() == tmp_path / "fresh" and L.cache_root(tmp_path) == tmp_path
+    monkeypatch.setenv(L.CACHE_ENV, "relative/cache")
+    assert L.cache_root() == REPO_ROOT / "relative" / "cache"
 
 
 # --------------------------------------------------------------------------------------------

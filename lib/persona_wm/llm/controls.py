@@ -44,7 +44,7 @@ from persona_wm.llm.model import (
     forward,
     scored_sequence,
 )
-from persona_wm.llm.steer import steering_sweep
+from persona_wm.llm.steer import PersonaTargets, select_targets, steering_sweep
 
 __all__ = [
     "CONTROL_POOL",
@@ -273,7 +273,7 @@ def describe_control(control_rho: dict, name: str, layers: list[int], at_layers:
 
 
 def matched_effect_sweep(llm: LLM, base, vectors: torch.Tensor, personas: Sequence[str], sweep, target: dict[str, float],
-                         targets: torch.Tensor, method: str, rounds: int = 2):
+                         targets: torch.Tensor | PersonaTargets, method: str, rounds: int = 2):
     """Steer with ``method``'s vectors rescaled per persona to reach ``target[persona]`` intended shift.
 
     Round 1 interpolates the scale from ``sweep`` (:func:`matched_effect_scales`); every further
@@ -291,7 +291,7 @@ def matched_effect_sweep(llm: LLM, base, vectors: torch.Tensor, personas: Sequen
             break
         factor = torch.tensor([scales[personas[k]] for k in reachable], dtype=vectors.dtype)
         rows = steering_sweep(llm, base, {method: vectors[reachable] * factor[:, None]},
-                              [personas[k] for k in reachable], [1.0], targets[reachable])
+                              [personas[k] for k in reachable], [1.0], select_targets(targets, reachable))
         rows["scale"] = rows["matched_scale"] = [scales[personas[k]] for k in reachable]
         curve = pd.concat([curve, rows], ignore_index=True)
     if rows is None:

@@ -614,9 +614,10 @@ def persona_distances(llm: LLM, names: Sequence[str], n_prompts: int, max_new_to
                       layer: int) -> dict[str, np.ndarray]:
     """Cosine distance of persona centroids at ``layer`` and JS of next-token distributions, as study 05a.
 
-    ``names`` ends with the anchor (``no_persona``). The calls mirror 05a's notebook argument for
-    argument (shared no_persona greedy responses, one :func:`persona_wm.llm.model.persona_pass` per prompt,
-    ``keep_logprobs`` on the held-out prompts), so with 05a's parameters they are disk-cache hits.
+    ``names`` ends with the anchor (``no_persona``). The calls mirror 05a's argument for argument
+    (shared no_persona greedy responses, one :func:`persona_wm.llm.model.persona_pass` per prompt, the
+    anchor's residual at ``layer`` over the first ``steer_tokens`` scored positions of the held-out
+    prompts), so with 05a's parameters (``layer`` = 05a's ``steer_layer``) they are disk-cache hits.
     Returns ``cos`` and ``js`` ([P, P], names order, anchor included).
     """
     names = list(names)
@@ -630,7 +631,8 @@ def persona_distances(llm: LLM, names: Sequence[str], n_prompts: int, max_new_to
     decoding = Decoding(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
     responses, _ = cached_generate(llm, [chat_prompt_ids(llm, "", u) for u in prompts], decoding)
     passes = [persona_pass(llm, systems, prompts[i], responses[i], short_tokens=short_tokens,
-                           keep_logprobs=steer_tokens if i >= n_vector_prompts else 0, anchor=anchor)
+                           anchor=anchor if i >= n_vector_prompts else None, anchor_layers=[layer],
+                           anchor_tokens=steer_tokens)
               for i in range(n_prompts)]
     centroids = torch.stack([p["means"][:, layer - 1] for p in passes]).mean(0).numpy()
     js = torch.stack([p["js"] for p in passes]).mean(0).numpy()

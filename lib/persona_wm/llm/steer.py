@@ -37,7 +37,9 @@ whether the model runs on CPU or CUDA.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -51,6 +53,7 @@ from persona_wm.analysis.stats import bootstrap_mean_ci
 from persona_wm.llm.model import (
     LLM,
     Decoding,
+    LLMError,
     Scored,
     cached,
     cached_generate,
@@ -58,6 +61,7 @@ from persona_wm.llm.model import (
     encode,
     forward,
     forward_from,
+    persona_logprobs,
     scored_sequence,
 )
 from persona_wm.llm.personas import CAPABILITY_ITEMS, CapabilityItem
@@ -71,7 +75,9 @@ __all__ = [
     "match_norms",
     "SteeringBase",
     "steering_base",
-    "target_logprobs",
+    "PersonaTargets",
+    "persona_targets",
+    "select_targets",
     "steering_sweep",
     "summarise_sweep",
     "persona_vector_means",
@@ -144,7 +150,7 @@ def steering_base(llm: LLM, layer: int, eval_passes: Sequence[Mapping[str, torch
             for p in eval_passes]
     eval_seqs = [Scored(tuple(p["anchor_ids"][:end].tolist()), int(p["anchor_start"]))
                  for p, end in zip(eval_passes, ends)]
-    eval_resid = _pad_rows([p["anchor_resid"][layer - 1, :end] for p, end in zip(eval_passes, ends)])
+    eval_resid = _pad_rows([_anchor_resid(p, layer)[:end] for p, end in zip(eval_passes, ends)])
     # restarting from `layer` with nothing added reproduces the full forward, so the unsteered
     # outputs come from the same code path as the steered ones
     eval_lp, eval_mask = forward_from(llm, eval_resid, layer, eval_seqs, max_scored=steer_tokens)
@@ -164,16 +170,76 @@ def steering_base(llm: LLM, layer: int, eval_passes: Sequence[Mapping[str, torch
                         cap_mask, answers)
 
 
-def target_logprobs(eval_passes: Sequence[Mapping[str, torch.Tensor]], personas: Sequence[int]) -> torch.Tensor:
-    """[P, B_e, T, V] genuine persona log-probs on the evaluation responses (zero-padded along T
-    where a response is shorter than the scored window; those positions are masked downstream)."""
-    t = max(int(p["target_logprobs"].shape[1]) for p in eval_passes)
-    v = int(eval_passes[0]["target_logprobs"].shape[-1])
-    out = torch.zeros((len(personas), len(eval_passes), t, v), dtype=eval_passes[0]["target_logprobs"].dtype)
-    for b, p in enumerate(eval_passes):
-        lp = p["target_logprobs"][list(personas)]
-        out[:, b, : lp.shape[1]] = lp
-    return out
+def _anchor_resid(persona_pass: Mapping[str, torch.Tensor], layer: int) -> torch.Tensor:
+    """The anchor's residual at ``layer`` from a persona pass made with ``anchor_layers`` including it."""
+    layers = persona_pass["anchor_layers"].tolist() if "anchor_layers" in persona_pass else []
+    if layer not in layers:
+        raise LLMError(f"steering at layer {layer} needs persona passes made with anchor_layers including it "
+                       f"(these kept {layers or 'no anchor residual'})")
+    return persona_pass["anchor_resid"][layers.index(layer)]
+
+
+@dataclass(frozen=True, eq=False)
+class PersonaTargets:
+    """The genuine persona outputs steering is scored against, computed only when a sweep needs them.
+
+    Stands for the [P, B_e, T, V] float16 log-probs of personas ``personas`` (rows of ``systems``) on the
+    first ``tokens`` scored positions of each evaluation prompt's shared response (``items`` = (user,
+    response ids) per prompt), zero-padded along T where a response is shorter (masked downstream).
+    Storing them costs T x 49k floats per persona and prompt (0.6 GB for 05a's default), so a cached
+    steering sweep is keyed by :attr:`key` (what the targets are) and :meth:`tensor` computes them
+    (:func:`persona_wm.llm.model.persona_logprobs`, bit-identical to a persona pass) only on a cache
+    miss, once per object; :meth:`select` shares a computed tensor with the subset it returns.
+    """
+
+    llm: LLM
+    systems: tuple[str, ...]
+    items: tuple[tuple[str, tuple[int, ...]], ...]
+    personas: tuple[int, ...]
+    tokens: int
+
+    @property
+    def key(self) -> str:
+        text = json.dumps({"model_sha256": self.llm.sha256, "systems": list(self.systems),
+                           "items": [[u, list(r)] for u, r in self.items], "personas": list(self.personas),
+                           "tokens": self.tokens}, sort_keys=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    @functools.cached_property
+    def _tensor(self) -> torch.Tensor:
+        rows = list(self.personas)
+        per_prompt = [persona_logprobs(self.llm, self.systems, user, response, self.tokens)[rows]
+                      for user, response in tqdm(self.items, desc="target log-probs", leave=False)]
+        t = max(int(lp.shape[1]) for lp in per_prompt)
+        out = torch.zeros((len(rows), len(per_prompt), t, int(per_prompt[0].shape[-1])), dtype=per_prompt[0].dtype)
+        for b, lp in enumerate(per_prompt):
+            out[:, b, : lp.shape[1]] = lp
+        return out
+
+    def tensor(self) -> torch.Tensor:
+        """[P, B_e, T, V] float16 (computed on first use)."""
+        return self._tensor
+
+    def select(self, rows: Sequence[int]) -> PersonaTargets:
+        """The targets of personas ``rows`` (positions in :attr:`personas`), sharing a computed tensor."""
+        rows = [int(r) for r in rows]
+        subset = PersonaTargets(self.llm, self.systems, self.items, tuple(self.personas[r] for r in rows), self.tokens)
+        if "_tensor" in self.__dict__:
+            subset.__dict__["_tensor"] = self._tensor[rows]
+        return subset
+
+
+def persona_targets(llm: LLM, systems: Sequence[str], items: Sequence[tuple[str, Sequence[int]]],
+                    personas: Sequence[int], tokens: int) -> PersonaTargets:
+    """:class:`PersonaTargets` of ``personas`` (rows of ``systems``) on the evaluation prompts ``items``
+    ((user prompt, shared response ids) each), first ``tokens`` scored positions."""
+    return PersonaTargets(llm, tuple(systems), tuple((str(u), tuple(int(t) for t in r)) for u, r in items),
+                          tuple(int(p) for p in personas), int(tokens))
+
+
+def select_targets(targets: torch.Tensor | PersonaTargets, rows: Sequence[int]) -> torch.Tensor | PersonaTargets:
+    """The targets of personas ``rows``: a tensor's rows, or :meth:`PersonaTargets.select`."""
+    return targets.select(rows) if isinstance(targets, PersonaTargets) else targets[list(rows)]
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
@@ -197,12 +263,13 @@ def steering_sweep(
     vectors: Mapping[str, torch.Tensor],
     personas: Sequence[str],
     scales: Sequence[float],
-    targets: torch.Tensor,
+    targets: torch.Tensor | PersonaTargets,
 ) -> pd.DataFrame:
     """Steer towards every persona with every method and scale; one row per combination (cached).
 
     ``vectors[method]``: [P, d] aligned with ``personas``; ``targets``: [P, B_e, T, V] log-probs of
-    the genuine persona outputs on the evaluation sequences (first T scored tokens).
+    the genuine persona outputs on the evaluation sequences (first T scored tokens), as a tensor (keyed
+    by its bytes) or as :class:`PersonaTargets` (keyed by what they are, computed only on a cache miss).
     """
     key = {
         "layer": base.layer,
@@ -212,23 +279,24 @@ def steering_sweep(
         "vectors": {m: _digest(v) for m, v in vectors.items()},
         "personas": list(personas),
         "scales": [float(s) for s in scales],
-        "targets": _digest(targets),
+        "targets": targets.key if isinstance(targets, PersonaTargets) else _digest(targets),
     }
 
     def compute() -> dict[str, list]:
         rows: list[dict] = []
-        t = targets.shape[2]
+        target = targets.tensor() if isinstance(targets, PersonaTargets) else targets
+        t = target.shape[2]
         eval_mask = base.eval_mask[:, :t]
         base_eval = base.eval_logprobs[:, :t]
         acc_base = _accuracy(base.cap_logprobs, base.cap_answers, base.cap_mask)
         jobs = [(m, i, s) for m in vectors for i in range(len(personas)) for s in scales]
-        base_to_target = [_masked_mean(js_divergence(base_eval, targets[i].float()), eval_mask)
+        base_to_target = [_masked_mean(js_divergence(base_eval, target[i].float()), eval_mask)
                           for i in range(len(personas))]
         for method, i, scale in tqdm(jobs, desc="steering", leave=False):
             vec = vectors[method][i] * float(scale)
             lp_eval, _ = forward_from(llm, base.eval_resid, base.layer, base.eval_seqs, add=vec, max_scored=t)
             lp_cap, _ = forward_from(llm, base.cap_resid, base.layer, base.cap_seqs, add=vec)
-            steered_to_target = _masked_mean(js_divergence(lp_eval, targets[i].float()), eval_mask)
+            steered_to_target = _masked_mean(js_divergence(lp_eval, target[i].float()), eval_mask)
             rows.append({
                 "method": method,
                 "persona": personas[i],

@@ -195,6 +195,7 @@ class TeacherForced:
     core: list[int]
     vector_prompts: list[int]
     eval_prompts: list[int]
+    eval_items: list[tuple[str, list[int]]]  # (user prompt, shared response) of each evaluation prompt
 
     @property
     def js(self) -> np.ndarray:
@@ -214,15 +215,17 @@ class TeacherForced:
         return geometry.upper(self.js)
 
 
-def teacher_force(setup: Setup, responses: Responses, short_tokens: int, n_vector_prompts: int,
+def teacher_force(setup: Setup, responses: Responses, short_tokens: int, n_vector_prompts: int, steer_layer: int,
                   steer_tokens: int) -> TeacherForced:
     """Teacher-force each shared response under every system prompt (cached): centroids at every layer,
-    JS over the full response and its first ``short_tokens`` positions; the held-out (evaluation) prompts
-    keep the target log-probs that steering is scored against."""
+    JS over the full response and its first ``short_tokens`` positions; on the held-out (evaluation)
+    prompts the anchor's residual at ``steer_layer`` over the first ``steer_tokens`` positions, from
+    which steering restarts."""
     n_prompts = len(setup.prompts)
     eval_prompts = list(range(n_vector_prompts, n_prompts))
     passes = [persona_pass(setup.llm, setup.systems, setup.prompts[i], responses.ids[i], short_tokens=short_tokens,
-                           keep_logprobs=steer_tokens if i in eval_prompts else 0, anchor=setup.anchor)
+                           anchor=setup.anchor if i in eval_prompts else None, anchor_layers=[steer_layer],
+                           anchor_tokens=steer_tokens)
               for i in tqdm(range(n_prompts), desc="persona passes")]
     return TeacherForced(
         passes=passes,
@@ -230,7 +233,8 @@ def teacher_force(setup: Setup, responses: Responses, short_tokens: int, n_vecto
         js_all=torch.stack([p["js"] for p in passes]).mean(0).numpy(),
         js_short_all=torch.stack([p["js_short"] for p in passes]).mean(0).numpy(),
         js_prompt_all=torch.stack([p["js"] for p in passes]).numpy(),
-        core=setup.core, vector_prompts=list(range(n_vector_prompts)), eval_prompts=eval_prompts)
+        core=setup.core, vector_prompts=list(range(n_vector_prompts)), eval_prompts=eval_prompts,
+        eval_items=[(setup.prompts[i], responses.ids[i]) for i in eval_prompts])
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,7 +450,7 @@ class Steering:
     cosines: np.ndarray
     n_items: int
     base: SteeringBase
-    targets: torch.Tensor
+    targets: llm_steer.PersonaTargets
     sweep: pd.DataFrame
     summary: pd.DataFrame
 
@@ -471,7 +475,7 @@ def steering(setup: Setup, forced: TeacherForced, layer: int, vector_max_new_tok
     items = llm_steer.capability_items(n_capability)
     eval_passes = [passes[i] for i in forced.eval_prompts]
     base = llm_steer.steering_base(llm, layer, eval_passes, steer_tokens, items)
-    targets = llm_steer.target_logprobs(eval_passes, setup.core)
+    targets = llm_steer.persona_targets(llm, setup.systems, forced.eval_items, setup.core, steer_tokens)
     sweep = llm_steer.steering_sweep(llm, base, vectors, setup.core_names, scales, targets)
     summary = llm_steer.summarise_sweep(sweep, seed=seed)
     return Steering(layer, vectors, cosines, len(items), base, targets, sweep, summary)
