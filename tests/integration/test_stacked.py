@@ -175,7 +175,7 @@ def test_torch_sampler_is_the_numpy_sampler() -> None:
         process = get_process(name)
         uniforms = np.random.default_rng(3).random((11, 500))
         expected = process.sample(500, 11, np.random.default_rng(3))
-        np.testing.assert_array_equal(S.sample_from_uniforms(process, uniforms), expected)
+        np.testing.assert_array_equal(process.sample_from_uniforms(uniforms), expected)
         np.testing.assert_array_equal(S.sample_from_uniforms_torch(process, torch.from_numpy(uniforms)).numpy(),
                                       expected)
 

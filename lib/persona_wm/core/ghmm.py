@@ -387,15 +387,27 @@ class GHMM:
         """
         n_sequences = check_count(n_sequences, "n_sequences", 0, owner=f"process {self.name!r}: sample")
         length = check_count(length, "length", 0, owner=f"process {self.name!r}: sample")
+        # rng.random((L, R)) is the same stream as L successive rng.random(R) calls, one per position
+        return self.sample_from_uniforms(rng.random((length, n_sequences)))
+
+    def sample_from_uniforms(self, uniforms: np.ndarray) -> np.ndarray:
+        """:meth:`sample` with its uniform draws given: ``uniforms [L, R]`` -> tokens ``[R, L]``.
+
+        Row t holds the draws for position t, so many batches (e.g. many models' data streams, see
+        :mod:`persona_wm.toy.stacked`) can be sampled in one vectorised pass without changing any tokens.
+        """
+        length, n_sequences = np.shape(uniforms)
         tokens = np.empty((n_sequences, length), dtype=np.int64)
         belief = np.broadcast_to(self.initial, (n_sequences, self.n_states)).copy()
         emission = self.emission
         for t in range(length):
             probs = np.clip(belief @ emission, 0.0, None) if self.hmm else self.next_token_probs(belief)
             cumulative = np.cumsum(probs, axis=1)
-            draws = rng.random(n_sequences) * cumulative[:, -1]
+            draws = uniforms[t] * cumulative[:, -1]
             token = np.minimum((draws[:, None] >= cumulative).sum(axis=1), self.n_tokens - 1)
             tokens[:, t] = token
+            if t == length - 1:
+                break  # the last belief update is never used
             unnormalised = np.empty_like(belief)
             for x in np.unique(token):
                 rows = token == x

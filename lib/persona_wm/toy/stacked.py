@@ -23,7 +23,7 @@ Exactness (what is the same as N calls of ``train()``, what is not):
 * **Data.** Each model draws from its own generator ``default_rng([seed, 0])`` exactly as ``train()``
   does, in the same order (``L + 1`` calls of ``rng.random(batch)`` per step), and tokens are made from
   those uniforms by the same belief recursion as ``GHMM.sample``, vectorised over all models that share a
-  data process and over a chunk of steps (:func:`sample_from_uniforms`). Each model therefore sees
+  data process and over a chunk of steps (:meth:`GHMM.sample_from_uniforms`). Each model therefore sees
   ``train()``'s batches (the same tokens up to a float tie at a cumulative-probability boundary) and
   its data never depends on which other models share its group.
 * **Evaluation.** At ``train()``'s evaluation steps (every ``eval_every`` and the last step) each
@@ -59,13 +59,10 @@ over models give the total time); the blob's ``stacked`` field keeps the group s
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -84,10 +81,10 @@ from persona_wm.toy.train import (
     TrainedModel,
     _learning_rate,
     build_model,
-    cache_path,
     default_device,
     eval_tokens,
     load_cached,
+    save_trained,
 )
 
 __all__ = [
@@ -100,7 +97,6 @@ __all__ = [
     "default_models_per_pass",
     "group_configs",
     "make_optimizer",
-    "sample_from_uniforms",
     "sample_from_uniforms_torch",
     "train_group",
     "train_many",
@@ -354,34 +350,6 @@ class StackedTransformer(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- data
-def sample_from_uniforms(process: GHMM, uniforms: np.ndarray) -> np.ndarray:
-    """``GHMM.sample`` with its uniform draws given: ``uniforms [L, R]`` -> tokens ``[R, L]``.
-
-    ``process.sample(R, L, rng)`` draws ``rng.random(R)`` once per position; handing this function
-    ``rng.random((L, R))`` (the same numbers) returns the same tokens (up to a float tie at a
-    cumulative-probability boundary), whatever the row count, so many models' batches can be made in one
-    vectorised pass without changing any model's data.
-    """
-    length, rows = uniforms.shape
-    tokens = np.empty((rows, length), dtype=np.int64)
-    belief = np.broadcast_to(process.initial, (rows, process.n_states)).copy()
-    emission = process.emission
-    for t in range(length):
-        probs = np.clip(belief @ emission, 0.0, None) if process.hmm else process.next_token_probs(belief)
-        cumulative = np.cumsum(probs, axis=1)
-        draws = uniforms[t] * cumulative[:, -1]
-        token = np.minimum((draws[:, None] >= cumulative).sum(axis=1), process.n_tokens - 1)
-        tokens[:, t] = token
-        if t == length - 1:
-            break  # the last belief update is never used
-        unnormalised = np.empty_like(belief)
-        for x in np.unique(token):
-            picked = token == x
-            unnormalised[picked] = belief[picked] @ process.transfer[x]
-        belief = unnormalised / (unnormalised @ process.right)[:, None]
-    return tokens
-
-
 def data_process(config: TrainConfig) -> GHMM:
     """The process ``train()`` draws ``config``'s training batches from (``data_process``, ``data_sector``)."""
     process = get_process(config.data_process if config.data_process is not None else config.process)
@@ -389,14 +357,14 @@ def data_process(config: TrainConfig) -> GHMM:
 
 
 def sample_from_uniforms_torch(process: GHMM, uniforms: torch.Tensor) -> torch.Tensor:
-    """:func:`sample_from_uniforms` in torch (float64) on ``uniforms``' device, for an HMM (``process.hmm``).
+    """:meth:`GHMM.sample_from_uniforms` in torch (float64) on ``uniforms``' device, for an HMM (``process.hmm``).
 
     The belief update gathers ``belief @ T(x)`` for the drawn token from all X products (no host
     round trip to split rows by token, which would stall a GPU); same tokens as the numpy version up to a
     float tie at a cumulative-probability boundary.
     """
     if not process.hmm:
-        raise ValueError(f"sample_from_uniforms_torch: {process.name!r} is a generalized HMM; use sample_from_uniforms")
+        raise ValueError(f"sample_from_uniforms_torch: {process.name!r} is a generalized HMM; use process.sample_from_uniforms")
     length, rows = uniforms.shape
 
     def as_tensor(array: np.ndarray) -> torch.Tensor:
@@ -425,7 +393,7 @@ class StackedStreams:
 
     :meth:`next` returns ``[N, batch, L + 1]`` int64 tokens (on ``device``) for the next step. Each
     model's uniforms come from its own generator in ``train()``'s order; models sharing a data process
-    are then sampled in one pass per chunk, with :func:`sample_from_uniforms` (numpy, on a CPU device)
+    are then sampled in one pass per chunk, with :meth:`GHMM.sample_from_uniforms` (numpy, on a CPU device)
     or :func:`sample_from_uniforms_torch` (on a CUDA device, for HMMs). The chunk length is bounded by
     :data:`SAMPLER_ELEMENTS`. With ``prefetch`` the next chunk's uniforms (and, on a CPU device, its
     tokens) are drawn in a background thread while the device trains on the current chunk; the numbers
@@ -480,7 +448,7 @@ class StackedStreams:
                 self.rngs[i].random(out=values[j])
             if not self.on_device:
                 flat = values.transpose(2, 0, 1, 3).reshape(self.length, -1)  # rows: (model, step, sequence)
-                u = torch.from_numpy(sample_from_uniforms(process, flat))
+                u = torch.from_numpy(process.sample_from_uniforms(flat))
             out.append(u)
         self.sample_seconds += time.perf_counter() - start
         return steps, out
@@ -711,24 +679,6 @@ def train_group(configs: Sequence[TrainConfig], device: str | torch.device | Non
     return trained, info
 
 
-def _save(trained: TrainedModel, cache_dir: Path | None, stacked: dict) -> Path:
-    path = cache_path(trained.config, cache_dir, trained.trainers)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    blob = {"config": asdict(trained.config),
-            "state_dict": {k: v.cpu() for k, v in trained.model.state_dict().items()},
-            "history": trained.history, "snapshots": trained.snapshots, "train_seconds": trained.train_seconds,
-            "trainers": list(trained.trainers), "stacked": stacked}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def train_many(configs: Sequence[TrainConfig], device: str | None = None, threads: int | None = None,
                progress: bool = True, cache_dir: Path | None = None,
                models_per_pass: int | None = None) -> list[TrainedModel]:
@@ -776,7 +726,7 @@ def train_many(configs: Sequence[TrainConfig], device: str | None = None, thread
             group = [ready[i] for i in indices]
             trained, info = train_group(group, device, [bases.get(c) for c in group], progress, models_per_pass)
             for model in trained:
-                _save(model, cache_dir, info)
+                save_trained(model, cache_dir, trainers=list(model.trainers), stacked=info)
                 results[model.config] = model
         pending = [c for c in pending if c not in results]
     out = [results[c] for c in configs]

@@ -29,7 +29,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -41,14 +40,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from persona_wm.core.files import REPO_ROOT
+from persona_wm.core.files import REPO_ROOT, atomic_write
 from persona_wm.core.ghmm import GHMM, entropy
 from persona_wm.core.sfp import restrict_to_sector
 from persona_wm.core.threads import limit_threads
 from persona_wm.processes import get_process
 from persona_wm.toy.hooks import batched_forward, model_inputs
 
-__all__ = ["TrainConfig", "TrainedModel", "train", "load_or_train", "evaluate", "model_inputs",
+__all__ = ["TrainConfig", "TrainedModel", "train", "load_or_train", "save_trained", "evaluate", "model_inputs",
            "build_model", "cache_path", "default_device", "cache_key", "cached_trainers", "load_cached"]
 
 #: Bump when the training code changes in a way that changes results; invalidates the cache.
@@ -367,21 +366,19 @@ def load_or_train(config: TrainConfig, device: str | None = None, threads: int |
     if cached is not None:
         return cached
     trained = train(config, device=device, threads=threads, progress=progress, cache_dir=cache_dir)
-    path = cache_path(config, cache_dir, trained.trainers)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    blob = {"config": asdict(config), "state_dict": {k: v.cpu() for k, v in trained.model.state_dict().items()},
-            "history": trained.history, "snapshots": trained.snapshots, "train_seconds": trained.train_seconds}
-    if trained.trainers != ("sequential",) * len(trained.trainers):  # a fine-tune of a stacked base
-        blob["trainers"] = list(trained.trainers)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    stacked_base = trained.trainers != ("sequential",) * len(trained.trainers)  # a fine-tune of a stacked base
+    save_trained(trained, cache_dir, **({"trainers": list(trained.trainers)} if stacked_base else {}))
     return trained
+
+
+def save_trained(trained: TrainedModel, cache_dir: Path | None = None, **extra) -> Path:
+    """Cache ``trained`` under its key (atomic write); ``extra`` entries join the blob (e.g. the trainer lineage)."""
+    blob = {"config": asdict(trained.config),
+            "state_dict": {k: v.cpu() for k, v in trained.model.state_dict().items()},
+            "history": trained.history, "snapshots": trained.snapshots, "train_seconds": trained.train_seconds,
+            **extra}
+    path = cache_path(trained.config, cache_dir, trained.trainers)
+    return atomic_write(path, lambda handle: torch.save(blob, handle))
 
 
 def history_frame(models: dict[tuple[str, int], TrainedModel]):
