@@ -15,6 +15,7 @@ STUDY   ?=
 PARAMS  ?= default
 THREADS ?=
 DEVICE  ?=
+SET     ?=
 
 # Studies never reach the network: models and datasets come from local caches.
 export HF_HUB_OFFLINE := 1
@@ -41,8 +42,8 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 
 venv: $(STAMP)  ## create or update .venv
 
-reports: $(STAMP)  ## run studies into outputs/ (STUDY=, PARAMS=default, THREADS=, DEVICE=cpu|cuda|auto)
-	$(PY) -m persona_wm.io.runner $(STUDY_ARGS) --params $(PARAMS) $(if $(THREADS),--threads $(THREADS)) $(if $(DEVICE),--device $(DEVICE))
+reports: $(STAMP)  ## run studies into outputs/ (STUDY=, PARAMS=default, THREADS=, DEVICE=cpu|cuda|auto, SET="key=value ...")
+	$(PY) -m persona_wm.io.runner $(STUDY_ARGS) --params $(PARAMS) $(if $(THREADS),--threads $(THREADS)) $(if $(DEVICE),--device $(DEVICE)) $(foreach s,$(SET),--set $(s))
 
 # Timings merge into outputs/bench/metrics.json (one key per section and device); on the GPU machine:
 #   make bench DEVICE=cuda BENCH_ARGS="--ns 1,8,64,256"

@@ -48,6 +48,7 @@ partition_scales: list[float] = [0.0, 0.5, 1.0, 2.0, 3.0, 5.0]  # non-empty
 layer_scale: float = 1.0  # > 0
 analysis_seed: int = 0  # >= 0
 torch_threads: int = 1  # threads
+trainer: str = "stacked"  # one of: stacked, sequential  # stacked: N models per step (persona_wm.toy.stacked)
 output_dir: str | None = None
 
 # %%
@@ -88,7 +89,7 @@ started = time.perf_counter()
 # %%
 plan = study.TrainingPlan(tuple(processes), tuple(seeds), train_steps, batch_size, learning_rate,
                           tuple(snapshot_fractions), eval_sequences)
-models = study.train_models(plan, threads=torch_threads)
+models = study.train_models(plan, threads=torch_threads, trainer=trainer)
 training = study.training_summary(models)
 display(plan.table(models))
 

@@ -48,6 +48,7 @@ restoration_target: float = 0.9  # in (0, 1]
 n_boot: int = 2000  # >= 1; <= 1_000_000
 analysis_seed: int = 0  # >= 0
 torch_threads: int = 1  # threads
+trainer: str = "stacked"  # one of: stacked, sequential  # stacked: N models per step (persona_wm.toy.stacked)
 output_dir: str | None = None
 
 # %%
@@ -88,6 +89,16 @@ recipe = EMRecipe.from_params(globals())  # the recipe knobs of the parameters c
 #
 # Every $T(x)$ is block diagonal over the sectors A_i ⊗ B_k,v, so this is an SFP in which B's
 # emissions depend on A's sector. Below: $\sum_x T(x)$ with states in sector order.
+
+# %% [markdown]
+# Every model of sections 2, 2b and the search is trained first, in one call: with `trainer: stacked`
+# the base models train N at a time (each with its own seed, data stream and Adam state,
+# `persona_wm.toy.stacked`), then the fine-tunes; the sections below only load them.
+
+# %%
+training = study.train_all(process, seeds, couplings, coupling_seeds, search_processes, search_seeds, recipe,
+                           torch_threads)
+display(Markdown(training.summary()))
 
 # %%
 em = em_experiment(process, seeds[0], recipe, n_contexts, analysis_seed, torch_threads)

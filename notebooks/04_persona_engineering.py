@@ -51,6 +51,7 @@ ft_lr: float = 0.0002  # > 0; <= 1
 n_contexts: int = 150  # >= 1; <= 100_000
 analysis_seed: int = 0  # >= 0
 torch_threads: int = 1  # threads
+trainer: str = "stacked"  # one of: stacked, sequential  # stacked: N models per step (persona_wm.toy.stacked)
 output_dir: str | None = None
 
 # %%

@@ -2,7 +2,7 @@
 
     python -m persona_wm.bench [--sections hmm stacked llm] [--device cpu|cuda|auto] [--ns 1,8,64]
                                [--threads 1,2] [--steps 50] [--seq-models 4] [--output FILE]
-    python -m persona_wm.bench --cold 02_steering_specificity=3.5   # record a cold study run (minutes)
+    python -m persona_wm.bench --sections cold [--studies 01_sfp_definition,...] [--arms stacked,sequential]
 
 Sections (each writes its own key and its own machine/date/threads metadata under ``meta.<section>``,
 and a run merges into the existing file, so a GPU run adds its keys next to the CPU ones):
@@ -30,8 +30,10 @@ and a run merges into the existing file, so a GPU run adds its keys next to the 
   ``--llm tiny``) a tiny random Llama; ``llm.model`` says which.
 * ``study02`` (not run by default) -> ``study02``: study 02's train-or-load and steering timings.
 
-``cold_minutes.<study>``: minutes of a cold (empty-cache) default run of a study, measured elsewhere
-(the runner) and merged here with ``--cold STUDY=MINUTES`` or :func:`record_cold_minutes`.
+* ``cold`` (not run by default; about 20 minutes on the 2-core CPU) -> ``cold_minutes.<study>`` (trainer
+  stacked) and ``cold_minutes_sequential.<study>`` (trainer sequential), minutes of a cold ``make reports``
+  of studies 01-04 with empty model caches, side by side in one run (:func:`bench_cold`), their ``total``,
+  and ``cold_speedup.<study>`` = sequential / stacked; on a GPU the keys end in ``_cuda``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -51,18 +56,20 @@ import numpy as np
 import tokenizers
 import torch
 import yaml
+from tqdm.auto import tqdm
 
 from persona_wm.core.files import REPO_ROOT
 from persona_wm.core.threads import limit_threads
+from persona_wm.io.params import notebook_path, parameter_schema
 from persona_wm.llm import model as L
 from persona_wm.processes import get_process
 from persona_wm.toy.probe import residual_hooks
 from persona_wm.toy.stacked import train_group
 from persona_wm.toy.steer import partition_frame, steering_frame
-from persona_wm.toy.train import TrainConfig, build_model, load_or_train, train
+from persona_wm.toy.train import CACHE_ENV, TrainConfig, build_model, load_or_train, train
 
 OUTPUT = REPO_ROOT / "outputs" / "bench" / "metrics.json"
-SECTIONS = ("hmm", "stacked", "llm", "study02")
+SECTIONS = ("hmm", "stacked", "llm", "study02", "cold")
 DEFAULT_SECTIONS = ("hmm", "stacked", "llm")
 STUDY = "02_steering_specificity"
 
@@ -107,19 +114,6 @@ def write_metrics(metrics: dict, path: Path = OUTPUT) -> None:
         json.dump(metrics, handle, indent=2, sort_keys=True)
         handle.write("\n")
     os.replace(tmp, path)
-
-
-def record_cold_minutes(timings: dict[str, float], path: Path = OUTPUT) -> dict:
-    """Merge ``{study: minutes}`` of cold default runs into ``cold_minutes`` of the bench file."""
-    metrics = read_metrics(path)
-    for study, minutes in timings.items():
-        if not isinstance(minutes, (int, float)) or isinstance(minutes, bool) or not minutes > 0:
-            raise ValueError(f"cold minutes of {study!r} must be a positive number, got {minutes!r}")
-        metrics.setdefault("cold_minutes", {})[study] = float(minutes)
-    metrics.setdefault("meta", {})["cold_minutes"] = {"recorded": dt.datetime.now(dt.UTC).isoformat(
-        timespec="seconds"), "note": "cold (empty cache) default runs, measured by whoever recorded them"}
-    write_metrics(metrics, path)
-    return metrics
 
 
 # --------------------------------------------------------------------------------------------- GHMM vs hmmlearn
@@ -341,6 +335,56 @@ def bench_study02(device: torch.device, threads: int, params: str = "default", c
 
 
 # --------------------------------------------------------------------------------------------- main
+# --------------------------------------------------------------------------------------------- cold study runs
+COLD_STUDIES = ("01_sfp_definition", "02_steering_specificity", "03_em_reversal", "04_persona_engineering")
+COLD_ARMS = ("stacked", "sequential")
+COLD_ROOT = REPO_ROOT / ".cache" / "bench" / "cold"
+
+
+def cold_keys(device: torch.device, arm: str) -> str:
+    """``cold_minutes`` (stacked) / ``cold_minutes_sequential`` on a CPU; ``_cuda`` appended on a GPU."""
+    key = "cold_minutes" if arm == "stacked" else f"cold_minutes_{arm}"
+    return key if device.type == "cpu" else f"{key}_{device.type}"
+
+
+def bench_cold(device: torch.device, studies: list[str], arms: list[str], params: str = "default",
+               root: Path = COLD_ROOT) -> dict:
+    """Cold ``make reports`` of each study once per trainer, side by side, each arm with its own empty model cache.
+
+    Study by study, the arms one after the other (so a change of machine load hits both), each a fresh
+    ``python -m persona_wm.io.runner`` process with ``--set trainer=ARM`` (studies without that parameter
+    train nothing and simply run twice) and ``PERSONA_WM_MODEL_CACHE`` set to the arm's cache under ``root``,
+    which starts empty; later studies of an arm reuse its earlier studies' models, as in one cold
+    ``make reports``. Outputs go to ``root/<arm>/outputs`` (kept for inspection, never ``outputs/``).
+    Returns ``{cold_keys(device, arm): {study: minutes, ..., "total": minutes}}`` and the speed-ups
+    (sequential / stacked minutes) per study and in total under ``cold_speedup[_cuda]``.
+    """
+    shutil.rmtree(root, ignore_errors=True)
+    out: dict[str, dict[str, float]] = {cold_keys(device, arm): {} for arm in arms}
+    for study in tqdm(studies, desc="cold runs", unit="study"):
+        has_trainer = "trainer" in parameter_schema(study)
+        for arm in arms:
+            command = [sys.executable, "-m", "persona_wm.io.runner", "--study", study, "--params", params,
+                       "--output-root", str(root / arm / "outputs"), "--device", device.type]
+            command += ["--set", f"trainer={arm}"] if has_trainer else []
+            env = {**os.environ, CACHE_ENV: str(root / arm / "models")}
+            began = time.perf_counter()
+            subprocess.run(command, env=env, check=True)
+            minutes = (time.perf_counter() - began) / 60
+            out[cold_keys(device, arm)][study] = minutes
+            print(f"cold {study} trainer={arm}: {minutes:.2f} min (load {_load()})", flush=True)
+    for values in out.values():
+        values["total"] = sum(values.values())
+    if set(COLD_ARMS) <= set(arms):
+        fast, slow = out[cold_keys(device, "stacked")], out[cold_keys(device, "sequential")]
+        out["cold_speedup" + ("" if device.type == "cpu" else f"_{device.type}")] = {k: slow[k] / fast[k] for k in fast}
+    return out
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
 def _ints(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -349,14 +393,6 @@ def _ints(text: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
     return values
-
-
-def _cold(text: str) -> tuple[str, float]:
-    study, _, minutes = text.partition("=")
-    try:
-        return study, float(minutes)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--cold takes STUDY=MINUTES, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -374,12 +410,17 @@ def main(argv: list[str] | None = None) -> dict:
                                                                            "(default: all on a GPU, 1 on a CPU)")
     parser.add_argument("--llm", choices=("auto", "smollm2", "tiny"), default="auto")
     parser.add_argument("--params", default="default", help="study 02 params file (study02 section)")
-    parser.add_argument("--cold", type=_cold, action="append", default=[], metavar="STUDY=MINUTES",
-                        help="only record cold-run minutes of a study (repeatable), measure nothing")
+    parser.add_argument("--studies", default=",".join(COLD_STUDIES),
+                        help="cold section: comma-separated studies (default: %(default)s)")
+    parser.add_argument("--arms", default=",".join(COLD_ARMS),
+                        help="cold section: trainers to run each study with (default: %(default)s)")
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args(argv)
-    if args.cold:
-        return record_cold_minutes(dict(args.cold), args.output)
+    studies, arms = _names(args.studies), _names(args.arms)
+    if bad := [a for a in arms if a not in COLD_ARMS]:
+        parser.error(f"--arms: unknown trainer(s) {bad}; choose from {', '.join(COLD_ARMS)}")
+    if bad := [st for st in studies if not notebook_path(st).exists()]:
+        parser.error(f"--studies: no notebook for {bad}")
     wanted = args.device.strip().lower()
     if wanted not in ("cpu", "cuda", "auto"):
         parser.error(f"--device must be cpu, cuda or auto, got {args.device!r}")
@@ -424,6 +465,16 @@ def main(argv: list[str] | None = None) -> dict:
         save("llm", "llm", result, threads[0])
     if "study02" in args.sections:
         save("study02", "study02", bench_study02(device, threads[0], args.params), threads[0])
+    if "cold" in args.sections:
+        result = bench_cold(device, studies, arms, args.params)
+        current = read_metrics(args.output)
+        for key, value in result.items():
+            current.setdefault(key, {}).update(value)
+        current.setdefault("meta", {})[f"cold.{device.type}"] = {**machine(device), "studies": studies,
+                                                                  "arms": arms, "params": args.params}
+        write_metrics(current, args.output)
+        metrics.clear()
+        metrics.update(current)
     print(f"wrote {args.output}")
     return metrics
 

@@ -189,6 +189,25 @@ def test_threads_are_injected_only_where_declared(repo: Path) -> None:
     assert "torch_threads" not in params["91_other"]
 
 
+def test_set_overrides_are_validated_and_go_only_where_declared(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (repo / "notebooks" / "91_other.py").write_text('# %% tags=["parameters"]\nseed: int = 0  # >= 0\n'
+                                                    'mode: str = "a"  # one of: a, b\n')
+    (repo / "params" / "91_other").mkdir(parents=True)
+    (repo / "params" / "91_other" / "ok.yaml").write_text("seed: 1\nmode: a\n")
+    params = runner.validate_all(["90_demo", "91_other"], "ok", repo, overrides={"mode": "b"})
+    assert params["91_other"] == {"seed": 1, "mode": "b"} and "mode" not in params["90_demo"]
+    assert runner.parse_args(["--set", "mode=b", "--set", "seed=2"]).overrides == [("mode", "b"), ("seed", 2)]
+    with pytest.raises(runner.ParamsError, match="value 'c' breaks rule 'one of: a, b'"):
+        runner.validate_all(["91_other"], "ok", repo, overrides={"mode": "c"})
+    with pytest.raises(runner.ParamsError, match="--set colour: no parameter of that name in 90_demo, 91_other"):
+        runner.validate_all(["90_demo", "91_other"], "ok", repo, overrides={"colour": "red"})
+    assert runner.main(["--params", "ok", "--set", "seed=-1"], root=repo) == 1  # nothing runs, nothing written
+    assert not (repo / "outputs").exists()
+    assert "with --set seed=-1: field 'seed'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        runner.parse_args(["--set", "mode"])
+
+
 def test_baseline_refuses_params(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         runner.parse_args(["--baseline", "--params", "smoke"])

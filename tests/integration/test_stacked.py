@@ -271,3 +271,30 @@ def test_cache_keys_round_trip_and_mixing(tmp_path) -> None:
         out = S.train_many([a, b], device="cpu", progress=False, cache_dir=tmp_path)
     assert [m.trainers for m in out] == [("sequential",), ("stacked",)]
     assert any("mix trainers" in str(w.message) for w in caught)
+
+
+def test_a_named_trainer_uses_only_its_own_entries(tmp_path) -> None:
+    """trained_models(trainer=...) never hands back another trainer's model, whatever the cache holds, and
+    a fine-tune's whole lineage (its base too) is that trainer's; a bad trainer name is refused."""
+    base = TrainConfig(process="z1r", steps=4, seed=0, snapshot_steps=(0,), **TINY)
+    tune = replace(base, steps=2, lr=2e-4, warmup_steps=0, final_lr_fraction=1.0, eval_every=2, snapshot_steps=(),
+                   init_from=base)
+    sequential = S.trained_models([base, tune], "sequential", device="cpu", progress=False, cache_dir=tmp_path)
+    assert [m.trainers for m in sequential] == [("sequential",), ("sequential", "sequential")]
+    assert not any(m.from_cache for m in sequential)
+    with pytest.raises(ValueError, match="no stacked entry"):
+        load_or_train(base, device="cpu", cache_dir=tmp_path, progress=False, trainer="stacked")
+    stacked = S.trained_models([base, tune], "stacked", device="cpu", progress=False, cache_dir=tmp_path)
+    assert [m.trainers for m in stacked] == [("stacked",), ("stacked", "stacked")]
+    assert not any(m.from_cache for m in stacked)  # the sequential entries were there, and not used
+    again = S.trained_models([tune, base], "stacked", device="cpu", progress=False, cache_dir=tmp_path)
+    assert all(m.from_cache for m in again) and again[0].trainers == ("stacked", "stacked")
+    for key, value in again[1].model.state_dict().items():
+        assert torch.equal(value, stacked[0].model.state_dict()[key]), key
+    # the sequential lineage is still what a sequential run loads (the stacked base does not replace it)
+    assert [m.trainers for m in S.trained_models([tune], "sequential", device="cpu", progress=False,
+                                                 cache_dir=tmp_path)] == [("sequential", "sequential")]
+    with pytest.raises(ValueError, match="trainer must be one of"):
+        S.trained_models([base], "parallel", device="cpu", progress=False, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="trainer must be one of"):
+        cached_trainers(base, tmp_path, trainer="parallel")

@@ -36,7 +36,7 @@ TINY = {"baseline_process": "em()",
         "seeds": [0, 1], "d_model": 8, "n_layers": 1, "base_steps": 5, "base_batch": 16, "ft_steps": 2,
         "ft_batch": 8, "n_contexts": 20, "torch_threads": 1}
 #: Fields that may differ between otherwise identical runs: timing, and how many workers ran it.
-RUN_FIELDS = {"wall_s", "workers"}
+RUN_FIELDS = {"wall_s", "train_s", "workers"}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
@@ -33,17 +31,34 @@ def test_bench_hmm_reports_agreement_and_speedup() -> None:
     assert result["max_abs_loglik_diff"] < 1e-10 and result["speedup"] > 0 and result["n_sequences"] == 200
 
 
-def test_cold_minutes_merge_into_the_file(tmp_path) -> None:
-    path = tmp_path / "metrics.json"
-    path.write_text(json.dumps({"ghmm_vs_hmmlearn": {"speedup": 80.0}}))
-    bench.main(["--cold", "02_steering_specificity=3.5", "--cold", "03_em_reversal=12", "--output", str(path)])
-    metrics = json.loads(path.read_text())
-    assert metrics["cold_minutes"] == {"02_steering_specificity": 3.5, "03_em_reversal": 12.0}
-    assert metrics["ghmm_vs_hmmlearn"] == {"speedup": 80.0}  # other sections kept
-    with pytest.raises(ValueError, match="positive"):
-        bench.record_cold_minutes({"01_sfp_definition": -1.0}, path)
+def test_cold_section_refuses_unknown_arms_and_studies() -> None:
     with pytest.raises(SystemExit):
-        bench.main(["--cold", "01_sfp_definition=soon", "--output", str(path)])
+        bench.main(["--sections", "cold", "--arms", "stacked,parallel", "--output", "/nonexistent/never.json"])
+    with pytest.raises(SystemExit):
+        bench.main(["--sections", "cold", "--studies", "99_nope", "--output", "/nonexistent/never.json"])
+
+
+def test_cold_runs_time_each_arm_with_its_own_empty_cache(monkeypatch, tmp_path) -> None:
+    """bench_cold runs the runner once per (study, arm), sets the trainer only where declared and gives each
+    arm its own model cache (here the runner is replaced by a recorder)."""
+    import torch
+
+    calls = []
+    monkeypatch.setattr(bench.subprocess, "run", lambda command, env, check: calls.append((command, env)))
+    (tmp_path / "stale").mkdir()
+    out = bench.bench_cold(torch.device("cpu"), ["01_sfp_definition", "03_em_reversal"], ["stacked", "sequential"],
+                           root=tmp_path)
+    assert not (tmp_path / "stale").exists()  # a cold run starts from an empty root
+    assert [(c[c.index("--study") + 1], c[-1]) for c, _ in calls] == [
+        ("01_sfp_definition", "cpu"), ("01_sfp_definition", "cpu"),
+        ("03_em_reversal", "trainer=stacked"), ("03_em_reversal", "trainer=sequential")]
+    assert [env[bench.CACHE_ENV] for _, env in calls] == [str(tmp_path / a / "models") for a in
+                                                          ("stacked", "sequential") * 2]
+    assert set(out) == {"cold_minutes", "cold_minutes_sequential", "cold_speedup"}
+    assert set(out["cold_minutes"]) == {"01_sfp_definition", "03_em_reversal", "total"}
+    assert out["cold_minutes"]["total"] == pytest.approx(sum(v for k, v in out["cold_minutes"].items()
+                                                             if k != "total"))
+    assert bench.cold_keys(torch.device("cuda"), "sequential") == "cold_minutes_sequential_cuda"
 
 
 @pytest.mark.parametrize("text", ["0", "1,x", "", "-2"])

@@ -131,6 +131,7 @@ def test_recipe_from_params_reads_every_knob_of_a_study_params_file(params_file:
     assert (recipe.base_steps, recipe.ft_steps, recipe.ft_lr, recipe.d_model) == (
         params["base_steps"], params["ft_steps"], params["ft_lr"], params["d_model"])
     assert recipe.eval_sequences == 512  # not a study parameter: the recipe's own default
+    assert recipe.trainer == params["trainer"] == "stacked"
     base = recipe.base_config("em()", 3)
     tuned = recipe.finetune_config("em()", 3, parse_em_name("em()"))
     assert (base.steps, base.batch_size, base.lr, base.seed) == (params["base_steps"], params["base_batch"],
@@ -148,6 +149,21 @@ def test_recipe_from_params_names_missing_knobs_and_ignores_other_entries() -> N
     assert EMRecipe.from_params({**knobs, "eval_sequences": 64}).eval_sequences == 64
     with pytest.raises(KeyError, match="lack the recipe knob\\(s\\) base_lr, ft_steps"):
         EMRecipe.from_params({k: v for k, v in knobs.items() if k not in ("base_lr", "ft_steps")})
+    assert EMRecipe(**knobs).trainer == "sequential"
+    with pytest.raises(ValueError, match="EMRecipe.trainer must be one of"):
+        EMRecipe.from_params({**knobs, "trainer": "parallel"})
+
+
+def test_em_configs_lists_each_base_and_its_fine_tune_once() -> None:
+    from persona_wm.toy.em import EMRecipe, em_configs
+
+    recipe = EMRecipe(d_model=8, n_layers=1, base_steps=5, base_batch=4, base_lr=0.01, ft_steps=2, ft_batch=4,
+                      ft_lr=0.001)
+    configs = em_configs(["em()", "em(leak=0.1)", "em()"], [0, 1, 0], recipe)
+    assert len(configs) == len(set(configs)) == 8
+    bases = [c for c in configs if c.init_from is None]
+    assert {(c.process, c.seed) for c in bases} == {(p, s) for p in ("em()", "em(leak=0.1)") for s in (0, 1)}
+    assert all(c.init_from in bases for c in configs if c.init_from is not None)
 
 
 def test_mean_restoration_weights_the_two_held_out_tasks() -> None:

@@ -303,12 +303,13 @@ class GHMM:
         token_probs = np.empty((batch, length))
         belief = np.broadcast_to(self.initial, (batch, self.n_states)).copy()
         beliefs[:, 0] = belief
+        absolute = None
         for t in range(length):
-            step = self.transfer[seqs[:, t]]
-            unnormalised = np.einsum("bs,bst->bt", belief, step)
+            unnormalised = self._propagate(belief, seqs[:, t])
             mass = unnormalised @ self.right
             if not self.hmm or np.any(mass < 0):  # an HMM gets here only with entries in [-tol, 0)
-                scale = np.einsum("bs,bst,t->b", np.abs(belief), np.abs(step), np.abs(self.right))
+                absolute = np.abs(self.transfer) if absolute is None else absolute
+                scale = self._propagate(np.abs(belief), seqs[:, t], absolute) @ np.abs(self.right)
                 mass = self._nonnegative(mass, scale, lambda i: (
                     f"Pr(x_{t + 1} = {seqs[i[0], t]} | the first {t} tokens of sequence {i[0]})"))
             token_probs[:, t] = np.where(np.isnan(mass), 0.0, mass)
@@ -408,12 +409,21 @@ class GHMM:
             tokens[:, t] = token
             if t == length - 1:
                 break  # the last belief update is never used
-            unnormalised = np.empty_like(belief)
-            for x in np.unique(token):
-                rows = token == x
-                unnormalised[rows] = belief[rows] @ self.transfer[x]
+            unnormalised = self._propagate(belief, token)
             belief = unnormalised / (unnormalised @ self.right)[:, None]
         return tokens
+
+    def _propagate(self, belief: np.ndarray, token: np.ndarray, matrices: np.ndarray | None = None) -> np.ndarray:
+        """``belief[b] @ T(token[b])`` for every row ``b`` (``matrices`` replaces ``transfer``), one matmul per
+        distinct token over the rows that carry it: S^2 work per row, where gathering a ``[B, S, S]`` stack
+        of matrices first costs a copy of S^2 floats per row (0.55 s vs 0.03 s for 512 x 10 tokens of a
+        192-state EM-SFP)."""
+        matrices = self.transfer if matrices is None else matrices
+        out = np.empty_like(belief)
+        for x in np.unique(token):
+            rows = token == x
+            out[rows] = belief[rows] @ matrices[x]
+        return out
 
 
 # --------------------------------------------------------------------------- helpers

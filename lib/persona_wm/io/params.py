@@ -644,11 +644,14 @@ def parse_yaml(text: str, where: str) -> Any:
         raise ParamsError(f"{where}: invalid YAML: nested too deeply") from None
 
 
-def load_params(study: str, name: str, root: Path = REPO_ROOT) -> dict[str, Any]:
+def load_params(study: str, name: str, root: Path = REPO_ROOT,
+                overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Read and validate ``params/<study>/<name>.yaml`` against the notebook's parameters cell.
 
-    Returns the values ready for papermill (ints promoted to float where a float is declared).
-    Every check runs here, so a typo costs a second rather than a failed hour-long run.
+    ``overrides`` replace the file's values of those parameters before validation (the runner's
+    ``--set``), so they pass the same checks. Returns the values ready for papermill (ints promoted to
+    float where a float is declared). Every check runs here, so a typo costs a second rather than a
+    failed hour-long run.
     """
     path = params_path(study, name, root)
     where = _display(path, root)
@@ -669,6 +672,10 @@ def load_params(study: str, name: str, root: Path = REPO_ROOT) -> dict[str, Any]
             f"{where}: line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the file as UTF-8"
         ) from None
     raw = parse_yaml(text, where)
+    if overrides:
+        if isinstance(raw, dict):
+            raw = {**raw, **overrides}
+        where = f"{where} with --set {', '.join(f'{k}={v!r}' for k, v in overrides.items())}"
     return validate_params(raw, parameter_schema(study, root), where)
 
 

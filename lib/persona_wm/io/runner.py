@@ -37,6 +37,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from persona_wm.core.files import atomic_write_text
 from persona_wm.io.mathml import MathMLPreprocessor, strip_mathjax
 from persona_wm.io.params import (
@@ -131,17 +133,28 @@ def patched_environ(env: Mapping[str, str]) -> Iterator[None]:
 
 
 def validate_all(
-    studies: Sequence[str], params_name: str, root: Path = REPO_ROOT, threads: int | None = None
+    studies: Sequence[str], params_name: str, root: Path = REPO_ROOT, threads: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Load every study's params before running any, so one typo cannot waste a long batch.
 
-    Raises ParamsError whose message lists every invalid file (one line each).
+    ``overrides`` (``--set KEY=VALUE``) replace a parameter's value in every study whose parameters cell
+    declares it, and are validated like the file's values; a key that no requested study declares is an
+    error. Raises ParamsError whose message lists every invalid file (one line each).
     """
+    overrides = dict(overrides or {})
+    declared = {k for study in studies for k in parameter_schema(study, root)} if overrides else set()
+    unknown = sorted(set(overrides) - declared)
+    if unknown:
+        raise ParamsError(f"--set {', '.join(unknown)}: no parameter of that name in "
+                          f"{', '.join(studies)} (see their parameters cells)")
     loaded: dict[str, dict[str, Any]] = {}
     errors: list[str] = []
     for study in studies:
         try:
-            params = load_params(study, params_name, root)
+            schema = parameter_schema(study, root) if overrides else {}
+            mine = {k: v for k, v in overrides.items() if k in schema}
+            params = load_params(study, params_name, root, mine)
             if threads is not None and THREADS_PARAM in parameter_schema(study, root):
                 params[THREADS_PARAM] = threads
             loaded[study] = params
@@ -478,13 +491,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--output-root", type=Path, metavar="DIR", help="write DIR/<study> instead of outputs/<study>")
     add("--device", choices=DEVICES, help="where toy models train and run: cpu, cuda, or auto (cuda when present; "
         "the default); exported to the kernel as " + DEVICE_ENV)
+    add("--set", action="append", default=[], type=_override, metavar="KEY=VALUE", dest="overrides",
+        help="replace parameter KEY (YAML VALUE) in every requested study that declares it, e.g. "
+             "--set trainer=sequential; validated like the params file (repeatable)")
     add("--baseline", action="store_true", help="refresh the nbval reference outputs in notebooks/*.ipynb")
     args = parser.parse_args(argv)
-    if args.baseline and (args.params != "default" or args.threads is not None or args.output_root is not None):
+    if args.baseline and (args.params != "default" or args.threads is not None or args.output_root is not None
+                          or args.overrides):
         parser.error(
-            "--baseline runs the smoke defaults of the notebook; --params/--threads/--output-root do not apply"
+            "--baseline runs the smoke defaults of the notebook; --params/--threads/--output-root/--set do not apply"
         )
     return args
+
+
+def _override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (KEY a parameter name), got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"--set {key.strip()}: VALUE is not YAML: {err}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -507,7 +534,7 @@ def main(argv: Sequence[str] | None = None, root: Path = REPO_ROOT) -> int:
             raise StudyError("no studies found in notebooks/")
         if args.baseline:
             return _run_baselines(studies, root)
-        params = validate_all(studies, args.params, root, args.threads)
+        params = validate_all(studies, args.params, root, args.threads, dict(args.overrides))
     except (ParamsError, StudyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -2,7 +2,7 @@
 the frozen dataclasses their results live in; :class:`EMReversalResult` assembles them and writes
 ``metrics.json``'s dict.
 
-Sections: :func:`em_breadth` (EM appears, over seeds), :func:`coupling_test` (coupled vs factored twin
+Sections: :func:`train_all` (every model, before any analysis), :func:`em_breadth` (EM appears, over seeds), :func:`coupling_test` (coupled vs factored twin
 over the coupling knob), :func:`coupling_search` (every other configuration tried), :func:`reversal`
 (belief-state steering vs difference-in-means), :func:`specificity_diagnostic` (pre-fine-tuning
 specificity vs breadth).
@@ -10,6 +10,7 @@ specificity vs breadth).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,15 +24,19 @@ from persona_wm.toy.em import (
     EMRecipe,
     coupling_contrast,
     coupling_curve,
+    coupling_names,
     coupling_sweep,
+    em_configs,
     em_experiment,
     em_rows,
     reversal_for,
     reversal_over_seeds,
     twin_table,
 )
+from persona_wm.toy.stacked import trained_models
+from persona_wm.toy.train import TrainedModel
 
-__all__ = ["EM_MEASURES", "BEST_MEASURES", "Breadth", "em_breadth", "CouplingTest", "coupling_test",
+__all__ = ["EM_MEASURES", "BEST_MEASURES", "Training", "train_all", "Breadth", "em_breadth", "CouplingTest", "coupling_test",
            "CouplingSearch", "coupling_search", "Reversal", "reversal", "Diagnostic", "specificity_diagnostic",
            "EMReversalResult"]
 
@@ -39,6 +44,39 @@ __all__ = ["EM_MEASURES", "BEST_MEASURES", "Breadth", "em_breadth", "CouplingTes
 EM_MEASURES = ("task1_increase", "heldout_increase", "breadth")
 #: What :func:`persona_wm.toy.em.best_settings` reports per reversal method.
 BEST_MEASURES = ("scale", "restoration_heldout", "restoration_task1", "capability_damage")
+
+
+# =========================================================================== 1. training
+@dataclass(frozen=True)
+class Training:
+    """Every model the study analyses, trained (or loaded from the model cache) in one call before any analysis."""
+
+    models: list[TrainedModel]
+    trainer: str
+    wall_seconds: float  # this call: training the missing models and loading the rest
+
+    @property
+    def n_trained(self) -> int:
+        return sum(not m.from_cache for m in self.models)
+
+    def summary(self) -> str:
+        bases = sum(m.config.init_from is None for m in self.models)
+        return (f"{len(self.models)} models ({bases} base models, {len(self.models) - bases} fine-tunes), trainer "
+                f"`{self.trainer}`: {self.n_trained} trained now, {len(self.models) - self.n_trained} loaded from the "
+                f"model cache, in {self.wall_seconds:.0f} s.")
+
+
+def train_all(process: str, seeds: list[int], couplings: list[float], coupling_seeds: list[int],
+              search_processes: list[str], search_seeds: list[int], recipe: EMRecipe,
+              threads: int | None = None) -> Training:
+    """The base and fine-tuned models of sections 2 (``process`` x ``seeds``), 2b (the coupling sweep) and the
+    search, in one :func:`persona_wm.toy.stacked.trained_models` call (stacked: N models at a time)."""
+    configs = (em_configs([process], seeds, recipe) + em_configs(coupling_names(process, couplings), coupling_seeds,
+                                                                 recipe)
+               + em_configs(search_processes, search_seeds, recipe))
+    start = time.perf_counter()
+    models = trained_models(list(dict.fromkeys(configs)), recipe.trainer, threads=threads)
+    return Training(models, recipe.trainer, time.perf_counter() - start)
 
 
 # =========================================================================== 2. EM appears

@@ -34,7 +34,8 @@ from persona_wm.toy.probe import (
     probe_r2_over_training,
 )
 from persona_wm.toy.steer import interaction_frame, partition_frame, steering_frame, training_trend
-from persona_wm.toy.train import TrainConfig, TrainedModel, history_frame, load_or_train
+from persona_wm.toy.stacked import trained_models
+from persona_wm.toy.train import TrainConfig, TrainedModel, history_frame
 
 __all__ = ["METHODS", "FACTORS", "STEERING_COLUMNS", "SECTORS", "TrainingPlan", "train_models", "Training",
            "training_summary", "Probes", "probe_section", "ProbeDemo", "probe_demo", "ProbeTraining", "probe_training",
@@ -98,9 +99,12 @@ class TrainingPlan:
                              for p in self.processes])
 
 
-def train_models(plan: TrainingPlan, threads: int | None = None) -> Models:
-    """Every (process, seed) model of the plan, from the model cache or trained (and cached)."""
-    return {(p, s): load_or_train(plan.config(p, s), threads=threads) for p in plan.processes for s in plan.seeds}
+def train_models(plan: TrainingPlan, threads: int | None = None, trainer: str = "sequential") -> Models:
+    """Every (process, seed) model of the plan, from the model cache or trained (and cached) by ``trainer``:
+    "stacked" trains the missing ones N at a time, "sequential" one after another
+    (:func:`persona_wm.toy.stacked.trained_models`; only that trainer's cache entries are used)."""
+    keys = [(p, s) for p in plan.processes for s in plan.seeds]
+    return dict(zip(keys, trained_models([plan.config(p, s) for p, s in keys], trainer, threads=threads)))
 
 
 @dataclass(frozen=True)

@@ -32,13 +32,14 @@ from persona_wm.processes.em import (
 )
 from persona_wm.toy.hooks import batched_forward
 from persona_wm.toy.steer import final_hook, kl_divergence
-from persona_wm.toy.train import TrainConfig, load_or_train
+from persona_wm.toy.stacked import trained_models
+from persona_wm.toy.train import TRAINERS, TrainConfig, TrainedModel
 
 __all__ = ["EMConfig", "em_process", "em_name", "parse_em_name", "TokenRoles", "token_roles", "task_sectors",
            "task_contexts", "Intervention", "next_token_probs", "behaviour", "behaviour_by_task", "em_measures",
            "belief_state_direction", "diff_in_means_direction", "model_diff_direction", "reversal_sweep",
            "restoration", "summarise_reversal", "best_settings", "damage_at_restoration", "persona_specificity",
-           "EMRecipe", "em_experiment", "reversal_for", "diagnostic_row", "REVERSAL_METHODS", "variant_and_content",
+           "EMRecipe", "em_experiment", "em_configs", "pretrain", "coupling_names", "reversal_for", "diagnostic_row", "REVERSAL_METHODS", "variant_and_content",
            "answer_positions", "content_merge", "DESIGNS", "with_knobs", "em_rows", "coupling_sweep", "twin_table", "coupling_curve",
            "coupling_contrast", "describe_contrast", "reversal_over_seeds", "mean_restoration"]
 
@@ -301,11 +302,19 @@ class EMRecipe:
     ft_batch: int
     ft_lr: float
     eval_sequences: int = 512
+    #: who trains the models: "sequential" (``train()``, one at a time) or "stacked" (``train_many``,
+    #: N at a time); only that trainer's cache entries are used (:func:`persona_wm.toy.stacked.trained_models`)
+    trainer: str = "sequential"
+
+    def __post_init__(self) -> None:
+        if self.trainer not in TRAINERS:
+            raise ValueError(f"EMRecipe.trainer must be one of {TRAINERS}, got {self.trainer!r}")
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> EMRecipe:
         """The recipe whose knobs are the same-named entries of ``params`` (a params file's mapping, or a
-        notebook's ``globals()``); other entries are ignored, ``eval_sequences`` keeps its default unless given.
+        notebook's ``globals()``); other entries are ignored, ``eval_sequences`` and ``trainer`` keep their
+        defaults unless given.
         """
         knobs = [f for f in fields(cls) if f.init]
         missing = [f.name for f in knobs if f.name not in params and f.default is MISSING]
@@ -337,8 +346,9 @@ def em_experiment(process_name: str, seed: int, recipe: EMRecipe, n_contexts: in
     """
 
     config = parse_em_name(process_name)
-    base = load_or_train(recipe.base_config(process_name, seed), threads=threads, progress=False)
-    tuned = load_or_train(recipe.finetune_config(process_name, seed, config), threads=threads, progress=False)
+    base, tuned = trained_models([recipe.base_config(process_name, seed),
+                                  recipe.finetune_config(process_name, seed, config)], recipe.trainer,
+                                 threads=threads, progress=False)
     process = base.process
     rng = np.random.default_rng([analysis_seed, seed])
     length = base.config.context_length
@@ -361,6 +371,28 @@ def em_experiment(process_name: str, seed: int, recipe: EMRecipe, n_contexts: in
             "model_diff": model_diff_direction(base.model, tuned.model, process, pool, hook),
         })
     return result
+
+
+def em_configs(names: list[str], seeds: list[int], recipe: EMRecipe) -> list[TrainConfig]:
+    """The base and fine-tune configs of every EM-SFP name x seed (what :func:`em_experiment` trains)."""
+    return [c for name in dict.fromkeys(names) for s in dict.fromkeys(seeds)
+            for c in (recipe.base_config(name, s), recipe.finetune_config(name, s, parse_em_name(name)))]
+
+
+def pretrain(names: list[str], seeds: list[int], recipe: EMRecipe, threads: int | None = None,
+             progress: bool = True) -> list[TrainedModel]:
+    """Train (or load) every model :func:`em_experiment` will need for ``names`` x ``seeds``, all in one call.
+
+    With ``recipe.trainer == "stacked"`` the missing ones are trained N at a time (bases first, then the
+    fine-tunes), so the experiments that follow only load; with "sequential" one after another.
+    """
+    return trained_models(em_configs(names, seeds, recipe), recipe.trainer, threads=threads, progress=progress)
+
+
+def coupling_names(base_process: str, couplings: list[float], designs: tuple[str, ...] = ("shared", "specific")
+                   ) -> list[str]:
+    """The coupling sweep's process names: ``base_process`` with each coupling value in each answer design."""
+    return [with_knobs(base_process, coupling=float(c), shared_answers=DESIGNS[d]) for d in designs for c in couplings]
 
 
 REVERSAL_METHODS = ("belief_state", "belief_state_ft", "diff_in_means", "model_diff")
@@ -417,7 +449,7 @@ def coupling_sweep(base_process: str, couplings: list[float], seeds: list[int], 
                    progress: bool = True) -> pd.DataFrame:
     """:func:`em_rows` for every coupling x answer design of ``base_process`` (its other knobs held fixed):
     tokens, fine-tuning data (task 1 in the misaligned world), steps and model are the same for every row."""
-    names = [with_knobs(base_process, coupling=float(c), shared_answers=DESIGNS[d]) for d in designs for c in couplings]
+    names = coupling_names(base_process, couplings, designs)
     return em_rows(names, seeds, recipe, n_contexts, analysis_seed, threads, progress, f"coupling sweep {base_process}")
 
 

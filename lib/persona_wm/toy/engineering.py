@@ -20,13 +20,15 @@ from persona_wm.toy.em import (
     EMConfig,
     EMRecipe,
     answer_positions,
+    em_configs,
     em_experiment,
     next_token_probs,
     parse_em_name,
+    pretrain,
     token_roles,
     variant_and_content,
 )
-from persona_wm.toy.train import load_or_train
+from persona_wm.toy.stacked import trained_models
 
 __all__ = ["fidelity", "engineering_point", "engineering_row", "engineering_grid", "sweep_jobs", "pareto_front",
            "engineering_summary", "ENGINEERING_MEASURES", "AXIS_KNOB", "leak_table", "equivalent_pairs",
@@ -53,8 +55,13 @@ def engineering_row(axis: str, name: str, seed: int, recipe: EMRecipe, n_context
 
 def engineering_grid(sweep_processes: dict[str, list[str]], seeds: list[int], recipe: EMRecipe, n_contexts: int,
                      analysis_seed: int, threads: int | None = None, progress: bool = True) -> pd.DataFrame:
-    """:func:`engineering_row` for every point of every axis and seed, in :func:`sweep_jobs` order (one process)."""
+    """:func:`engineering_row` for every point of every axis and seed, in :func:`sweep_jobs` order (one process).
+
+    Every model is trained (or loaded) first, in one :func:`~persona_wm.toy.em.pretrain` call, so a stacked
+    recipe trains them N at a time; the rows then only load them.
+    """
     jobs = sweep_jobs(sweep_processes, seeds)
+    pretrain([name for _, name, _ in jobs], seeds, recipe, threads, progress)
     return pd.DataFrame([engineering_row(axis, name, seed, recipe, n_contexts, analysis_seed, threads)
                          for axis, name, seed in tqdm(jobs, desc="sweep points", disable=not progress)])
 
@@ -76,9 +83,8 @@ def recorded_train_seconds(recipe: EMRecipe, grid: pd.DataFrame) -> float:
     """Training time (as recorded in the model cache when trained) of the base and fine-tuned models of every
     distinct (process, seed) of ``grid``; a model not in the cache is trained first."""
     pairs = grid[["process", "seed"]].drop_duplicates().itertuples(index=False)
-    return float(sum(load_or_train(recipe.base_config(p, s), progress=False).train_seconds
-                     + load_or_train(recipe.finetune_config(p, s, parse_em_name(p)), progress=False).train_seconds
-                     for p, s in pairs))
+    configs = [c for p, s in pairs for c in em_configs([p], [s], recipe)]
+    return float(sum(m.train_seconds for m in trained_models(configs, recipe.trainer, progress=False)))
 
 
 def fidelity(model, process: GHMM, config: EMConfig, tokens: np.ndarray) -> float:

@@ -77,6 +77,7 @@ from persona_wm.core.threads import limit_threads
 from persona_wm.processes import get_process
 from persona_wm.toy.train import (
     ARCHITECTURE_FIELDS,
+    TRAINERS,
     TrainConfig,
     TrainedModel,
     _learning_rate,
@@ -84,6 +85,7 @@ from persona_wm.toy.train import (
     default_device,
     eval_tokens,
     load_cached,
+    load_or_train,
     save_trained,
 )
 
@@ -100,6 +102,7 @@ __all__ = [
     "sample_from_uniforms_torch",
     "train_group",
     "train_many",
+    "trained_models",
     "training_step",
 ]
 
@@ -681,7 +684,7 @@ def train_group(configs: Sequence[TrainConfig], device: str | torch.device | Non
 
 def train_many(configs: Sequence[TrainConfig], device: str | None = None, threads: int | None = None,
                progress: bool = True, cache_dir: Path | None = None,
-               models_per_pass: int | None = None) -> list[TrainedModel]:
+               models_per_pass: int | None = None, only_stacked: bool = False) -> list[TrainedModel]:
     """Make sure every config is trained and cached; train the missing ones stacked. Returns them in order.
 
     A config with a cache entry (sequential or stacked, as :func:`~persona_wm.toy.train.load_or_train`
@@ -692,8 +695,11 @@ def train_many(configs: Sequence[TrainConfig], device: str | None = None, thread
     ``load_or_train(config)`` loads it. Warns when the returned models mix trainers.
 
     ``models_per_pass``: models per forward/backward pass (default :func:`default_models_per_pass`:
-    all on a GPU, one on a CPU); it changes speed only, not what is computed.
+    all on a GPU, one on a CPU); it changes speed only, not what is computed. ``only_stacked``: load only
+    entries whose whole lineage was trained stacked (a study whose params say ``trainer: stacked``), so
+    what a study analyses never depends on which other entries happen to be in the cache.
     """
+    reuse = "stacked" if only_stacked else None
     if threads:
         limit_threads(threads)
     device = torch.device(device or default_device())
@@ -701,7 +707,7 @@ def train_many(configs: Sequence[TrainConfig], device: str | None = None, thread
     results: dict[TrainConfig, TrainedModel] = {}
     pending = []
     for config in dict.fromkeys(configs):  # each distinct config once, first-seen order
-        cached = load_cached(config, device=device, cache_dir=cache_dir)
+        cached = load_cached(config, device=device, cache_dir=cache_dir, trainer=reuse)
         if cached is not None:
             results[config] = cached
         else:
@@ -713,7 +719,7 @@ def train_many(configs: Sequence[TrainConfig], device: str | None = None, thread
         for config in ready:
             if config.init_from is not None:
                 base = results.get(config.init_from) or load_cached(config.init_from, device=device,
-                                                                     cache_dir=cache_dir)
+                                                                     cache_dir=cache_dir, trainer=reuse)
                 if base is None:  # a base not asked for and not cached: train it (stacked) first
                     if config.init_from not in pending:
                         pending.append(config.init_from)
@@ -735,3 +741,20 @@ def train_many(configs: Sequence[TrainConfig], device: str | None = None, thread
         warnings.warn(f"train_many: the {len(out)} models mix trainers (from the cache and trained now): {counts}",
                       stacklevel=2)
     return out
+
+
+def trained_models(configs: Sequence[TrainConfig], trainer: str, device: str | None = None,
+                   threads: int | None = None, progress: bool = True,
+                   cache_dir: Path | None = None) -> list[TrainedModel]:
+    """Every config's model as ``trainer`` makes it, from the cache or trained now; in the order of ``configs``.
+
+    ``"stacked"``: :func:`train_many` with ``only_stacked`` (the missing ones trained N at a time);
+    ``"sequential"``: :func:`~persona_wm.toy.train.load_or_train` one config after another, loading only
+    all-sequential entries. Either way only models of that trainer (and bases of that trainer) are
+    returned, so a study's numbers depend on its params, not on what else the cache holds.
+    """
+    if trainer not in TRAINERS:
+        raise ValueError(f"trainer must be one of {TRAINERS}, got {trainer!r}")
+    if trainer == "stacked":
+        return train_many(configs, device, threads, progress, cache_dir, only_stacked=True)
+    return [load_or_train(c, device, threads, cache_dir, progress, trainer="sequential") for c in configs]

@@ -52,7 +52,11 @@ __all__ = ["TrainConfig", "TrainedModel", "train", "load_or_train", "save_traine
 
 #: Bump when the training code changes in a way that changes results; invalidates the cache.
 TRAINING_CODE_VERSION = 2  # unchanged by the fine-tuning fields: configs without them hash as before
-CACHE_DIR = REPO_ROOT / ".cache" / "models"
+#: Environment variable naming the model cache directory (a relative path resolves against the repository root);
+#: read once, when this module is imported (a kernel started by the runner inherits it).
+CACHE_ENV = "PERSONA_WM_MODEL_CACHE"
+CACHE_DIR = (REPO_ROOT / os.environ[CACHE_ENV].strip() if os.environ.get(CACHE_ENV, "").strip()
+             else REPO_ROOT / ".cache" / "models")
 #: Who trained a cached model: ``train()`` one at a time, or ``persona_wm.toy.stacked.train_many`` N at once.
 TRAINERS = ("sequential", "stacked")
 #: Bump when the stacked trainer changes in a way that changes results; invalidates stacked entries only.
@@ -237,12 +241,13 @@ def eval_tokens(config: TrainConfig, process: GHMM) -> np.ndarray:
 
 
 def train(config: TrainConfig, device: str | None = None, threads: int | None = None,
-          progress: bool = True, cache_dir: Path | None = None) -> TrainedModel:
+          progress: bool = True, cache_dir: Path | None = None, trainer: str | None = None) -> TrainedModel:
     """Train (no cache for this config; a fine-tune's base comes from the cache). See the module docstring.
 
     A fine-tune (``init_from``) starts from the base's weights with a fresh Adam state and draws its
     batches from ``data_sector`` of the process if given; its evaluation stays on the whole process,
-    so the history shows what the narrow data does to general performance.
+    so the history shows what the narrow data does to general performance. ``trainer``: which cache entry
+    of the base to start from (see :func:`load_or_train`).
     """
     if threads:
         limit_threads(threads)
@@ -254,7 +259,8 @@ def train(config: TrainConfig, device: str | None = None, threads: int | None = 
     torch.manual_seed(config.seed)
     model = build_model(config, process, device)
     if config.init_from is not None:
-        base = load_or_train(config.init_from, device=device, threads=threads, cache_dir=cache_dir, progress=progress)
+        base = load_or_train(config.init_from, device=device, threads=threads, cache_dir=cache_dir, progress=progress,
+                             trainer=trainer)
         model.load_state_dict(base.model.state_dict())
     trainers = ("sequential",) + (base.trainers if config.init_from is not None else ())
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -324,26 +330,39 @@ def cache_path(config: TrainConfig, cache_dir: Path | None = None, trainers: tup
     return Path(cache_dir or CACHE_DIR) / f"{config.process}-{cache_key(config, trainers)}.pt"
 
 
-def cached_trainers(config: TrainConfig, cache_dir: Path | None = None) -> tuple[str, ...] | None:
+def _lineage(config: TrainConfig, trainer: str) -> tuple[str, ...]:
+    """``trainer`` for ``config`` and every base of its ``init_from`` chain."""
+    if trainer not in TRAINERS:
+        raise ValueError(f"trainer must be one of {TRAINERS}, got {trainer!r}")
+    return (trainer,) * len(_chain(config))
+
+
+def cached_trainers(config: TrainConfig, cache_dir: Path | None = None,
+                    trainer: str | None = None) -> tuple[str, ...] | None:
     """The trainer lineage of the entry :func:`load_or_train` loads for ``config`` (None: nothing cached).
 
-    A sequential entry wins over a stacked one; a fine-tune is looked up for the base that would be
-    loaded (an uncached base counts as sequential), so a fine-tune always matches the base one analyses.
+    ``trainer`` None: a sequential entry wins over a stacked one, and a fine-tune is looked up for the
+    base that would be loaded (an uncached base counts as sequential), so a fine-tune always matches the
+    base one analyses. ``trainer`` "sequential" or "stacked": only the entry whose whole lineage (the
+    config and each base) was trained that way.
     """
+    if trainer is not None:
+        lineage = _lineage(config, trainer)
+        return lineage if cache_path(config, cache_dir, lineage).exists() else None
     base: tuple[str, ...] = ()
     if config.init_from is not None:
         base = (cached_trainers(config.init_from, cache_dir)
                 or ("sequential",) * len(_chain(config.init_from)))
-    for trainer in TRAINERS:
-        if cache_path(config, cache_dir, (trainer,) + base).exists():
-            return (trainer,) + base
+    for name in TRAINERS:
+        if cache_path(config, cache_dir, (name,) + base).exists():
+            return (name,) + base
     return None
 
 
 def load_cached(config: TrainConfig, device: str | torch.device | None = None,
-                cache_dir: Path | None = None) -> TrainedModel | None:
-    """The cached model of this exact config (see :func:`cached_trainers`), or None."""
-    trainers = cached_trainers(config, cache_dir)
+                cache_dir: Path | None = None, trainer: str | None = None) -> TrainedModel | None:
+    """The cached model of this exact config (see :func:`cached_trainers`, also for ``trainer``), or None."""
+    trainers = cached_trainers(config, cache_dir, trainer)
     if trainers is None:
         return None
     device = device or default_device()
@@ -355,17 +374,22 @@ def load_cached(config: TrainConfig, device: str | torch.device | None = None,
 
 
 def load_or_train(config: TrainConfig, device: str | None = None, threads: int | None = None,
-                  cache_dir: Path | None = None, progress: bool = True) -> TrainedModel:
+                  cache_dir: Path | None = None, progress: bool = True, trainer: str | None = None) -> TrainedModel:
     """Load the cached model of this exact config, or train it and cache it (atomic write).
 
     The cache may hold it from ``train()`` or from ``persona_wm.toy.stacked.train_many``: see
     :func:`cached_trainers` for which entry is loaded; ``TrainedModel.trainers`` says which it was.
+    ``trainer="sequential"`` loads or trains only an all-sequential lineage (the base too);
+    ``"stacked"`` only loads (train those with :func:`persona_wm.toy.stacked.train_many`).
     """
     device = device or default_device()
-    cached = load_cached(config, device, cache_dir)
+    cached = load_cached(config, device, cache_dir, trainer)
     if cached is not None:
         return cached
-    trained = train(config, device=device, threads=threads, progress=progress, cache_dir=cache_dir)
+    if trainer == "stacked":
+        raise ValueError(f"load_or_train: no stacked entry for {config.process} seed {config.seed}; "
+                         "persona_wm.toy.stacked.train_many trains stacked models")
+    trained = train(config, device=device, threads=threads, progress=progress, cache_dir=cache_dir, trainer=trainer)
     stacked_base = trained.trainers != ("sequential",) * len(trained.trainers)  # a fine-tune of a stacked base
     save_trained(trained, cache_dir, **({"trainers": list(trained.trainers)} if stacked_base else {}))
     return trained
