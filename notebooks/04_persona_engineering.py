@@ -129,8 +129,10 @@ plt.show()
 # ## 5. The dense grid on a GPU (`params/04_persona_engineering/full.yaml`)
 #
 # The same analysis on 29 configurations × 5 seeds, run with `python -m persona_wm.io.sweep --params full` on one
-# H100 through the device tool (15 worker processes sharing the GPU); its output is committed in
-# `outputs/04_persona_engineering_full/grid_full_gpu.json` and summarised here when present.
+# GPU through the device tool: the 145 base models and their 145 fine-tunes are trained first, stacked, on the GPU;
+# then Dask worker processes measure the 170 grid points. Its output (device, trainer, workers and wall time are in
+# the figure's title) is committed in `outputs/04_persona_engineering_full/grid_full_gpu.json` and summarised here
+# when present.
 
 # %%
 full = study.dense_grid()

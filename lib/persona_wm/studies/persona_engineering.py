@@ -90,13 +90,16 @@ class DenseGrid:
     n_jobs: int
     device: str
     wall_s: float
+    workers: int
+    trainer: str  # "stacked": every model trained first on the GPU, N at a time; "sequential": by each job
     pareto_front: list[str]
     improvements: list[str]
     clear_improvements: list[str]
 
     @property
     def title(self) -> str:
-        return f"Dense grid: {self.n_jobs} runs on {self.device} in {self.wall_s / 60:.1f} min"
+        return (f"Dense grid: {self.n_jobs} runs on {self.device} ({self.trainer} training, {self.workers} workers) "
+                f"in {self.wall_s / 60:.1f} min")
 
 
 def dense_grid(path: Path = DENSE_GRID_PATH) -> DenseGrid | None:
@@ -104,8 +107,8 @@ def dense_grid(path: Path = DENSE_GRID_PATH) -> DenseGrid | None:
     if not Path(path).exists():
         return None
     full = json.loads(Path(path).read_text(encoding="utf-8"))
-    return DenseGrid(pd.DataFrame(full["points"]), full["n_jobs"], full["device"], full["wall_s"],
-                     full["pareto_front"], full["improvements_over_baseline"], full["clear_improvements"])
+    return DenseGrid(pd.DataFrame(full["points"]), full["n_jobs"], full["device"], full["wall_s"], full["workers"],
+                     full.get("trainer", "sequential"), full["pareto_front"], full["improvements_over_baseline"], full["clear_improvements"])
 
 
 @dataclass(frozen=True)
