@@ -191,12 +191,14 @@ def test_engineering_sweep_result_properties_and_metrics() -> None:
 def test_dense_grid_reads_the_sweep_output_or_is_absent(tmp_path) -> None:
     assert persona_engineering.dense_grid(tmp_path / "missing.json") is None
     path = tmp_path / "grid.json"
-    path.write_text(json.dumps({"points": [{"process": "em()", "fidelity_mean": 0.9}], "n_jobs": 6, "device": "H100",
-                                "wall_s": 90.0, "pareto_front": ["em()"], "improvements_over_baseline": [],
-                                "clear_improvements": []}))
+    run = {"points": [{"process": "em()", "fidelity_mean": 0.9}], "n_jobs": 6, "device": "H100", "wall_s": 90.0,
+           "workers": 15, "pareto_front": ["em()"], "improvements_over_baseline": [], "clear_improvements": []}
+    path.write_text(json.dumps(run))  # a grid written before the sweep recorded its trainer: one model at a time
     grid = persona_engineering.dense_grid(path)
     assert grid.points.process.tolist() == ["em()"] and grid.n_jobs == 6
-    assert grid.title == "Dense grid: 6 runs on H100 in 1.5 min"
+    assert grid.title == "Dense grid: 6 runs on H100 (sequential training, 15 workers) in 1.5 min"
+    path.write_text(json.dumps(run | {"trainer": "stacked", "workers": 12}))
+    assert persona_engineering.dense_grid(path).title == "Dense grid: 6 runs on H100 (stacked training, 12 workers) in 1.5 min"
 
 
 # ----------------------------------------------------------------------------- figures
