@@ -47,6 +47,7 @@ reports: $(STAMP)  ## run studies into outputs/ (STUDY=, PARAMS=default, THREADS
 
 # Timings merge into outputs/bench/metrics.json (one key per section and device); on the GPU machine:
 #   make bench DEVICE=cuda BENCH_ARGS="--ns 1,8,64,256"
+#   make bench BENCH_ARGS="--sections cold"   cold make reports of 01-04, stacked vs sequential (~25 min on 2 cores)
 bench: $(STAMP)  ## time GHMM vs hmmlearn, stacked vs sequential training, LLM hooks (DEVICE=, THREADS=1,2, BENCH_ARGS=)
 	$(PY) -m persona_wm.bench $(if $(DEVICE),--device $(DEVICE)) $(if $(THREADS),--threads $(THREADS)) $(BENCH_ARGS)
 
