@@ -298,3 +298,23 @@ def test_a_named_trainer_uses_only_its_own_entries(tmp_path) -> None:
         S.trained_models([base], "parallel", device="cpu", progress=False, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="trainer must be one of"):
         cached_trainers(base, tmp_path, trainer="parallel")
+
+
+def test_parallel_passes_on_two_threads_compute_what_one_thread_computes() -> None:
+    """On a CPU with 2 torch threads the one-model passes run on 2 Python threads (one intra-op thread each):
+    weights and histories are bit for bit those of a 1-thread run, and the thread count is restored."""
+    configs = [TrainConfig(process="mess3", steps=6, seed=s, **TINY) for s in (0, 1, 7)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, info_one = S.train_group(configs, "cpu", progress=False)
+        torch.set_num_threads(2)
+        two, info_two = S.train_group(configs, "cpu", progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert (info_one["parallel_passes"], info_two["parallel_passes"]) == (1, 2)
+    for a, b in zip(one, two):
+        assert a.history == b.history
+        for key, value in a.model.state_dict().items():
+            assert torch.equal(value, b.model.state_dict()[key]), key

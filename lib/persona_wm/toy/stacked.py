@@ -39,7 +39,9 @@ promised, statistical equivalence is tested (``tests/integration/test_stacked.py
 Speed. On a GPU all models of a group run in one pass and the batches are sampled on the device
 (:func:`sample_from_uniforms_torch`), their uniforms drawn in a background thread. On a CPU the step is
 bound by fp32 matmuls, not launches, so the models run one per pass (:func:`default_models_per_pass`)
-through the same lean forward, sharing one optimiser step, one sampler pass and one evaluation pass.
+through the same lean forward, sharing one optimiser step, one sampler pass and one evaluation pass; with
+T > 1 torch threads the passes run on T Python threads of one intra-op thread each, which fills the cores
+(one tiny model's matmuls do not) and computes exactly what one thread computes.
 ``make bench`` measures both against ``train()`` (``outputs/bench/metrics.json``, ``stacked_training``).
 
 Cache. Each model is saved in ``train()``'s blob format (config, state_dict, history, snapshots,
@@ -569,13 +571,14 @@ def _losses(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def training_step(stacked: StackedTransformer, optimizer: torch.optim.Optimizer, tokens: torch.Tensor,
-                  n_tokens: int, passes: list | None = None) -> torch.Tensor:
+                  n_tokens: int, passes: list | None = None, pool: ThreadPoolExecutor | None = None) -> torch.Tensor:
     """One optimiser step of every model on its batch ``tokens [N, B, L + 1]`` (inputs: BOS + the first L).
 
     The loss is the sum of the models' mean cross-entropies, so each model's gradient is its own.
     ``passes``: :meth:`StackedTransformer.chunks` to run the models a few per forward/backward (the
-    gradients land in the stacked weights' ``.grad``); None runs all in one pass. Returns the per-model
-    losses (detached, on the device: no host sync).
+    gradients land in the stacked weights' ``.grad``); None runs all in one pass. ``pool``: run the passes
+    on its threads, ``pool._max_workers`` interleaved shares of them at once (each pass writes only its own
+    models' gradient slices). Returns the per-model losses (detached, on the device: no host sync).
     """
     bos = torch.full(tokens.shape[:2] + (1,), n_tokens, dtype=torch.long, device=tokens.device)
     inputs = torch.cat([bos, tokens[..., :-1]], dim=2)
@@ -587,10 +590,19 @@ def training_step(stacked: StackedTransformer, optimizer: torch.optim.Optimizer,
     else:
         stacked.zero_chunk_grads()
         out = torch.empty(tokens.shape[0], device=tokens.device)
-        for rows, params in passes:
-            losses = _losses(stacked.run(params, inputs[rows]), tokens[rows])
-            losses.sum().backward()
-            out[rows] = losses.detach()
+
+        def run(share: list) -> None:
+            for rows, params in share:
+                losses = _losses(stacked.run(params, inputs[rows]), tokens[rows])
+                losses.sum().backward()
+                out[rows] = losses.detach()
+
+        if pool is None:
+            run(passes)
+        else:
+            workers = pool._max_workers
+            for done in [pool.submit(run, passes[i::workers]) for i in range(workers)]:
+                done.result()
     optimizer.step()
     return out
 
@@ -633,6 +645,14 @@ def train_group(configs: Sequence[TrainConfig], device: str | torch.device | Non
     optimizer = make_optimizer(stacked, first)
     per_pass = models_per_pass or default_models_per_pass(device, n)
     passes = stacked.chunks(per_pass) if per_pass < n else None
+    # On a CPU with T > 1 torch threads the passes run on T Python threads with one intra-op thread each
+    # (models are independent; one tiny model does not fill two cores): the numbers are those of a one-thread
+    # run, bit for bit, and the step takes both cores.
+    threads = torch.get_num_threads()
+    workers = min(threads, len(passes)) if device.type == "cpu" and passes is not None else 1
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    if pool is not None:
+        torch.set_num_threads(1)
     streams = StackedStreams(configs, device, prefetch=device.type == "cuda")
     evaluator = _StackedEval(configs, processes, device)
     histories: list[list[dict]] = [[] for _ in configs]
@@ -663,10 +683,13 @@ def train_group(configs: Sequence[TrainConfig], device: str | torch.device | Non
         for step in bar:
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(first, step)
-            losses = training_step(stacked, optimizer, streams.next(), n_tokens, passes)
+            losses = training_step(stacked, optimizer, streams.next(), n_tokens, passes, pool)
             checkpoint(step + 1, losses)
     finally:
         streams.close()
+        if pool is not None:
+            pool.shutdown()
+            torch.set_num_threads(threads)
     _sync(device)
     seconds = time.perf_counter() - start
     stacked.eval()
@@ -676,7 +699,7 @@ def train_group(configs: Sequence[TrainConfig], device: str | torch.device | Non
         model.load_state_dict(sd)
         trainers = ("stacked",) + (base.trainers if base is not None else ())
         trained.append(TrainedModel(config, model.eval(), history, snaps, seconds / n, trainers=trainers))
-    info = {"group_size": n, "group_seconds": seconds, "models_per_pass": per_pass,
+    info = {"group_size": n, "group_seconds": seconds, "models_per_pass": per_pass, "parallel_passes": workers,
             "sample_seconds": streams.sample_seconds, "sample_wait_seconds": streams.wait_seconds,
             "eval_seconds": eval_seconds, "device": str(device)}
     return trained, info
