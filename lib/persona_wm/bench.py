@@ -341,14 +341,16 @@ COLD_ARMS = ("stacked", "sequential")
 COLD_ROOT = REPO_ROOT / ".cache" / "bench" / "cold"
 
 
-def cold_keys(device: torch.device, arm: str) -> str:
-    """``cold_minutes`` (stacked) / ``cold_minutes_sequential`` on a CPU; ``_cuda`` appended on a GPU."""
-    key = "cold_minutes" if arm == "stacked" else f"cold_minutes_{arm}"
-    return key if device.type == "cpu" else f"{key}_{device.type}"
+def cold_keys(device: torch.device, arm: str, threads: int | None = None) -> str:
+    """``cold_minutes`` (stacked) / ``cold_minutes_sequential`` / ``cold_speedup`` on a CPU at the studies' own
+    thread counts; ``_cuda`` appended on a GPU, ``_t<threads>`` when the thread count was set for the run."""
+    key = {"stacked": "cold_minutes", "speedup": "cold_speedup"}.get(arm, f"cold_minutes_{arm}")
+    key = key if device.type == "cpu" else f"{key}_{device.type}"
+    return f"{key}_t{threads}" if threads else key
 
 
 def bench_cold(device: torch.device, studies: list[str], arms: list[str], params: str = "default",
-               root: Path = COLD_ROOT) -> dict:
+               root: Path = COLD_ROOT, threads: int | None = None) -> dict:
     """Cold ``make reports`` of each study once per trainer, side by side, each arm with its own empty model cache.
 
     Study by study, the arms one after the other (so a change of machine load hits both), each a fresh
@@ -356,28 +358,31 @@ def bench_cold(device: torch.device, studies: list[str], arms: list[str], params
     train nothing and simply run twice) and ``PERSONA_WM_MODEL_CACHE`` set to the arm's cache under ``root``,
     which starts empty; later studies of an arm reuse its earlier studies' models, as in one cold
     ``make reports``. Outputs go to ``root/<arm>/outputs`` (kept for inspection, never ``outputs/``).
+    ``threads``: the runner's ``--threads`` (both arms; default: each study's ``torch_threads``), and the keys
+    get ``_t<threads>`` appended.
     Returns ``{cold_keys(device, arm): {study: minutes, ..., "total": minutes}}`` and the speed-ups
     (sequential / stacked minutes) per study and in total under ``cold_speedup[_cuda]``.
     """
     shutil.rmtree(root, ignore_errors=True)
-    out: dict[str, dict[str, float]] = {cold_keys(device, arm): {} for arm in arms}
+    out: dict[str, dict[str, float]] = {cold_keys(device, arm, threads): {} for arm in arms}
     for study in tqdm(studies, desc="cold runs", unit="study"):
         has_trainer = "trainer" in parameter_schema(study)
         for arm in arms:
             command = [sys.executable, "-m", "persona_wm.io.runner", "--study", study, "--params", params,
                        "--output-root", str(root / arm / "outputs"), "--device", device.type]
             command += ["--set", f"trainer={arm}"] if has_trainer else []
+            command += ["--threads", str(threads)] if threads else []
             env = {**os.environ, CACHE_ENV: str(root / arm / "models")}
             began = time.perf_counter()
             subprocess.run(command, env=env, check=True)
             minutes = (time.perf_counter() - began) / 60
-            out[cold_keys(device, arm)][study] = minutes
+            out[cold_keys(device, arm, threads)][study] = minutes
             print(f"cold {study} trainer={arm}: {minutes:.2f} min (load {_load()})", flush=True)
     for values in out.values():
         values["total"] = sum(values.values())
     if set(COLD_ARMS) <= set(arms):
-        fast, slow = out[cold_keys(device, "stacked")], out[cold_keys(device, "sequential")]
-        out["cold_speedup" + ("" if device.type == "cpu" else f"_{device.type}")] = {k: slow[k] / fast[k] for k in fast}
+        fast, slow = out[cold_keys(device, "stacked", threads)], out[cold_keys(device, "sequential", threads)]
+        out[cold_keys(device, "speedup", threads)] = {k: slow[k] / fast[k] for k in fast}
     return out
 
 
@@ -466,12 +471,13 @@ def main(argv: list[str] | None = None) -> dict:
     if "study02" in args.sections:
         save("study02", "study02", bench_study02(device, threads[0], args.params), threads[0])
     if "cold" in args.sections:
-        result = bench_cold(device, studies, arms, args.params)
+        result = bench_cold(device, studies, arms, args.params, threads=args.threads[0] if args.threads else None)
         current = read_metrics(args.output)
         for key, value in result.items():
             current.setdefault(key, {}).update(value)
-        current.setdefault("meta", {})[f"cold.{device.type}"] = {**machine(device), "studies": studies,
-                                                                  "arms": arms, "params": args.params}
+        label = f"cold.{device.type}" + (f"_t{args.threads[0]}" if args.threads else "")
+        current.setdefault("meta", {})[label] = {**machine(device, args.threads[0] if args.threads else None),
+                                                 "studies": studies, "arms": arms, "params": args.params}
         write_metrics(current, args.output)
         metrics.clear()
         metrics.update(current)

@@ -59,6 +59,11 @@ def test_cold_runs_time_each_arm_with_its_own_empty_cache(monkeypatch, tmp_path)
     assert out["cold_minutes"]["total"] == pytest.approx(sum(v for k, v in out["cold_minutes"].items()
                                                              if k != "total"))
     assert bench.cold_keys(torch.device("cuda"), "sequential") == "cold_minutes_sequential_cuda"
+    assert bench.cold_keys(torch.device("cpu"), "speedup", 2) == "cold_speedup_t2"
+    calls.clear()
+    out = bench.bench_cold(torch.device("cpu"), ["03_em_reversal"], ["stacked", "sequential"], root=tmp_path, threads=2)
+    assert all(c[-2:] == ["--threads", "2"] for c, _ in calls)
+    assert set(out) == {"cold_minutes_t2", "cold_minutes_sequential_t2", "cold_speedup_t2"}
 
 
 @pytest.mark.parametrize("text", ["0", "1,x", "", "-2"])
