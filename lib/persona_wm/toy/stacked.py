@@ -571,14 +571,15 @@ def _losses(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def training_step(stacked: StackedTransformer, optimizer: torch.optim.Optimizer, tokens: torch.Tensor,
-                  n_tokens: int, passes: list | None = None, pool: ThreadPoolExecutor | None = None) -> torch.Tensor:
+                  n_tokens: int, passes: list | None = None, pool: ThreadPoolExecutor | None = None,
+                  workers: int = 1) -> torch.Tensor:
     """One optimiser step of every model on its batch ``tokens [N, B, L + 1]`` (inputs: BOS + the first L).
 
     The loss is the sum of the models' mean cross-entropies, so each model's gradient is its own.
     ``passes``: :meth:`StackedTransformer.chunks` to run the models a few per forward/backward (the
     gradients land in the stacked weights' ``.grad``); None runs all in one pass. ``pool``: run the passes
-    on its threads, ``pool._max_workers`` interleaved shares of them at once (each pass writes only its own
-    models' gradient slices). Returns the per-model losses (detached, on the device: no host sync).
+    on its threads, ``workers`` interleaved shares of them at once (each pass writes only its own models'
+    gradient slices). Returns the per-model losses (detached, on the device: no host sync).
     """
     bos = torch.full(tokens.shape[:2] + (1,), n_tokens, dtype=torch.long, device=tokens.device)
     inputs = torch.cat([bos, tokens[..., :-1]], dim=2)
@@ -597,10 +598,9 @@ def training_step(stacked: StackedTransformer, optimizer: torch.optim.Optimizer,
                 losses.sum().backward()
                 out[rows] = losses.detach()
 
-        if pool is None:
+        if pool is None or workers < 2:
             run(passes)
         else:
-            workers = pool._max_workers
             for done in [pool.submit(run, passes[i::workers]) for i in range(workers)]:
                 done.result()
     optimizer.step()
@@ -645,16 +645,16 @@ def train_group(configs: Sequence[TrainConfig], device: str | torch.device | Non
     optimizer = make_optimizer(stacked, first)
     per_pass = models_per_pass or default_models_per_pass(device, n)
     passes = stacked.chunks(per_pass) if per_pass < n else None
+    streams = StackedStreams(configs, device, prefetch=device.type == "cuda")
+    evaluator = _StackedEval(configs, processes, device)
     # On a CPU with T > 1 torch threads the passes run on T Python threads with one intra-op thread each
     # (models are independent; one tiny model does not fill two cores): the numbers are those of a one-thread
-    # run, bit for bit, and the step takes both cores.
+    # run, bit for bit, and the step takes both cores. Restored in the ``finally`` below.
     threads = torch.get_num_threads()
     workers = min(threads, len(passes)) if device.type == "cpu" and passes is not None else 1
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
     if pool is not None:
         torch.set_num_threads(1)
-    streams = StackedStreams(configs, device, prefetch=device.type == "cuda")
-    evaluator = _StackedEval(configs, processes, device)
     histories: list[list[dict]] = [[] for _ in configs]
     snapshots: list[dict[int, dict]] = [{} for _ in configs]
     n_tokens = processes[0].n_tokens
@@ -683,7 +683,7 @@ def train_group(configs: Sequence[TrainConfig], device: str | torch.device | Non
         for step in bar:
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(first, step)
-            losses = training_step(stacked, optimizer, streams.next(), n_tokens, passes, pool)
+            losses = training_step(stacked, optimizer, streams.next(), n_tokens, passes, pool, workers)
             checkpoint(step + 1, losses)
     finally:
         streams.close()
