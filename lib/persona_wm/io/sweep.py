@@ -43,9 +43,8 @@ from persona_wm.core.threads import limit_threads
 from persona_wm.io.outputs import undefined_as_none
 from persona_wm.io.params import ParamsError, load_params
 from persona_wm.toy import train
-from persona_wm.toy.em import EMRecipe, em_configs
+from persona_wm.toy.em import EMRecipe, pretrain
 from persona_wm.toy.engineering import engineering_row, engineering_summary, sweep_jobs
-from persona_wm.toy.stacked import trained_models
 
 STUDY = "04_persona_engineering"
 
@@ -194,9 +193,9 @@ def main(argv: list[str] | None = None, root: Path = REPO_ROOT) -> dict:
     start = time.perf_counter()
     train_s = 0.0
     if recipe.trainer == "stacked":  # every model trained here first, N at a time; the jobs then only load them
-        configs = em_configs([name for _, name, _ in jobs], params["seeds"], recipe)
         limit_threads(params["torch_threads"])  # float results depend on the thread count: the params fix it
-        trained_models(configs, "stacked", device=device, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+        pretrain([name for _, name, _ in jobs], params["seeds"], recipe, device=device,
+                 cache_dir=Path(args.cache_dir) if args.cache_dir else None)
         train_s = time.perf_counter() - start
     with _dask_client(args.workers, args.scheduler, device) as client:
         workers = len(client.nthreads()) if args.scheduler else args.workers

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
 from dataclasses import replace as dc_replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -380,13 +381,14 @@ def em_configs(names: list[str], seeds: list[int], recipe: EMRecipe) -> list[Tra
 
 
 def pretrain(names: list[str], seeds: list[int], recipe: EMRecipe, threads: int | None = None,
-             progress: bool = True) -> list[TrainedModel]:
+             progress: bool = True, device: str | None = None, cache_dir: Path | None = None) -> list[TrainedModel]:
     """Train (or load) every model :func:`em_experiment` will need for ``names`` x ``seeds``, all in one call.
 
     With ``recipe.trainer == "stacked"`` the missing ones are trained N at a time (bases first, then the
     fine-tunes), so the experiments that follow only load; with "sequential" one after another.
     """
-    return trained_models(em_configs(names, seeds, recipe), recipe.trainer, threads=threads, progress=progress)
+    return trained_models(em_configs(names, seeds, recipe), recipe.trainer, device=device, threads=threads,
+                          progress=progress, cache_dir=cache_dir)
 
 
 def coupling_names(base_process: str, couplings: list[float], designs: tuple[str, ...] = ("shared", "specific")
