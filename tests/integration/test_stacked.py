@@ -153,7 +153,8 @@ def test_streams_are_train_streams(monkeypatch, prefetch, device_sampler) -> Non
     width = max(get_process("semi_factored").n_states, get_process("semi_factored").n_tokens, 11)
     if device_sampler:  # the torch sampler holds beliefs x tokens per row
         width = max(get_process("semi_factored").n_states * get_process("semi_factored").n_tokens, width)
-    monkeypatch.setattr(S, "SAMPLER_ELEMENTS", 3 * 2 * 32 * width)  # 2 models share a process: chunks of 3 steps
+    # 2 models share a process: chunks of 3 steps (the torch sampler has its own, larger bound)
+    monkeypatch.setattr(S, "SAMPLER_ELEMENTS_CUDA" if device_sampler else "SAMPLER_ELEMENTS", 3 * 2 * 32 * width)
     streams = S.StackedStreams(configs, "cpu", prefetch=prefetch, device_sampler=device_sampler)
     assert streams.chunk_steps == 3
     rngs = [np.random.default_rng([c.seed, 0]) for c in configs]
@@ -191,6 +192,26 @@ def test_stacked_evaluation_matches_evaluate() -> None:
         assert row.keys() == expected.keys()
         for key, value in expected.items():
             assert row[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+def test_evaluation_memo_shares_a_fine_tunes_targets_with_its_base(monkeypatch) -> None:
+    """A fine-tune (same process and seed as its base) reuses the base's evaluation set; the values are unchanged."""
+    base = TrainConfig(process="z1r_x_z1r", seed=1, **TINY)
+    tuned = TrainConfig(process="z1r_x_z1r", seed=1, init_from=base, lr=1e-4, steps=3, **TINY)
+    other = TrainConfig(process="z1r_x_z1r", seed=2, **TINY)
+    processes = [get_process("z1r_x_z1r")] * 2
+    calls = []
+    real = S.eval_tokens
+    monkeypatch.setattr(S, "eval_tokens", lambda c, p: calls.append(c.seed) or real(c, p))
+    memo: dict = {}
+    first = S._StackedEval([base, other], processes, "cpu", memo)
+    second = S._StackedEval([tuned, other], processes, "cpu", memo)
+    assert calls == [1, 2]  # the second evaluator computed nothing
+    plain = S._StackedEval([tuned, other], processes, "cpu")
+    assert calls == [1, 2, 1, 2]
+    for ev in (first, second):
+        assert torch.equal(ev.tokens, plain.tokens) and torch.equal(ev.p_opt, plain.p_opt)
+        assert ev.constant == plain.constant
 
 
 # ------------------------------------------------------------------------------------------ training

@@ -116,6 +116,10 @@ SUPPORTED_ACTIVATIONS = ("relu", "gelu")
 #: Elements of one ``[rows, max(states, tokens, L + 1)]`` array the sampler may hold (64 MiB as float64): bounds
 #: the chunk of steps sampled at once (beliefs, probabilities, uniforms and tokens of a chunk).
 SAMPLER_ELEMENTS = 1 << 23
+#: The same bound for the torch sampler on a GPU (1 GiB as float64): it computes all X belief products of a row at
+#: once (``[rows, X S]``), so with CPU-sized chunks a 288-state process sampled 2 steps per call and the host spent
+#: its time launching the sampler's small kernels; 16x larger chunks make a few calls per group.
+SAMPLER_ELEMENTS_CUDA = 1 << 27
 #: Elements of the widest activation ``[models, rows, width]`` float32 of one evaluation forward (128 MiB).
 EVAL_ELEMENTS = 1 << 25
 
@@ -400,7 +404,7 @@ class StackedStreams:
     model's uniforms come from its own generator in ``train()``'s order; models sharing a data process
     are then sampled in one pass per chunk, with :meth:`GHMM.sample_from_uniforms` (numpy, on a CPU device)
     or :func:`sample_from_uniforms_torch` (on a CUDA device, for HMMs). The chunk length is bounded by
-    :data:`SAMPLER_ELEMENTS`. With ``prefetch`` the next chunk's uniforms (and, on a CPU device, its
+    :data:`SAMPLER_ELEMENTS` (:data:`SAMPLER_ELEMENTS_CUDA` for the torch sampler). With ``prefetch`` the next chunk's uniforms (and, on a CPU device, its
     tokens) are drawn in a background thread while the device trains on the current chunk; the numbers
     drawn are the same either way.
     """
@@ -423,7 +427,8 @@ class StackedStreams:
         width = max(max(p.n_states * (p.n_tokens if self.on_device else 1), p.n_tokens, self.length)
                     for p, _ in self.groups)  # beliefs (x tokens for the torch gather), probabilities, tokens
         rows_per_step = max(len(idx) for _, idx in self.groups) * self.batch  # of the largest sampler pass
-        self.chunk_steps = max(1, SAMPLER_ELEMENTS // (rows_per_step * width))
+        budget = SAMPLER_ELEMENTS_CUDA if self.on_device else SAMPLER_ELEMENTS
+        self.chunk_steps = max(1, budget // (rows_per_step * width))
         self.unsampled = configs[0].steps  # steps not yet handed to _draw
         self.chunk: torch.Tensor | None = None
         self.position = 0
@@ -501,15 +506,23 @@ class StackedStreams:
 class _StackedEval:
     """Each model's fixed evaluation set and exact targets; :meth:`__call__` mirrors ``train.evaluate``."""
 
-    def __init__(self, configs: Sequence[TrainConfig], processes: Sequence[GHMM], device) -> None:
+    def __init__(self, configs: Sequence[TrainConfig], processes: Sequence[GHMM], device,
+                 memo: dict | None = None) -> None:
         self.n_tokens = processes[0].n_tokens
         tokens, p_opt, self.constant = [], [], []
         for config, process in zip(configs, processes):
-            contexts = eval_tokens(config, process)  # [E, L]
-            probs = process.next_token_probs(process.beliefs(contexts))  # [E, L+1, X]
+            # what eval_tokens and the exact targets depend on: a fine-tune shares its base's (same process and
+            # seed), so ``memo`` (one per train_many call) computes them once for both
+            key = (config.process, config.seed, config.eval_sequences, config.context_length)
+            if memo is None or key not in memo:
+                contexts = eval_tokens(config, process)  # [E, L]
+                probs = process.next_token_probs(process.beliefs(contexts))  # [E, L+1, X]
+                entry = (contexts, probs, float(np.mean(entropy(probs))))
+                if memo is not None:
+                    memo[key] = entry
+            contexts, probs, optimal = entry if memo is None else memo[key]
             tokens.append(contexts)
             p_opt.append(probs)
-            optimal = float(np.mean(entropy(probs)))
             self.constant.append((optimal, float(np.log(process.n_tokens))))
         self.tokens = torch.as_tensor(np.stack(tokens), dtype=torch.long, device=device)  # [N, E, L]
         self.p_opt = torch.as_tensor(np.stack(p_opt), dtype=torch.float64, device=device)  # [N, E, L+1, X]
@@ -615,11 +628,13 @@ def make_optimizer(stacked: StackedTransformer, config: TrainConfig) -> torch.op
 
 def train_group(configs: Sequence[TrainConfig], device: str | torch.device | None = None,
                 bases: Sequence[TrainedModel | None] | None = None, progress: bool = True,
-                models_per_pass: int | None = None) -> tuple[list[TrainedModel], dict]:
+                models_per_pass: int | None = None, eval_memo: dict | None = None) -> tuple[list[TrainedModel], dict]:
     """Train one group (configs sharing :data:`GROUP_FIELDS`) as one stacked model; nothing is cached.
 
     ``bases``: for fine-tunes, the trained model each starts from (None: its fresh init). Returns the
     trained models and the group's timings (wall seconds, and the seconds spent sampling and evaluating).
+    ``eval_memo``: a dict the groups of one :func:`train_many` call share, so that a fine-tune reuses its
+    base's evaluation set and exact targets instead of recomputing them (:class:`_StackedEval`).
     """
     configs = list(configs)
     bases = list(bases) if bases is not None else [None] * len(configs)
@@ -646,7 +661,7 @@ def train_group(configs: Sequence[TrainConfig], device: str | torch.device | Non
     per_pass = models_per_pass or default_models_per_pass(device, n)
     passes = stacked.chunks(per_pass) if per_pass < n else None
     streams = StackedStreams(configs, device, prefetch=device.type == "cuda")
-    evaluator = _StackedEval(configs, processes, device)
+    evaluator = _StackedEval(configs, processes, device, eval_memo)
     # On a CPU with T > 1 torch threads the passes run on T Python threads with one intra-op thread each
     # (models are independent; one tiny model does not fill two cores): the numbers are those of a one-thread
     # run, bit for bit, and the step takes both cores. Restored in the ``finally`` below.
@@ -729,6 +744,7 @@ def train_many(configs: Sequence[TrainConfig], device: str | None = None, thread
     configs = list(configs)
     results: dict[TrainConfig, TrainedModel] = {}
     pending = []
+    eval_memo: dict = {}  # evaluation sets and exact targets, computed once per (process, seed, size) in this call
     for config in dict.fromkeys(configs):  # each distinct config once, first-seen order
         cached = load_cached(config, device=device, cache_dir=cache_dir, trainer=reuse)
         if cached is not None:
@@ -753,7 +769,8 @@ def train_many(configs: Sequence[TrainConfig], device: str | None = None, thread
             continue
         for indices in group_configs(ready):
             group = [ready[i] for i in indices]
-            trained, info = train_group(group, device, [bases.get(c) for c in group], progress, models_per_pass)
+            trained, info = train_group(group, device, [bases.get(c) for c in group], progress, models_per_pass,
+                                        eval_memo)
             for model in trained:
                 save_trained(model, cache_dir, trainers=list(model.trainers), stacked=info)
                 results[model.config] = model
