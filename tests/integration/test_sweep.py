@@ -150,3 +150,19 @@ def test_malformed_params_fail_before_any_worker(repo, tmp_path, monkeypatch) ->
     assert message.startswith("error: ") and "\n" not in message
     assert f"params/{STUDY}/bad.yaml" in message and "d_model" in message
     assert not out.exists()
+
+
+def test_in_background_returns_the_value_or_raises_the_error() -> None:
+    """The driver's background training hands back what the function returned, or re-raises what it raised."""
+    import threading
+
+    seen = []
+    task = sweep.InBackground(lambda a, b=0: seen.append(threading.current_thread().name) or a + b, 2, b=3)
+    seconds, value = task.result()
+    assert value == 5 and seconds >= 0 and seen and seen[0] != threading.current_thread().name
+
+    def fails() -> None:
+        raise ValueError("no such process")
+
+    with pytest.raises(ValueError, match="no such process"):
+        sweep.InBackground(fails).result()

@@ -6,7 +6,8 @@
 
 Every (configuration, seed) is an independent train -> fine-tune -> measure job. With ``trainer: stacked``
 in the params, this process first trains every model N at a time (:func:`persona_wm.toy.stacked.trained_models`,
-on ``--device``), and the jobs only load and measure them. By default the jobs
+on ``--device``; on a background thread while the cluster starts), and the jobs only load and measure them.
+By default the jobs
 run on a Dask ``LocalCluster`` of ``--workers`` processes with one thread each (on a GPU machine they
 share the GPU: tiny models are launch-bound, one process cannot fill it). ``--scheduler`` sends them
 to a running Dask scheduler instead (``dask scheduler``, then ``dask worker tcp://host:8786
@@ -27,10 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import dask
 import pandas as pd
@@ -95,6 +98,45 @@ def _use_device(device: str) -> None:
     actual = train.default_device()
     if actual != kind:
         raise RuntimeError(f"--device {device} asked, but this worker would train on {actual}")
+
+
+class InBackground:
+    """``fn(*args, **kwargs)`` started at once on a daemon thread (an interrupted driver does not wait for it).
+
+    :meth:`result` waits for it and returns ``(seconds it ran, its value)``, or raises what it raised.
+    """
+
+    def __init__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        self._outcome: tuple[float, Any, BaseException | None] | None = None
+
+        def target() -> None:
+            began = time.perf_counter()
+            try:
+                value, error = fn(*args, **kwargs), None
+            except BaseException as err:  # noqa: BLE001 -- handed to the caller by result()
+                value, error = None, err
+            self._outcome = (time.perf_counter() - began, value, error)
+
+        self._thread = threading.Thread(target=target, name=f"background-{getattr(fn, '__name__', 'task')}",
+                                        daemon=True)
+        self._thread.start()
+
+    def result(self) -> tuple[float, Any]:
+        self._thread.join()
+        assert self._outcome is not None
+        seconds, value, error = self._outcome
+        if error is not None:
+            raise error
+        return seconds, value
+
+
+def _warm_up(device: str) -> str:
+    """A worker's one-off costs of its first job, paid before the jobs: the lazy TransformerLens import of
+    ``build_model`` (7 s on one core here; on the H200 machine the first results of 12 fresh workers came 16 s
+    after the jobs were sent, the other 169 jobs then took 9 s) and starting the device. Returns its name."""
+    import transformer_lens  # noqa: F401
+
+    return _device_name(device)
 
 
 def _device_name(device: str) -> str:
@@ -191,18 +233,18 @@ def main(argv: list[str] | None = None, root: Path = REPO_ROOT) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     jobs = sweep_jobs(params["sweep_processes"], params["seeds"])
     start = time.perf_counter()
-    train_s = 0.0
+    training = None
     if recipe.trainer == "stacked":  # every model trained here first, N at a time; the jobs then only load them
         limit_threads(params["torch_threads"])  # float results depend on the thread count: the params fix it
-        pretrain([name for _, name, _ in jobs], params["seeds"], recipe, device=device,
-                 cache_dir=Path(args.cache_dir) if args.cache_dir else None)
-        train_s = time.perf_counter() - start
+        # on a background thread, so that the cluster starts and its workers warm up meanwhile
+        training = InBackground(pretrain, [name for _, name, _ in jobs], params["seeds"], recipe, device=device,
+                                cache_dir=Path(args.cache_dir) if args.cache_dir else None)
     with _dask_client(args.workers, args.scheduler, device) as client:
         workers = len(client.nthreads()) if args.scheduler else args.workers
-        if client is None or not device.startswith("cuda"):
-            names = [_device_name(device)]
-        else:
-            names = sorted(set(client.run(_device_name, device).values()))  # the GPUs the workers see
+        # every worker does a job's one-off work (imports, the device) now, while the driver still trains
+        seen = set(client.run(_warm_up, device).values()) if client is not None else set()
+        names = sorted(seen) if seen and device.startswith("cuda") else [_device_name(device)]
+        train_s = training.result()[0] if training is not None else 0.0  # no job starts before every model exists
         rows = run_jobs(jobs, recipe, params["n_contexts"], params["analysis_seed"], device, args.cache_dir,
                         client, partial_out=args.out)
     wall = time.perf_counter() - start
