@@ -42,8 +42,8 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 
 venv: $(STAMP)  ## create or update .venv
 
-reports: $(STAMP)  ## run studies into outputs/ (STUDY=, PARAMS=default, THREADS=, DEVICE=cpu|cuda|auto, SET="key=value ...")
-	$(PY) -m persona_wm.io.runner $(STUDY_ARGS) --params $(PARAMS) $(if $(THREADS),--threads $(THREADS)) $(if $(DEVICE),--device $(DEVICE)) $(foreach s,$(SET),--set $(s))
+reports: $(STAMP)  ## run studies into outputs/ (STUDY=, PARAMS=default, THREADS=, DEVICE=cpu|cuda|auto, SET="key=value ...", JOBS=N studies at once)
+	$(PY) -m persona_wm.io.runner $(STUDY_ARGS) --params $(PARAMS) $(if $(THREADS),--threads $(THREADS)) $(if $(DEVICE),--device $(DEVICE)) $(foreach s,$(SET),--set $(s)) $(if $(JOBS),--jobs $(JOBS))
 
 # Timings merge into outputs/bench/metrics.json (one key per section and device); on the GPU machine:
 #   make bench DEVICE=cuda BENCH_ARGS="--ns 1,8,64,256"

@@ -341,16 +341,18 @@ COLD_ARMS = ("stacked", "sequential")
 COLD_ROOT = REPO_ROOT / ".cache" / "bench" / "cold"
 
 
-def cold_keys(device: torch.device, arm: str, threads: int | None = None) -> str:
+def cold_keys(device: torch.device, arm: str, threads: int | None = None, jobs: int = 1) -> str:
     """``cold_minutes`` (stacked) / ``cold_minutes_sequential`` / ``cold_speedup`` on a CPU at the studies' own
-    thread counts; ``_cuda`` appended on a GPU, ``_t<threads>`` when the thread count was set for the run."""
+    thread counts; ``_cuda`` appended on a GPU, ``_t<threads>`` when the thread count was set for the run,
+    ``_jobs<N>`` when the studies ran N at a time."""
     key = {"stacked": "cold_minutes", "speedup": "cold_speedup"}.get(arm, f"cold_minutes_{arm}")
     key = key if device.type == "cpu" else f"{key}_{device.type}"
-    return f"{key}_t{threads}" if threads else key
+    key = f"{key}_t{threads}" if threads else key
+    return f"{key}_jobs{jobs}" if jobs > 1 else key
 
 
 def bench_cold(device: torch.device, studies: list[str], arms: list[str], params: str = "default",
-               root: Path = COLD_ROOT, threads: int | None = None) -> dict:
+               root: Path = COLD_ROOT, threads: int | None = None, jobs: int = 1) -> dict:
     """Cold ``make reports`` of each study once per trainer, side by side, each arm with its own empty model cache.
 
     Study by study, the arms one after the other (so a change of machine load hits both), each a fresh
@@ -362,9 +364,28 @@ def bench_cold(device: torch.device, studies: list[str], arms: list[str], params
     get ``_t<threads>`` appended.
     Returns ``{cold_keys(device, arm): {study: minutes, ..., "total": minutes}}`` and the speed-ups
     (sequential / stacked minutes) per study and in total under ``cold_speedup[_cuda]``.
+
+    ``jobs`` > 1: each arm is one runner process over all ``studies`` with ``--jobs jobs`` (up to that many
+    notebooks at once, as ``make reports JOBS=``); only its wall time is measured, as ``"total"``.
     """
     shutil.rmtree(root, ignore_errors=True)
-    out: dict[str, dict[str, float]] = {cold_keys(device, arm, threads): {} for arm in arms}
+    out: dict[str, dict[str, float]] = {cold_keys(device, arm, threads, jobs): {} for arm in arms}
+    if jobs > 1:
+        for arm in tqdm(arms, desc=f"cold runs, {jobs} studies at a time", unit="arm"):
+            command = [sys.executable, "-m", "persona_wm.io.runner", "--study", *studies, "--params", params,
+                       "--output-root", str(root / arm / "outputs"), "--device", device.type, "--jobs", str(jobs)]
+            command += ["--set", f"trainer={arm}"] if any("trainer" in parameter_schema(st) for st in studies) else []
+            command += ["--threads", str(threads)] if threads else []
+            began = time.perf_counter()
+            subprocess.run(command, env={**os.environ, CACHE_ENV: str(root / arm / "models")}, check=True)
+            minutes = (time.perf_counter() - began) / 60
+            out[cold_keys(device, arm, threads, jobs)]["total"] = minutes
+            print(f"cold {', '.join(studies)} at {jobs} a time, trainer={arm}: {minutes:.2f} min (load {_load()})",
+                  flush=True)
+        if set(COLD_ARMS) <= set(arms):
+            fast, slow = (out[cold_keys(device, a, threads, jobs)]["total"] for a in ("stacked", "sequential"))
+            out[cold_keys(device, "speedup", threads, jobs)] = {"total": slow / fast}
+        return out
     for study in tqdm(studies, desc="cold runs", unit="study"):
         has_trainer = "trainer" in parameter_schema(study)
         for arm in arms:
@@ -419,8 +440,12 @@ def main(argv: list[str] | None = None) -> dict:
                         help="cold section: comma-separated studies (default: %(default)s)")
     parser.add_argument("--arms", default=",".join(COLD_ARMS),
                         help="cold section: trainers to run each study with (default: %(default)s)")
+    parser.add_argument("--jobs", type=_ints, default=[1],
+                        help="cold section: studies at a time (runner --jobs); > 1 measures the wall time of all of "
+                             "them together, key suffix _jobs<N>")
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args(argv)
+    args.jobs = args.jobs[0]
     studies, arms = _names(args.studies), _names(args.arms)
     if bad := [a for a in arms if a not in COLD_ARMS]:
         parser.error(f"--arms: unknown trainer(s) {bad}; choose from {', '.join(COLD_ARMS)}")
@@ -471,13 +496,16 @@ def main(argv: list[str] | None = None) -> dict:
     if "study02" in args.sections:
         save("study02", "study02", bench_study02(device, threads[0], args.params), threads[0])
     if "cold" in args.sections:
-        result = bench_cold(device, studies, arms, args.params, threads=args.threads[0] if args.threads else None)
+        result = bench_cold(device, studies, arms, args.params, threads=args.threads[0] if args.threads else None,
+                            jobs=args.jobs)
         current = read_metrics(args.output)
         for key, value in result.items():
             current.setdefault(key, {}).update(value)
-        label = f"cold.{device.type}" + (f"_t{args.threads[0]}" if args.threads else "")
+        label = (f"cold.{device.type}" + (f"_t{args.threads[0]}" if args.threads else "")
+                 + (f"_jobs{args.jobs}" if args.jobs > 1 else ""))
         current.setdefault("meta", {})[label] = {**machine(device, args.threads[0] if args.threads else None),
-                                                 "studies": studies, "arms": arms, "params": args.params}
+                                                 "studies": studies, "arms": arms, "params": args.params,
+                                                 "jobs": args.jobs}
         write_metrics(current, args.output)
         metrics.clear()
         metrics.update(current)

@@ -131,6 +131,33 @@ def test_failing_notebook_leaves_previous_outputs_untouched(repo: Path, capsys: 
     assert (repo / ".cache" / "failed" / f"{STUDY}.ipynb").is_file()
 
 
+def test_jobs_run_studies_at_once_and_a_failure_stops_only_itself(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--jobs 3: three kernels at once; each study's outputs are what it writes alone, the failing one's untouched."""
+    for study, fail in (("91_demo", "false"), ("92_demo", "true")):
+        (repo / "notebooks" / f"{study}.py").write_text(DEMO_NOTEBOOK.replace('"90_demo"', f'"{study}"'))
+        (repo / "params" / study).mkdir()
+        (repo / "params" / study / "ok.yaml").write_text(f"seed: 8\nfail: {fail}\ntorch_threads: 1\n")
+    previous = repo / "outputs" / "92_demo"
+    previous.mkdir(parents=True)
+    (previous / "metrics.json").write_text('{"seed": 1}\n')
+    omp_before = os.environ.get("OMP_NUM_THREADS")
+    code = runner.main(["--study", STUDY, "91_demo", "92_demo", "--params", "ok", "--threads", "2", "--jobs", "3"],
+                       root=repo)
+    assert code == 1
+    for study, seed in ((STUDY, 7), ("91_demo", 8)):
+        metrics = json.loads((repo / "outputs" / study / "metrics.json").read_text())
+        assert metrics["seed"] == seed and metrics["torch_threads"] == 2
+        assert metrics["env"]["OMP_NUM_THREADS"] == "2" and metrics["env"]["HF_HUB_OFFLINE"] == "1"
+        assert metrics["env"]["PYTHONPATH"].split(os.pathsep)[:2] == [str(repo / "lib"), str(repo)]
+    assert (previous / "metrics.json").read_text() == '{"seed": 1}\n'
+    assert leftovers(repo) == []
+    assert os.environ.get("OMP_NUM_THREADS") == omp_before  # this process's environment is restored
+    printed = capsys.readouterr()
+    assert "3 studies, 3 at a time" in printed.out
+    assert printed.out.count("wrote outputs/") == 2 and "2 of 3 studies in " in printed.out
+    assert "failed: 92_demo" in printed.out and "RuntimeError: deliberate failure" in printed.err
+
+
 def test_output_root_leaves_outputs_alone(repo: Path, tmp_path_factory: pytest.TempPathFactory,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     """persona_wm.io.check_outputs re-runs a study elsewhere; the committed outputs/<study> must not move."""

@@ -64,6 +64,15 @@ def test_cold_runs_time_each_arm_with_its_own_empty_cache(monkeypatch, tmp_path)
     out = bench.bench_cold(torch.device("cpu"), ["03_em_reversal"], ["stacked", "sequential"], root=tmp_path, threads=2)
     assert all(c[-2:] == ["--threads", "2"] for c, _ in calls)
     assert set(out) == {"cold_minutes_t2", "cold_minutes_sequential_t2", "cold_speedup_t2"}
+    calls.clear()  # studies at once: one runner per arm over every study
+    out = bench.bench_cold(torch.device("cpu"), ["01_sfp_definition", "03_em_reversal"], ["stacked", "sequential"],
+                           root=tmp_path, jobs=2)
+    assert [c[c.index("--study") + 1:c.index("--params")] for c, _ in calls] == [
+        ["01_sfp_definition", "03_em_reversal"]] * 2
+    assert [c[c.index("--jobs") + 1] for c, _ in calls] == ["2", "2"]
+    assert [c[-1] for c, _ in calls] == ["trainer=stacked", "trainer=sequential"]
+    assert set(out) == {"cold_minutes_jobs2", "cold_minutes_sequential_jobs2", "cold_speedup_jobs2"}
+    assert set(out["cold_minutes_jobs2"]) == {"total"}
 
 
 @pytest.mark.parametrize("text", ["0", "1,x", "", "-2"])

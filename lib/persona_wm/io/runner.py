@@ -2,8 +2,12 @@
 
 Usage::
 
-    python -m persona_wm.io.runner [--study S ...] [--params NAME] [--threads N] [--output-root DIR]
+    python -m persona_wm.io.runner [--study S ...] [--params NAME] [--threads N] [--output-root DIR] [--jobs N]
     python -m persona_wm.io.runner --baseline [--study S ...]
+
+``--jobs N`` runs up to N studies at once (each notebook in its own kernel): on a machine with spare
+cores or a GPU that one study's small models cannot fill, the wall time of several studies falls to
+about that of the longest one. Each study's result is the same as when it runs alone.
 
 Why a runner rather than ``papermill`` on the command line: papermill cannot read our jupytext
 ``.py`` sources, does not validate parameters before spending an hour on a run, and writes
@@ -34,6 +38,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -494,12 +499,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--set", action="append", default=[], type=_override, metavar="KEY=VALUE", dest="overrides",
         help="replace parameter KEY (YAML VALUE) in every requested study that declares it, e.g. "
              "--set trainer=sequential; validated like the params file (repeatable)")
+    add("--jobs", type=_positive_int, default=1, metavar="N",
+        help="run up to N studies at once, each in its own kernel (default 1: one after another, stopping at the "
+             "first failure); with N > 1 every study runs and each one's line comes when it is done")
     add("--baseline", action="store_true", help="refresh the nbval reference outputs in notebooks/*.ipynb")
     args = parser.parse_args(argv)
     if args.baseline and (args.params != "default" or args.threads is not None or args.output_root is not None
-                          or args.overrides):
+                          or args.overrides or args.jobs != 1):
         parser.error(
-            "--baseline runs the smoke defaults of the notebook; --params/--threads/--output-root/--set do not apply"
+            "--baseline runs the smoke defaults of the notebook; --params/--threads/--output-root/--set/--jobs "
+            "do not apply"
         )
     return args
 
@@ -543,7 +552,65 @@ def main(argv: Sequence[str] | None = None, root: Path = REPO_ROOT) -> int:
         return INTERRUPTED_EXIT
     if args.device is not None:
         os.environ[DEVICE_ENV] = args.device  # the kernel inherits it (persona_wm.toy.train.default_device)
+    if args.jobs > 1 and len(params) > 1:
+        return _run_reports_concurrently(params, args.params, root, args.threads, args.output_root, args.jobs)
     return _run_reports(params, args.params, root, args.threads, args.output_root)
+
+
+def _run_reports_concurrently(
+    params: Mapping[str, Mapping[str, Any]],
+    params_name: str,
+    root: Path,
+    threads: int | None,
+    out_root: Path | None,
+    jobs: int,
+) -> int:
+    """Up to ``jobs`` studies at once, each in its own kernel; every study runs, whatever another one does.
+
+    Studies share nothing but the model caches, whose entries are written atomically (two studies that
+    need the same missing model both train it; the result is the same). Each study's outcome is
+    :func:`run_study`'s: swapped into place whole, or left as it was with one error line. Ctrl-C
+    interrupts every running kernel, starts no further study and leaves unfinished outputs as they were.
+    """
+    outputs = Path(out_root) if out_root is not None else Path(root) / "outputs"
+    print(f"== {len(params)} studies, {min(jobs, len(params))} at a time (params/<study>/{params_name}.yaml): "
+          f"{', '.join(params)}", flush=True)
+    failed: list[str] = []
+    began = time.perf_counter()
+
+    def one(study: str, values: Mapping[str, Any]) -> tuple[Path, float]:
+        start = time.perf_counter()
+        return run_study(study, values, root, threads, progress_bar=False, out_root=out_root), \
+            time.perf_counter() - start
+
+    # the kernels inherit this process's environment: set once for all of them (run_study's own patch then
+    # sets the same values, so the threads cannot restore each other's half-patched state)
+    with patched_environ(kernel_env(threads, root)):
+        pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="study")
+        futures = {pool.submit(one, study, values): study for study, values in params.items()}
+        try:
+            for done, future in enumerate(as_completed(futures), start=1):
+                study = futures[future]
+                try:
+                    final, seconds = future.result()
+                except StudyInterrupted:
+                    failed.append(study)
+                    print(f"interrupted: {study}", file=sys.stderr)
+                except StudyError as err:
+                    failed.append(study)
+                    print(f"error: {err}", file=sys.stderr)
+                    print(f"   {_display(outputs / study, root)} left unchanged", file=sys.stderr)
+                else:
+                    print(f"   [{done}/{len(params)}] wrote "
+                          f"{_display(final, root)} in {seconds:.1f} s", flush=True)
+        except KeyboardInterrupt:
+            pool.shutdown(wait=True, cancel_futures=True)  # the running kernels got the Ctrl-C too
+            print("interrupted: studies not finished left unchanged", file=sys.stderr)
+            return INTERRUPTED_EXIT
+        pool.shutdown()
+    print(f"   {len(params) - len(failed)} of {len(params)} studies in {time.perf_counter() - began:.1f} s"
+          + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
+    return 1 if failed else 0
 
 
 def _run_reports(
