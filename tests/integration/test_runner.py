@@ -173,6 +173,18 @@ def test_output_root_leaves_outputs_alone(repo: Path, tmp_path_factory: pytest.T
     assert f"wrote {scratch / STUDY} in " in capsys.readouterr().out
 
 
+def test_a_relative_output_root_is_below_the_current_directory(repo: Path, tmp_path_factory: pytest.TempPathFactory,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """--output-root scratch/out from some directory: the kernel (which runs in notebooks/) writes the metrics there
+    too, not below notebooks/ (where they used to land while the report went to the right place)."""
+    here = tmp_path_factory.mktemp("cwd")
+    monkeypatch.chdir(here)
+    assert runner.main(["--study", STUDY, "--params", "ok", "--output-root", "scratch/out"], root=repo) == 0
+    assert sorted(p.name for p in (here / "scratch" / "out" / STUDY).iterdir()) == [
+        "metrics.json", "report.html", "report.ipynb"]
+    assert not (repo / "notebooks" / "scratch").exists()
+
+
 def test_baseline_keeps_only_checked_outputs(repo: Path) -> None:
     source = repo / "notebooks" / f"{STUDY}.py"
     before = source.read_text()

@@ -187,9 +187,11 @@ def run_study(
     On any failure the temp dir is removed, ``outputs/<study>`` is left as it was, and a
     StudyError says what happened (for a cell error: which cell, exception and message).
     ``out_root`` replaces ``<root>/outputs`` (e.g. a scratch dir for ``persona_wm.io.check_outputs``, which
-    must not touch the committed results); notebooks, params and caches still come from ``root``.
+    must not touch the committed results); notebooks, params and caches still come from ``root``. A relative
+    ``out_root`` means one below the current directory, made absolute here: the kernel runs in ``notebooks/``,
+    where the same relative path would name another place (its metrics and figures would be written there).
     """
-    outputs = Path(out_root) if out_root is not None else Path(root) / "outputs"
+    outputs = Path(out_root).absolute() if out_root is not None else Path(root) / "outputs"
     outputs.mkdir(parents=True, exist_ok=True)
     for stale in remove_stale_temps(outputs):
         print(f"   removed {_display(stale, root)} (left by a killed run)", file=sys.stderr)
