@@ -133,16 +133,17 @@ def test_model_snapshot_is_keyed_by_the_weights_hash_and_holds_no_weights(llm):
     assert not getattr(llm.model, "is_quantized", False) and not hasattr(llm.model.config, "quantization_config")
 
 
-def test_a_former_snapshot_with_float32_weights_is_replaced(tmp_path):
+def test_a_former_snapshot_with_float32_weights_is_replaced(llm, tmp_path):
     """A snapshot an older version wrote (with model.safetensors, without the mark) is rewritten without weights;
-    the model loads the same weights as before."""
-    reference = L.load_llm(threads=1, device="cpu", root=tmp_path)
-    snapshot = reference.snapshot
-    (snapshot / L.GGUF_SNAPSHOT_MARK).unlink()
-    (snapshot / "model.safetensors").write_bytes(b"0" * 1024)  # stands in for the 538 MB of float32 weights
+    the model loads the same weights as the module's."""
+    former = tmp_path / "models" / llm.sha256[:16]
+    former.mkdir(parents=True)
+    (former / "config.json").write_text("{}")
+    (former / "model.safetensors").write_bytes(b"0" * 1024)  # stands in for the 538 MB of float32 weights
     again = L.load_llm(threads=1, device="cpu", root=tmp_path)
-    assert (snapshot / L.GGUF_SNAPSHOT_MARK).is_file() and not (snapshot / "model.safetensors").exists()
-    for (name, a), b in zip(reference.model.state_dict().items(), again.model.state_dict().values()):
+    assert again.snapshot == former and (former / L.GGUF_SNAPSHOT_MARK).is_file()
+    assert not (former / "model.safetensors").exists()
+    for (name, a), b in zip(llm.model.state_dict().items(), again.model.state_dict().values()):
         assert torch.equal(a, b), name
 
 
