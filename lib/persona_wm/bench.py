@@ -371,40 +371,39 @@ def bench_cold(device: torch.device, studies: list[str], arms: list[str], params
     shutil.rmtree(root, ignore_errors=True)
     out: dict[str, dict[str, float]] = {cold_keys(device, arm, threads, jobs): {} for arm in arms}
     if jobs > 1:
+        with_trainer = any("trainer" in parameter_schema(st) for st in studies)
         for arm in tqdm(arms, desc=f"cold runs, {jobs} studies at a time", unit="arm"):
-            command = [sys.executable, "-m", "persona_wm.io.runner", "--study", *studies, "--params", params,
-                       "--output-root", str(root / arm / "outputs"), "--device", device.type, "--jobs", str(jobs)]
-            command += ["--set", f"trainer={arm}"] if any("trainer" in parameter_schema(st) for st in studies) else []
-            command += ["--threads", str(threads)] if threads else []
-            began = time.perf_counter()
-            subprocess.run(command, env={**os.environ, CACHE_ENV: str(root / arm / "models")}, check=True)
-            minutes = (time.perf_counter() - began) / 60
+            minutes = _runner_minutes(studies, arm, device, params, root, threads, jobs, with_trainer)
             out[cold_keys(device, arm, threads, jobs)]["total"] = minutes
             print(f"cold {', '.join(studies)} at {jobs} a time, trainer={arm}: {minutes:.2f} min (load {_load()})",
                   flush=True)
-        if set(COLD_ARMS) <= set(arms):
-            fast, slow = (out[cold_keys(device, a, threads, jobs)]["total"] for a in ("stacked", "sequential"))
-            out[cold_keys(device, "speedup", threads, jobs)] = {"total": slow / fast}
-        return out
-    for study in tqdm(studies, desc="cold runs", unit="study"):
-        has_trainer = "trainer" in parameter_schema(study)
-        for arm in arms:
-            command = [sys.executable, "-m", "persona_wm.io.runner", "--study", study, "--params", params,
-                       "--output-root", str(root / arm / "outputs"), "--device", device.type]
-            command += ["--set", f"trainer={arm}"] if has_trainer else []
-            command += ["--threads", str(threads)] if threads else []
-            env = {**os.environ, CACHE_ENV: str(root / arm / "models")}
-            began = time.perf_counter()
-            subprocess.run(command, env=env, check=True)
-            minutes = (time.perf_counter() - began) / 60
-            out[cold_keys(device, arm, threads)][study] = minutes
-            print(f"cold {study} trainer={arm}: {minutes:.2f} min (load {_load()})", flush=True)
-    for values in out.values():
-        values["total"] = sum(values.values())
+    else:
+        for study in tqdm(studies, desc="cold runs", unit="study"):
+            has_trainer = "trainer" in parameter_schema(study)
+            for arm in arms:
+                minutes = _runner_minutes([study], arm, device, params, root, threads, jobs, has_trainer)
+                out[cold_keys(device, arm, threads)][study] = minutes
+                print(f"cold {study} trainer={arm}: {minutes:.2f} min (load {_load()})", flush=True)
+        for values in out.values():
+            values["total"] = sum(values.values())
     if set(COLD_ARMS) <= set(arms):
-        fast, slow = out[cold_keys(device, "stacked", threads)], out[cold_keys(device, "sequential", threads)]
-        out[cold_keys(device, "speedup", threads)] = {k: slow[k] / fast[k] for k in fast}
+        fast, slow = (out[cold_keys(device, arm, threads, jobs)] for arm in ("stacked", "sequential"))
+        out[cold_keys(device, "speedup", threads, jobs)] = {k: slow[k] / fast[k] for k in fast}
     return out
+
+
+def _runner_minutes(studies: list[str], arm: str, device: torch.device, params: str, root: Path,
+                    threads: int | None, jobs: int, set_trainer: bool) -> float:
+    """Wall minutes of one ``python -m persona_wm.io.runner`` process over ``studies`` for trainer ``arm``
+    (outputs and model cache under ``root/<arm>``; ``--set trainer=`` only when a study declares it)."""
+    command = [sys.executable, "-m", "persona_wm.io.runner", "--study", *studies, "--params", params,
+               "--output-root", str(root / arm / "outputs"), "--device", device.type]
+    command += ["--jobs", str(jobs)] if jobs > 1 else []
+    command += ["--set", f"trainer={arm}"] if set_trainer else []
+    command += ["--threads", str(threads)] if threads else []
+    began = time.perf_counter()
+    subprocess.run(command, env={**os.environ, CACHE_ENV: str(root / arm / "models")}, check=True)
+    return (time.perf_counter() - began) / 60
 
 
 def _names(text: str) -> list[str]:
@@ -440,12 +439,13 @@ def main(argv: list[str] | None = None) -> dict:
                         help="cold section: comma-separated studies (default: %(default)s)")
     parser.add_argument("--arms", default=",".join(COLD_ARMS),
                         help="cold section: trainers to run each study with (default: %(default)s)")
-    parser.add_argument("--jobs", type=_ints, default=[1],
+    parser.add_argument("--jobs", type=int, default=1,
                         help="cold section: studies at a time (runner --jobs); > 1 measures the wall time of all of "
                              "them together, key suffix _jobs<N>")
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args(argv)
-    args.jobs = args.jobs[0]
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     studies, arms = _names(args.studies), _names(args.arms)
     if bad := [a for a in arms if a not in COLD_ARMS]:
         parser.error(f"--arms: unknown trainer(s) {bad}; choose from {', '.join(COLD_ARMS)}")

@@ -32,12 +32,12 @@ The decoder stack, its blocks and the unembedding are found generically (:func:`
 pass mid-stack reproduces the full forward. Inputs are moved to ``llm.device``; every tensor this
 module returns (and caches) is on CPU.
 
-Loading a GGUF file: transformers dequantises it to float32 (``gguf_file=``) on every load, about
-12 s for SmolLM2 on one core here (most of it parsing the GGUF metadata and mapping tensor names).
-The first load saves the config, generation config and tokenizer (3.5 MB for SmolLM2) under
+Loading a GGUF file: transformers dequantises it to float32 (``gguf_file=``) on every load, 9-12 s
+for SmolLM2 on one core here (most of it parsing the GGUF metadata and mapping tensor names).
+The first load saves the config, generation config and tokenizer (3.4 MB for SmolLM2) under
 ``.cache/llm/models/<sha256[:16]>/``; the weights are not copied there: a float32 copy is 4.6x
 the GGUF file (538 MB for SmolLM2's 98 MB, 1 GB for Gemma-3-270M), more than everything the
-studies cache. An older snapshot's ``model.safetensors`` is deleted on load.
+studies cache. An older snapshot (float32 weights, no mark file) is replaced whole on load.
 
 Sequences are right-padded and run without an attention mask: attention is causal, so a real
 token never attends to the padding that follows it, and positions stay 0..n-1 as in an unpadded

@@ -514,13 +514,14 @@ class _StackedEval:
             # what eval_tokens and the exact targets depend on: a fine-tune shares its base's (same process and
             # seed), so ``memo`` (one per train_many call) computes them once for both
             key = (config.process, config.seed, config.eval_sequences, config.context_length)
-            if memo is None or key not in memo:
+            entry = memo.get(key) if memo is not None else None
+            if entry is None:
                 contexts = eval_tokens(config, process)  # [E, L]
                 probs = process.next_token_probs(process.beliefs(contexts))  # [E, L+1, X]
                 entry = (contexts, probs, float(np.mean(entropy(probs))))
                 if memo is not None:
                     memo[key] = entry
-            contexts, probs, optimal = entry if memo is None else memo[key]
+            contexts, probs, optimal = entry
             tokens.append(contexts)
             p_opt.append(probs)
             self.constant.append((optimal, float(np.log(process.n_tokens))))
