@@ -120,7 +120,7 @@ def test_patches_match_run_with_hooks(setup) -> None:
     full = batched_forward(model, tokens, process.n_tokens, batch=BATCH, patch=add_at_final_position(hook, vectors))
     assert np.array_equal(full.probs[:, :-1], batched_forward(model, tokens, process.n_tokens, batch=BATCH).probs[:, :-1])
     intervention = Intervention(hook, vector=vectors[0], ablate=vectors[1])
-    expected, _ = _reference(model, tokens, process.n_tokens, fwd_hooks=lambda start: intervention.fwd_hooks("cpu"))
+    expected, _ = _reference(model, tokens, process.n_tokens, fwd_hooks=lambda start: intervention.patch(slice(None), "cpu"))
     assert np.array_equal(next_token_probs(model, tokens, process.n_tokens, intervention, batch=BATCH), expected)
 
 

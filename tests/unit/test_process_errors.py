@@ -13,7 +13,7 @@ import pytest
 from persona_wm.core.ghmm import GHMM, ProcessError, all_words, block_entropies, mixed_states, optimal_cross_entropy
 from persona_wm.core.sfp import correlated_sector_prior, leaky
 from persona_wm.processes import get_process, mess3, z1r
-from persona_wm.toy.em import EMConfig, em_process
+from persona_wm.processes.em import EMConfig, em_process
 
 Z1R = z1r()
 UNIFORM3 = [1 / 3, 1 / 3, 1 / 3]

@@ -259,10 +259,12 @@ def main(argv: list[str] | None = None, root: Path = REPO_ROOT) -> dict:
               "workers": workers, "n_jobs": len(jobs), "wall_s": wall, "train_s": train_s, "grid": grid.to_dict("records"),
               "points": points.to_dict("records"), "pareto_front": points[points.pareto].process.tolist(),
               "improvements_over_baseline": improvements.process.tolist(),
-              "clear_improvements": improvements[improvements["clear"]].process.tolist(), "failed": failed}
+              "robustness_clear": improvements[improvements.clear_robustness].process.tolist(),
+              "fidelity_clear": improvements[improvements.clear_fidelity].process.tolist(), "failed": failed}
     atomic_write_text(args.out, json.dumps(undefined_as_none(result), indent=1, default=float))
     print(json.dumps({k: result[k] for k in ("device", "trainer", "n_jobs", "wall_s", "train_s", "pareto_front",
-                                             "improvements_over_baseline", "clear_improvements", "failed")}, indent=1))
+                                             "improvements_over_baseline", "robustness_clear", "fidelity_clear",
+                                             "failed")}, indent=1))
     return result
 
 

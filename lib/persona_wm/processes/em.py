@@ -51,7 +51,7 @@ from persona_wm.core.sfp import leaky, restrict_to_sector, sfp_from_blocks
 
 __all__ = ["EMConfig", "EM_MAX_TRANSFER_ENTRIES", "em_process", "em_family", "em_name", "parse_em_name", "TokenRoles",
            "token_roles", "n_task_tokens", "task_sectors", "task_contexts", "sector_labels", "answer_positions", "content_merge",
-           "ANSWER_THRESHOLD"]
+           "ANSWER_THRESHOLD", "persona_block"]
 
 
 #: Largest dense transfer tensor (tokens x states x states, float64) an EM-SFP may ask for.
@@ -171,17 +171,21 @@ def token_roles(config: EMConfig) -> TokenRoles:
     return TokenRoles(n_b, joint(good), joint(bad), content, n_content)
 
 
-def _persona_block(config: EMConfig, persona: int) -> tuple[np.ndarray, np.ndarray]:
-    """[2, d, d] style-token transfer matrices of one persona subspace and its stationary vector."""
-    d = config.persona_dim
-    # aligned personas lean to style 0 by different amounts; the misaligned one leans to style 1
-    lean = 1.0 if persona == config.n_personas - 1 else -1.0 + persona / max(config.n_personas - 1, 1)
+def persona_block(persona_dim: int, mixing: float, misaligned: bool, index: int, n_personas: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """[2, d, d] style-token transfer matrices of one persona subspace and its stationary vector.
+
+    Aligned persona ``index`` leans to style 0 by an amount that differs between aligned personas; the
+    misaligned one leans to style 1; ``mixing`` scales every lean away. Shared by ``em()`` and ``em_seq()``.
+    """
+    d = persona_dim
+    lean = 1.0 if misaligned else -1.0 + index / max(n_personas - 1, 1)
     transfer = np.zeros((2, d, d))
     # state j's style bias weight runs from 0.5 to 1 around the cycle (0.75 when d = 1): every state
     # differs, so d really is the persona's dimensionality, and the mean evidence is the same for all d
     weights = np.full(1, 0.75) if d == 1 else 0.5 + 0.5 * np.arange(d) / (d - 1)
     for j in range(d):
-        q = 0.5 + 0.4 * (1 - config.mixing) * lean * weights[j]
+        q = 0.5 + 0.4 * (1 - mixing) * lean * weights[j]
         transfer[1, j, (j + 1) % d] = q
         transfer[0, j, (j + 1) % d] = 1 - q
     return transfer, np.full(d, 1.0 / d)
@@ -213,7 +217,7 @@ def em_process(config: EMConfig) -> GHMM:
     blocks, initials, prior = {}, {}, {}
     aligned_prior = (1 - config.persona_prior) / (p - 1)
     for i in range(p):
-        a_transfer, a_init = _persona_block(config, i)
+        a_transfer, a_init = persona_block(d, config.mixing, i == misaligned, i, p)
         persona_weight = config.persona_prior if i == misaligned else aligned_prior
         for t in range(k):
             task_weight = ((1 - config.correlation) / k + config.correlation * (t == 0)) if i == misaligned else 1 / k

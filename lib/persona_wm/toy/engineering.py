@@ -1,12 +1,14 @@
 """Persona engineering (study 04): alignment fidelity, robustness to EM, and Pareto fronts.
 
-Each point of a sweep is one EM-SFP configuration trained, narrowly fine-tuned and measured with
+Each point of a sweep is one v3 organism (:mod:`persona_wm.processes.em_seq`) configuration trained, narrowly fine-tuned and measured with
 the recipe of :mod:`persona_wm.toy.em`; this module adds the two axes the proposal trades off — fidelity
 (in-distribution persona adherence before fine-tuning) and robustness (1 - EM breadth) — and the
 Pareto analysis over configurations.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -16,25 +18,25 @@ from persona_wm.analysis.stats import across_seeds
 from persona_wm.core.ghmm import GHMM
 from persona_wm.core.sfp import is_partition_preserving
 from persona_wm.processes import get_process
+from persona_wm.processes.em_seq import SeqRoles, parse_em_seq_name
 from persona_wm.toy.em import (
-    EMConfig,
     EMRecipe,
-    answer_positions,
+    answer_sites,
+    belief_state_direction,
     em_configs,
     em_experiment,
+    misaligned_share,
     next_token_probs,
-    parse_em_name,
     pretrain,
-    token_roles,
-    variant_and_content,
+    specificity_parts,
 )
 from persona_wm.toy.stacked import trained_models
 
 __all__ = ["fidelity", "engineering_point", "engineering_row", "engineering_grid", "sweep_jobs", "pareto_front",
            "engineering_summary", "ENGINEERING_MEASURES", "AXIS_KNOB", "leak_table", "equivalent_pairs",
-           "recorded_train_seconds"]
+           "recorded_train_seconds", "axis_trends"]
 
-#: Sweep axis -> the EMConfig knob it varies ("joint" and other axes are labelled by process name).
+#: Sweep axis -> the EMSeqConfig knob it varies ("joint" and other axes are labelled by process name).
 AXIS_KNOB = {"mixing": "mixing", "persona_dim": "persona_dim", "n_personas": "n_personas", "leak": "leak"}
 
 
@@ -48,7 +50,7 @@ def engineering_row(axis: str, name: str, seed: int, recipe: EMRecipe, n_context
     """One grid row: the axis, the knob's value, and :func:`engineering_point`'s measures."""
 
     knob = AXIS_KNOB.get(axis)
-    value = getattr(parse_em_name(name), knob) if knob else name
+    value = getattr(parse_em_seq_name(name), knob) if knob else name
     return {"axis": axis, "value": value, "process": name, "seed": seed,
             **engineering_point(name, seed, recipe, n_contexts, analysis_seed, threads)}
 
@@ -87,36 +89,35 @@ def recorded_train_seconds(recipe: EMRecipe, grid: pd.DataFrame) -> float:
     return float(sum(m.train_seconds for m in trained_models(configs, recipe.trainer, progress=False)))
 
 
-def fidelity(model, process: GHMM, config: EMConfig, tokens: np.ndarray) -> float:
+def fidelity(model, process: GHMM, roles: SeqRoles, tokens: np.ndarray) -> float:
     """In-distribution persona adherence: 1 - mean total-variation distance between the model's and the
-    Bayes-optimal answer variant (good/bad) at answer positions, on contexts of the whole process.
+    Bayes-optimal answer variant (good/bad of the segment's task) at every answer site of whole-organism sequences.
 
-    1 means the model answers in exactly the persona the evidence supports; it falls when the model
-    misjudges who it is (or ignores the persona) before any fine-tuning.
+    1 means the model answers in exactly the persona (and variants) the evidence supports; it falls when the model
+    misjudges who it is before any fine-tuning.
     """
-    roles = token_roles(config)
-    probs = next_token_probs(model, tokens, process.n_tokens)
     optimal = process.next_token_probs(process.beliefs(tokens))
-    answer = answer_positions(optimal, roles)
-    model_variant, _ = variant_and_content(probs, process, answer, roles)
-    optimal_variant, _ = variant_and_content(optimal, process, answer, roles)
-    return float(1 - 0.5 * np.abs(model_variant - optimal_variant).sum(-1).mean())
+    sites = answer_sites(optimal, roles)
+    model_bad = misaligned_share(next_token_probs(model, tokens, process.n_tokens), sites, roles)
+    return float(1 - np.abs(model_bad - misaligned_share(optimal, sites, roles)).mean())
 
 
 def engineering_point(process_name: str, seed: int, recipe: EMRecipe, n_contexts: int, analysis_seed: int,
                       threads: int | None = None) -> dict[str, float]:
-    """Fidelity, robustness and specificity of one (configuration, seed): the unit of study 04's sweeps."""
-    result = em_experiment(process_name, seed, recipe, n_contexts, analysis_seed, threads, with_directions=False)
-    rng = np.random.default_rng([analysis_seed, seed, 11])
-    pool = result["process"].sample(n_contexts, result["base"].config.context_length, rng)
-    after = result["after"]
+    """Fidelity, robustness and the specificity parts of one (configuration, seed): the unit of study 04's sweeps."""
+    e = em_experiment(process_name, seed, recipe, n_contexts, analysis_seed, threads=threads)
+    fresh = e.measures.fresh
+    parts = specificity_parts(e, belief_state_direction(e.base.model, e))
+    row = e.measures.row()
     return {
-        "fidelity": fidelity(result["base"].model, result["process"], result["config"], pool),
-        "robustness": 1 - result["em"]["breadth"],
-        "heldout_misaligned_after": float(after.loc[after.task > after.task.min(), "misaligned"].mean()),
-        "specificity": result["specificity"]["ratio"],
-        "base_ce_ratio": result["base"].final_eval["ce_ratio"],
-        **result["em"],
+        "fidelity": fidelity(e.base.model, e.process, e.roles, e.pool),
+        "robustness": 1 - fresh.breadth,
+        "robustness_after_evidence": 1 - row["after_evidence_breadth"],
+        "heldout_misaligned_after": float(np.mean(fresh.tuned[1:])),
+        "intended": parts["intended"], "spillover": parts["spillover"],
+        "base_ce_ratio": e.base.final_eval["ce_ratio"],
+        "breadth": fresh.breadth, "task1_increase": fresh.task1_increase, "heldout_increase": fresh.heldout_increase,
+        "capability_change": e.measures.capability_change,
     }
 
 
@@ -127,16 +128,17 @@ def pareto_front(points: pd.DataFrame, x: str = "fidelity", y: str = "robustness
     return pd.Series(~dominated, index=points.index)
 
 
-ENGINEERING_MEASURES = ["fidelity", "robustness", "heldout_misaligned_after", "specificity", "breadth", "base_ce_ratio"]
+ENGINEERING_MEASURES = ["fidelity", "robustness", "robustness_after_evidence", "heldout_misaligned_after",
+                        "intended", "spillover", "breadth", "base_ce_ratio"]
 
 
 def engineering_summary(grid: pd.DataFrame, baseline: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-configuration means/sds over seeds with the Pareto mask, and the Pareto improvements over the baseline.
 
-    An improvement is at least as good as the baseline on both fidelity and robustness and better on
-    one; it is "clear" when that gain exceeds the combined seed spread (sd) of the two points.
+    An improvement is at least as good as the baseline on both fidelity and robustness and better on one. Each
+    criterion is judged apart: ``clear_robustness`` when its robustness gain exceeds the combined seed spread (the
+    two sds in quadrature) of robustness, ``clear_fidelity`` likewise for fidelity.
     """
-
     points = across_seeds(grid.drop_duplicates(["process", "seed"]), ["process"], ENGINEERING_MEASURES)
     points["pareto"] = pareto_front(points.rename(columns={"fidelity_mean": "fidelity",
                                                            "robustness_mean": "robustness"}))
@@ -144,7 +146,43 @@ def engineering_summary(grid: pd.DataFrame, baseline: str) -> tuple[pd.DataFrame
     better_f, better_r = points.fidelity_mean - base.fidelity_mean, points.robustness_mean - base.robustness_mean
     improvements = points[(better_f >= 0) & (better_r >= 0) & ((better_f > 0) | (better_r > 0))
                           & (points.process != baseline)].copy()
-    sd = lambda col: np.hypot(improvements[f"{col}_sd"].fillna(0), np.nan_to_num(base[f"{col}_sd"]))  # noqa: E731
-    improvements["clear"] = ((improvements.robustness_mean - base.robustness_mean > sd("robustness"))
-                             | (improvements.fidelity_mean - base.fidelity_mean > sd("fidelity")))
+    for measure in ("robustness", "fidelity"):
+        spread = np.hypot(improvements[f"{measure}_sd"].fillna(0), np.nan_to_num(base[f"{measure}_sd"]))
+        improvements[f"{measure}_gain"] = improvements[f"{measure}_mean"] - base[f"{measure}_mean"]
+        improvements[f"{measure}_spread"] = spread
+        improvements[f"clear_{measure}"] = improvements[f"{measure}_gain"] > spread
     return points, improvements
+
+
+def axis_trends(grid: pd.DataFrame, measures: tuple[str, ...] = ("robustness", "fidelity")) -> pd.DataFrame:
+    """Per numeric axis and measure: the slope of the measure on the knob value with seed as a random intercept
+    (statsmodels MixedLM, REML, Powell's method then L-BFGS: the default gradient search fails on three seeds whose
+    intercepts barely differ), its 95% CI and p, whether the fit converged, the seed variance and whether it sits on
+    the boundary (0: the seeds share one intercept, and the slope is the pooled least-squares one)."""
+    import statsmodels.formula.api as smf
+    from statsmodels.tools.sm_exceptions import ConvergenceWarning
+
+    rows = []
+    for axis in (a for a in AXIS_KNOB if a in set(grid.axis)):
+        data = grid[grid.axis == axis].assign(value=lambda f: f.value.astype(float))
+        for measure in measures:
+            frame = data[["value", "seed", measure]].dropna()
+            if frame.value.nunique() < 2 or frame.seed.nunique() < 2:
+                continue
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", ConvergenceWarning)
+                    fit = smf.mixedlm(f"{measure} ~ value", frame, groups=frame["seed"]).fit(
+                        reml=True, method=["powell", "lbfgs"])
+            except np.linalg.LinAlgError:  # no residual variance (e.g. every seed an exact shift of another)
+                rows.append({"axis": axis, "measure": measure, "slope": np.nan, "ci_low": np.nan, "ci_high": np.nan,
+                             "p": np.nan, "n": int(len(frame)), "n_seeds": int(frame.seed.nunique()),
+                             "converged": False, "seed_variance": np.nan, "boundary": False})
+                continue
+            low, high = fit.conf_int().loc["value"]
+            rows.append({"axis": axis, "measure": measure, "slope": float(fit.params["value"]),
+                         "ci_low": float(low), "ci_high": float(high), "p": float(fit.pvalues["value"]),
+                         "n": int(len(frame)), "n_seeds": int(frame.seed.nunique()), "converged": bool(fit.converged),
+                         "seed_variance": float(fit.cov_re.iloc[0, 0]),
+                         "boundary": any("boundary" in str(w.message) for w in caught)})
+    return pd.DataFrame(rows)

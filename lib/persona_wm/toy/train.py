@@ -31,6 +31,7 @@ import math
 import os
 import time
 import warnings
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,12 @@ ARCHITECTURE_FIELDS = ("context_length", "n_layers", "d_model", "n_heads", "d_he
                        "normalization_type")
 
 
+#: process object -> its digest. Keyed by the built process, not its name (a swapped builder gives a new object):
+#: the EM organisms' builders return one cached object per name, whose 28 MB of transfer matrices took 20 ms to hash
+#: at every cache lookup.
+_DIGESTS: "weakref.WeakKeyDictionary[GHMM, str]" = weakref.WeakKeyDictionary()
+
+
 def process_digest(name: str) -> str:
     """Hash of a process's *definition* (transfer matrices, initial vector), not just its name.
 
@@ -74,10 +81,13 @@ def process_digest(name: str) -> str:
     a new default knob) can never hand back a model trained on the old process.
     """
     process = get_process(name)
+    if process in _DIGESTS:
+        return _DIGESTS[process]
     digest = hashlib.sha256()
     for array in (process.transfer, process.initial, process.right):
         digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
-    return digest.hexdigest()[:16]
+    _DIGESTS[process] = digest.hexdigest()[:16]
+    return _DIGESTS[process]
 
 
 @dataclass(frozen=True)
