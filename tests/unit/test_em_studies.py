@@ -211,6 +211,14 @@ def test_mixed_model_trend_recovers_a_planted_slope_with_seed_offsets() -> None:
     assert trends.loc["robustness", "ci_low"] < -2.0 < trends.loc["robustness", "ci_high"]
     assert trends.loc["robustness", "p"] < 1e-6
     assert trends.loc["fidelity", "ci_low"] < 0 < trends.loc["fidelity", "ci_high"]  # no planted trend, none found
+    # seed offsets of sd 0.08 against noise of 0.01 carry most of the variance
+    assert trends.loc["robustness", "seed_share"] > 0.9 and not trends.loc["robustness", "boundary"]
+    # seeds with equal means (each one's residuals a rotation of the same four) carry none: on the boundary
+    noise = np.array([0.01, -0.01, 0.005, -0.005])
+    equal = pd.DataFrame([{"axis": "leak", "value": v, "seed": s, "robustness": 0.5 - v + np.roll(noise, s)[i],
+                           "fidelity": 0.9} for s in range(5) for i, v in enumerate((0.0, 0.05, 0.1, 0.2))])
+    flat = axis_trends(equal, measures=("robustness",)).iloc[0]
+    assert flat.seed_share < 0.01 and flat.boundary
 
 
 def test_engineering_sweep_judges_robustness_and_fidelity_apart() -> None:

