@@ -137,18 +137,18 @@ plt.show()
 display(Markdown(tracking.text()))
 
 # %% [markdown]
-# ## 5. The dense grid on a GPU (`params/04_persona_engineering/full.yaml`)
+# ## 5. The dense grid (`params/04_persona_engineering/full.yaml`)
 #
-# The same analysis on a denser grid × 5 seeds, run with `python -m persona_wm.io.sweep --params full` on one
-# GPU: every base model and fine-tune is trained first, stacked, on the GPU; then Dask worker processes measure
-# the grid points. Its output (device, trainer, workers and wall time are in the figure's title) is committed in
-# `outputs/04_persona_engineering_full/grid_full_gpu.json` and summarised here when present.
+# The same analysis on a denser grid × 5 seeds, run with `python -m persona_wm.io.sweep --params full` (meant for
+# a GPU): every base model and fine-tune is trained first, stacked; then Dask worker processes measure the grid
+# points. Its output (device, trainer, workers and wall time are in the figure's title) is committed in
+# `outputs/04_persona_engineering_full/grid_full.json` and summarised here when present.
 
 # %%
 full = study.dense_grid()
 if full is not None:
     fig = plot_pareto(full.points, title=full.title, size=60, fontsize=5, label_offset=2)
-    save_figure(fig, out, "pareto_full_gpu")
+    save_figure(fig, out, "pareto_full")
     plt.show()
     display(Markdown(f"Dense-grid Pareto front: {', '.join(f'`{p}`' for p in full.pareto_front)}; improvements "
                      f"over the baseline: {len(full.improvements)}; clear on robustness: "

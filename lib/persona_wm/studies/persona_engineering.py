@@ -28,7 +28,7 @@ __all__ = ["EngineeringSweep", "engineering_sweep", "BEHAVIOUR", "DENSE_GRID_PAT
 #: Per-configuration means that fix a configuration's observable behaviour (equal in all = equivalent).
 BEHAVIOUR = ["fidelity_mean", "robustness_mean", "base_ce_ratio_mean"]
 #: The dense grid's output, written by ``python -m persona_wm.io.sweep --params full`` on a GPU and committed.
-DENSE_GRID_PATH = REPO_ROOT / "outputs" / "04_persona_engineering_full" / "grid_full_gpu.json"
+DENSE_GRID_PATH = REPO_ROOT / "outputs" / "04_persona_engineering_full" / "grid_full.json"
 
 
 @dataclass(frozen=True)
