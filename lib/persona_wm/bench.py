@@ -29,6 +29,11 @@ and a run merges into the existing file, so a GPU run adds its keys next to the 
   times (1.0 = no overhead); SmolLM2 when its weights package is installed, else (or with
   ``--llm tiny``) a tiny random Llama; ``llm.model`` says which.
 * ``study02`` (not run by default) -> ``study02``: study 02's train-or-load and steering timings.
+* ``lora_stacked`` (not run by default) -> ``lora_stacked.<device>``: adapter-steps per second of
+  :func:`persona_wm.llm.stacked_lora.train_stacked` with K adapters (``--lora-ks``) against
+  :func:`persona_wm.llm.lora.finetune` training one adapter alone, same spec (05b's GPU shape: rank 32 on every
+  projection of every block, batch 16 sequences of 64 tokens), model as ``--llm``; each ratio is the median of
+  ``--repeats`` runs side by side, with its min and max (``speedup_k<K>``, ``speedup_k<K>_min``, ``..._max``).
 
 * ``cold`` (not run by default; about 20 minutes on the 2-core CPU) -> ``cold_minutes.<study>`` (trainer
   stacked) and ``cold_minutes_sequential.<study>`` (trainer sequential), minutes of a cold ``make reports``
@@ -50,6 +55,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +68,8 @@ from persona_wm.core.files import REPO_ROOT
 from persona_wm.core.threads import limit_threads
 from persona_wm.io.params import notebook_path, parameter_schema
 from persona_wm.llm import model as L
+from persona_wm.llm.lora import LoraSpec, finetune
+from persona_wm.llm.stacked_lora import StackedJob, train_stacked
 from persona_wm.processes import get_process
 from persona_wm.toy.probe import residual_hooks
 from persona_wm.toy.stacked import train_group
@@ -69,7 +77,7 @@ from persona_wm.toy.steer import partition_frame, steering_frame
 from persona_wm.toy.train import CACHE_ENV, TrainConfig, build_model, load_or_train, train
 
 OUTPUT = REPO_ROOT / "outputs" / "bench" / "metrics.json"
-SECTIONS = ("hmm", "stacked", "llm", "study02", "cold")
+SECTIONS = ("hmm", "stacked", "llm", "study02", "cold", "lora_stacked")
 DEFAULT_SECTIONS = ("hmm", "stacked", "llm")
 STUDY = "02_steering_specificity"
 
@@ -263,11 +271,7 @@ def _tiny_llama(directory: Path) -> Path:
 def bench_llm(device: torch.device, threads: int, which: str = "auto", reps: int = 7) -> dict:
     """Median time of llm.model.forward with every layer's residual hooked over the same forward without hooks."""
     limit_threads(threads)
-    try:
-        packaged = L.weights_path().exists()
-    except L.LLMError:  # the weights package is not installed (e.g. on the GPU machine)
-        packaged = False
-    use_smollm2 = which == "smollm2" or (which == "auto" and packaged)
+    use_smollm2 = which == "smollm2" or (which == "auto" and _packaged())
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         if use_smollm2:
@@ -297,6 +301,61 @@ def bench_llm(device: torch.device, threads: int, which: str = "auto", reps: int
         return {"forward_overhead": hooked / bare, "bare_forward_s": bare, "hooked_forward_s": hooked,
                 "model": label, "load_seconds": load_seconds, "n_layers_hooked": len(layers),
                 "batch": len(seqs), "tokens_per_sequence_max": max(len(s.ids) for s in seqs), "reps": reps}
+
+
+# --------------------------------------------------------------------------------------------- stacked LoRA
+def _lora_jobs(llm: L.LLM, k: int, steps: int, length: int = 64, n_seqs: int = 32) -> list:
+    """K adapters' jobs: each its own seed and its own random token sequences (response = the second half)."""
+    spec = LoraSpec(rank=32, alpha=64.0, first_layer=0, lr=1e-4, steps=steps, batch_size=16)
+    vocab = int(llm.model.get_input_embeddings().weight.shape[0])
+    jobs = []
+    for seed in range(k):
+        g = torch.Generator().manual_seed(1000 + seed)
+        ids = torch.randint(2, vocab, (n_seqs, length), generator=g).tolist()
+        jobs.append(StackedJob([L.Scored(tuple(row), length // 2) for row in ids], replace(spec, seed=seed)))
+    return jobs
+
+
+def bench_lora_stacked(device: torch.device, threads: int, ks: list[int], steps: int, repeats: int,
+                       which: str = "auto") -> dict:
+    """Stacked LoRA (K adapters a step) against one adapter alone: adapter-steps/s, median of ``repeats``."""
+    limit_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        if which == "smollm2" or (which == "auto" and _packaged()):
+            llm, label = L.load_llm(device=str(device), threads=threads, root=Path(tmp) / "cache"), "SmolLM2"
+        else:
+            llm = L.load_llm(model=_tiny_llama(Path(tmp) / "tiny-llama"), device=str(device), threads=threads,
+                             root=Path(tmp) / "cache")
+            label = "tiny random Llama (4 layers, hidden 64)"
+        entry: dict = {"model": label, "steps": steps, "repeats": repeats, "rank": 32, "batch_size": 16,
+                       "tokens_per_sequence": 64, "threads": threads}
+        warm = _lora_jobs(llm, 1, 1)[0]
+        finetune(llm, warm.seqs, warm.spec, cache=False)  # imports and first-call costs, untimed
+        for k in ks:
+            ratios, stacked_rates, alone_rates = [], [], []
+            for rep in range(repeats):
+                jobs = _lora_jobs(llm, k, steps)
+                llm_rep = replace(llm, cache_dir=Path(tmp) / f"k{k}_r{rep}")  # an empty adapter cache each run
+                _, stacked_s, _ = _timed(lambda: train_stacked(llm_rep, jobs, progress=False), device)
+                _, alone_s, _ = _timed(lambda: finetune(llm, jobs[0].seqs, jobs[0].spec, cache=False), device)
+                stacked_rates.append(k * steps / stacked_s)
+                alone_rates.append(steps / alone_s)
+                ratios.append(stacked_rates[-1] / alone_rates[-1])
+            entry.update({f"speedup_k{k}": statistics.median(ratios), f"speedup_k{k}_min": min(ratios),
+                          f"speedup_k{k}_max": max(ratios),
+                          f"adapter_steps_per_s_stacked_k{k}": statistics.median(stacked_rates),
+                          f"adapter_steps_per_s_alone_k{k}": statistics.median(alone_rates)})
+            print(f"stacked LoRA {device.type} K={k}: x{entry[f'speedup_k{k}']:.2f} "
+                  f"[{min(ratios):.2f}, {max(ratios):.2f}] adapter-steps/s over one adapter alone ({label})",
+                  flush=True)
+    return entry
+
+
+def _packaged() -> bool:
+    try:
+        return L.weights_path().exists()
+    except L.LLMError:  # the weights package is not installed (e.g. on a GPU host without it)
+        return False
 
 
 # --------------------------------------------------------------------------------------------- study 02
@@ -442,6 +501,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--jobs", type=int, default=1,
                         help="cold section: studies at a time (runner --jobs); > 1 measures the wall time of all of "
                              "them together, key suffix _jobs<N>")
+    parser.add_argument("--lora-ks", type=_ints, default=[8], help="lora_stacked section: adapters per stacked run")
+    parser.add_argument("--repeats", type=int, default=3, help="lora_stacked section: runs per ratio (median)")
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args(argv)
     if args.jobs < 1:
@@ -495,6 +556,17 @@ def main(argv: list[str] | None = None) -> dict:
         save("llm", "llm", result, threads[0])
     if "study02" in args.sections:
         save("study02", "study02", bench_study02(device, threads[0], args.params), threads[0])
+    if "lora_stacked" in args.sections:
+        if args.repeats < 1:
+            parser.error(f"--repeats must be >= 1, got {args.repeats}")
+        result = bench_lora_stacked(device, threads[0], args.lora_ks, args.steps or (3 if device.type == "cpu" else 20),
+                                    args.repeats, args.llm)
+        current = read_metrics(args.output)
+        current.setdefault("lora_stacked", {})[device.type] = result
+        current.setdefault("meta", {})[f"lora_stacked.{device.type}"] = machine(device, threads[0])
+        write_metrics(current, args.output)
+        metrics.clear()
+        metrics.update(current)
     if "cold" in args.sections:
         result = bench_cold(device, studies, arms, args.params, threads=args.threads[0] if args.threads else None,
                             jobs=args.jobs)

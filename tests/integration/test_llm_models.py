@@ -311,7 +311,7 @@ def test_lora_step_changes_the_top_blocks_with_a_finite_loss(llm):
     seqs = lora.chat_sequences(llm, records)
     spec = lora.LoraSpec(rank=2, alpha=4.0, first_layer=2, lr=1e-2, steps=2, batch_size=2, seed=0)
     n = max(len(s.ids) for s in seqs)
-    mask, targets = lora.loss_mask(seqs, n), lora._targets(seqs, n)
+    mask, targets = lora.loss_mask(seqs, n), lora.loss_targets(seqs, n)
     with torch.no_grad():  # the cut-layer loss is the full model's cross-entropy
         cut = lora.top_loss(llm.model, lora.bottom_resid(llm, seqs, 2), 2, mask, targets)
         logits = llm.model(input_ids=L.right_pad(seqs, llm.pad_id)).logits

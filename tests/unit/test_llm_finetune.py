@@ -130,14 +130,14 @@ def test_loss_mask_covers_exactly_the_response_predicting_positions():
     seqs = [Scored((5, 6, 7, 8, 9), 3), Scored((5, 6, 7), 1)]
     mask = lora.loss_mask(seqs)
     assert mask.tolist() == [[False, False, True, True, False], [True, True, False, False, False]]
-    targets = lora._targets(seqs, 5)
+    targets = lora.loss_targets(seqs, 5)
     assert targets[0, 2:4].tolist() == [8, 9]  # positions 2, 3 predict the response tokens 8, 9
 
 
 def test_top_loss_from_the_cut_equals_full_model_cross_entropy(tiny):
     seqs = _seqs()
     n = max(len(s.ids) for s in seqs)
-    mask, targets = lora.loss_mask(seqs, n), lora._targets(seqs, n)
+    mask, targets = lora.loss_mask(seqs, n), lora.loss_targets(seqs, n)
     resid = lora.bottom_resid(tiny, seqs, 2)
     with torch.no_grad():
         ours = lora.top_loss(tiny.model, resid, 2, mask, targets)

@@ -73,6 +73,11 @@ __all__ = [
     "bottom_resid",
     "adapter_key",
     "finetune",
+    "peft_model_for",
+    "same_bottom",
+    "loss_targets",
+    "adapter_dir",
+    "save_adapter",
     "top_loss",
     "held_out_loss",
     "rows_of",
@@ -169,7 +174,7 @@ def loss_mask(seqs: Sequence[Scored], width: int | None = None) -> torch.Tensor:
     return mask
 
 
-def _targets(seqs: Sequence[Scored], width: int) -> torch.Tensor:
+def loss_targets(seqs: Sequence[Scored], width: int) -> torch.Tensor:
     """[B, N] the token each position predicts (0 where unused)."""
     out = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -243,7 +248,7 @@ def adapter_key(start: LLM, seqs: Sequence[Scored], spec: LoraSpec, val: Sequenc
 # Training
 
 
-def _peft_model(model: Any, spec: LoraSpec, n_layers: int) -> Any:
+def peft_model_for(model: Any, spec: LoraSpec, n_layers: int) -> Any:
     from peft import LoraConfig, get_peft_model
 
     if spec.first_layer >= n_layers:
@@ -293,7 +298,7 @@ def held_out_loss(causal_lm: Any, resid: torch.Tensor, first_layer: int, mask: t
     return total / count
 
 
-def _same_bottom(a: Any, b: Any, first_layer: int) -> bool:
+def same_bottom(a: Any, b: Any, first_layer: int) -> bool:
     """True if embeddings and blocks below ``first_layer`` hold identical weights."""
     parts_a = [a.get_input_embeddings(), *list(decoder(a).layers)[:first_layer]]
     parts_b = [b.get_input_embeddings(), *list(decoder(b).layers)[:first_layer]]
@@ -302,6 +307,25 @@ def _same_bottom(a: Any, b: Any, first_layer: int) -> bool:
             if na != nb or not torch.equal(ta, tb.to(ta.device)):
                 return False
     return True
+
+
+def adapter_dir(start: LLM, key: str) -> Path:
+    """Where the adapter with :func:`adapter_key` ``key`` of ``start`` is cached."""
+    return start.cache_dir / "adapters" / key[:16]
+
+
+def save_adapter(directory: Path, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+    """Write an adapter's peft state dict and its meta into ``directory``, each file replaced atomically (the
+    weights first: a reader that finds the meta finds the weights)."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".adapter.{os.getpid()}.tmp"
+    save_file(dict(state), str(tmp))
+    os.replace(tmp, directory / "adapter.safetensors")
+    tmp_meta = directory / f".meta.{os.getpid()}.tmp"
+    tmp_meta.write_text(json.dumps(dict(meta), sort_keys=True, indent=1))
+    os.replace(tmp_meta, directory / "meta.json")
 
 
 def finetune(
@@ -329,20 +353,20 @@ def finetune(
     and the chosen step are in ``meta["val_curve"]`` / ``meta["best_step"]``).
     """
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     if not seqs:
         raise LLMError("finetune needs at least one training sequence")
     base = start if base is None else base
-    if base is not start and not _same_bottom(start.model, base.model, spec.first_layer):
+    if base is not start and not same_bottom(start.model, base.model, spec.first_layer):
         raise LLMError(f"start model differs from the base model below the cut (layer {spec.first_layer}): "
                        "the cached bottom residual would be wrong; put earlier adapters above the cut")
     if val and eval_every < 1:
         raise LLMError("finetune: a validation set needs eval_every >= 1 (steps between validation losses)")
     key = adapter_key(start, seqs, spec, val, eval_every)
-    directory = start.cache_dir / "adapters" / key[:16]
+    directory = adapter_dir(start, key)
     model = copy.deepcopy(start.model)
-    peft_model = _peft_model(model, spec, start.n_layers)
+    peft_model = peft_model_for(model, spec, start.n_layers)
     n_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     weights_file, meta_file = directory / "adapter.safetensors", directory / "meta.json"
     if cache and weights_file.is_file() and meta_file.is_file():
@@ -354,7 +378,7 @@ def finetune(
         resid = bottom_resid(base, seqs, spec.first_layer) if resid is None else resid
         if resid.shape[0] != len(seqs) or resid.shape[1] < width:
             raise LLMError(f"resid has shape {tuple(resid.shape)}, need [{len(seqs)}, >= {width}, d]")
-        mask, targets = loss_mask(seqs, width), _targets(seqs, width)
+        mask, targets = loss_mask(seqs, width), loss_targets(seqs, width)
         lengths = torch.tensor([len(s.ids) for s in seqs])
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimiser = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
@@ -367,7 +391,7 @@ def finetune(
         if val:
             val_width = max(len(q.ids) for q in val)
             val_resid = bottom_resid(base, val, spec.first_layer)
-            val_mask, val_targets = loss_mask(val, val_width), _targets(val, val_width)
+            val_mask, val_targets = loss_mask(val, val_width), loss_targets(val, val_width)
             val_curve.append([0, held_out_loss(causal_lm, val_resid, spec.first_layer, val_mask, val_targets, chunk=16)])
         start_t = time.perf_counter()
         with torch.enable_grad():
@@ -399,14 +423,8 @@ def finetune(
         if best is not None:
             meta.update(val_curve=val_curve, best_step=best[1], best_val_loss=best[0])
         if cache:
-            directory.mkdir(parents=True, exist_ok=True)
-            state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
-            tmp = directory / f".adapter.{os.getpid()}.tmp"
-            save_file(state, str(tmp))
-            os.replace(tmp, weights_file)
-            tmp_meta = directory / f".meta.{os.getpid()}.tmp"
-            tmp_meta.write_text(json.dumps(meta, sort_keys=True, indent=1))
-            os.replace(tmp_meta, meta_file)
+            save_adapter(directory, {k: v.detach().cpu().contiguous()
+                                     for k, v in get_peft_model_state_dict(peft_model).items()}, meta)
         from_cache = False
     merged = peft_model.merge_and_unload()
     merged.eval().requires_grad_(False)
@@ -460,7 +478,7 @@ def validation_loss(tuned_llm: LLM, seqs: Sequence[Scored], first_layer: int, ba
         raise LLMError("validation_loss needs at least one held-out sequence")
     width = max(len(s.ids) for s in seqs)
     resid = bottom_resid(base or tuned_llm, seqs, first_layer) if resid is None else resid
-    return held_out_loss(tuned_llm.model, resid, first_layer, loss_mask(seqs, width), _targets(seqs, width))
+    return held_out_loss(tuned_llm.model, resid, first_layer, loss_mask(seqs, width), loss_targets(seqs, width))
 
 
 def select_recipe(start: LLM, train: Sequence[Scored], held_out: Sequence[Scored], base_spec: LoraSpec,

@@ -1,0 +1,114 @@
+"""persona_wm.llm.stacked_lora: K adapters trained at once equal each adapter trained alone by lora.finetune.
+
+A tiny random Llama stands in for SmolLM2 (a few seconds on the CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from persona_wm.llm import lora
+from persona_wm.llm.model import LLM, LLMError, Scored
+from persona_wm.llm.stacked_lora import StackedJob, StackedLoraLinear, train_stacked
+
+
+def _tiny(cache: Path) -> LLM:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    return LLM(model=model, tokenizer=SimpleNamespace(pad_token_id=0, eos_token_id=1), name="tiny",
+               weights=cache / "none", sha256="0" * 64, cache_dir=cache, snapshot=cache)
+
+
+def _seqs(n: int, seed: int) -> list[Scored]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = 7 + (i + seed) % 5  # lengths differ between the jobs: the stacked batch pads wider
+        ids = torch.randint(2, 64, (length,), generator=g).tolist()
+        out.append(Scored(tuple(ids[:-1]) + (1,), 3 + i % 3))
+    return out
+
+
+SPEC = lora.LoraSpec(rank=2, alpha=4.0, targets=("q_proj", "v_proj", "down_proj"), first_layer=1, lr=2e-2, steps=6,
+                     batch_size=3, seed=0)
+
+
+def _jobs(validation: bool) -> list[StackedJob]:
+    return [StackedJob(_seqs(5 + k, seed=10 + k), dataclasses.replace(SPEC, seed=k),
+                       _seqs(4, seed=20 + k) if validation else None) for k in range(3)]
+
+
+@pytest.mark.parametrize("validation", [False, True])
+def test_each_stacked_adapter_equals_its_lone_training(tmp_path: Path, validation: bool) -> None:
+    stacked_llm, alone_llm = _tiny(tmp_path / "stacked"), _tiny(tmp_path / "alone")
+    every = 2 if validation else 0
+    jobs = _jobs(validation)
+    keys = train_stacked(stacked_llm, jobs, eval_every=every, progress=False)
+    for job, key in zip(jobs, keys):
+        reloaded = lora.finetune(stacked_llm, job.seqs, job.spec, val=job.val, eval_every=every)
+        assert reloaded.from_cache and reloaded.key == key and reloaded.meta["stacked"]["group_size"] == 3
+        alone = lora.finetune(alone_llm, job.seqs, job.spec, val=job.val, eval_every=every, cache=False)
+        torch.testing.assert_close(torch.tensor(reloaded.losses), torch.tensor(alone.losses), rtol=1e-4, atol=1e-5)
+        if validation:
+            assert reloaded.meta["best_step"] == alone.meta["best_step"]
+            torch.testing.assert_close(torch.tensor(reloaded.meta["val_curve"]), torch.tensor(alone.meta["val_curve"]),
+                                       rtol=1e-4, atol=1e-5)
+        # the merged models agree: every weight of the fine-tuned LLM within float tolerance
+        for (name, a), (_, b) in zip(reloaded.llm.model.state_dict().items(), alone.llm.model.state_dict().items()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    # the adapters differ from each other (three seeds, three training sets): stacking kept them apart
+    states = [lora.finetune(stacked_llm, j.seqs, j.spec, val=j.val, eval_every=every).llm.model.state_dict()
+              for j in jobs[:2]]
+    name = next(n for n in states[0] if "layers.1.self_attn.q_proj" in n)
+    assert not torch.allclose(states[0][name], states[1][name])
+
+
+def test_a_second_call_trains_only_what_is_missing(tmp_path: Path) -> None:
+    llm = _tiny(tmp_path)
+    jobs = _jobs(False)
+    first = train_stacked(llm, jobs[:2], progress=False)
+    stamp = (lora.adapter_dir(llm, first[0]) / "meta.json").stat().st_mtime_ns
+    keys = train_stacked(llm, jobs, progress=False)
+    assert keys[:2] == first
+    assert (lora.adapter_dir(llm, first[0]) / "meta.json").stat().st_mtime_ns == stamp  # not retrained
+    assert lora.finetune(llm, jobs[2].seqs, jobs[2].spec).meta["stacked"]["group_size"] == 1
+
+
+def test_the_stacked_layer_applies_adapter_k_to_block_k() -> None:
+    torch.manual_seed(0)
+    base = torch.nn.Linear(4, 3, bias=False)
+    a, b = torch.randn(2, 2, 4), torch.randn(2, 3, 2)
+    layer = StackedLoraLinear(base, a, b, scaling=0.5)
+    x = torch.randn(4, 5, 4)  # 2 adapters x 2 rows
+    out = layer(x)
+    for k in range(2):
+        expected = base(x[2 * k: 2 * k + 2]) + (x[2 * k: 2 * k + 2] @ a[k].T) @ b[k].T * 0.5
+        torch.testing.assert_close(out[2 * k: 2 * k + 2], expected)
+    layer.active = 1
+    torch.testing.assert_close(layer(x), base(x) + (x @ a[1].T) @ b[1].T * 0.5)
+    layer.active = None
+    with pytest.raises(LLMError, match="does not split into 2 adapters"):
+        layer(torch.randn(3, 5, 4))
+
+
+def test_jobs_must_share_the_spec_but_for_the_seed(tmp_path: Path) -> None:
+    llm = _tiny(tmp_path)
+    jobs = _jobs(False)
+    odd = StackedJob(jobs[0].seqs, dataclasses.replace(SPEC, lr=1e-3))
+    with pytest.raises(LLMError, match="share the LoRA spec but for the seed"):
+        train_stacked(llm, [jobs[0], odd], progress=False)
+    with pytest.raises(LLMError, match="at least one job"):
+        train_stacked(llm, [], progress=False)
+    with pytest.raises(LLMError, match="a validation set or none"):
+        train_stacked(llm, [jobs[0], StackedJob(jobs[1].seqs, jobs[1].spec, _seqs(3, 0))], eval_every=1,
+                      progress=False)
