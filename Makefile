@@ -1,6 +1,6 @@
 # Studies: `make reports` renders outputs/<study>/ from notebooks/<study>.py with params/<study>/$(PARAMS).yaml.
 #   make reports STUDY=01_sfp_definition PARAMS=smoke THREADS=2
-#   make test                  every tier CI runs: unit, integration, acceptance (not slow), then notebooks (nbval)
+#   make test                  every tier CI runs: unit, integration, acceptance (not slow), and beside them notebooks (nbval)
 #   make unit-test | integration-test | acceptance-test   one tier (tests/unit, tests/integration, tests/acceptance)
 #   make baseline STUDY=...    re-record those key numbers after an intended change
 #   make check-outputs STUDY=... re-run into a scratch dir, compare with outputs/<study>/metrics.json
@@ -28,7 +28,7 @@ STUDY_ARGS := $(if $(STUDY),--study $(STUDY))
 NOTEBOOKS  := $(if $(STUDY),$(addprefix notebooks/,$(addsuffix .ipynb,$(STUDY))),$(wildcard notebooks/*.ipynb))
 STUDIES    := $(filter-out _%,$(basename $(notdir $(wildcard notebooks/*.py))))
 
-.PHONY: help venv reports bench test unit-test integration-test acceptance-test notebook-test baseline check-outputs lab sync clean distclean
+.PHONY: help venv reports bench test pytest-tiers unit-test integration-test acceptance-test notebook-test baseline check-outputs lab sync clean distclean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -51,7 +51,15 @@ reports: $(STAMP)  ## run studies into outputs/ (STUDY=, PARAMS=default, THREADS
 bench: $(STAMP)  ## time GHMM vs hmmlearn, stacked vs sequential training, LLM hooks (DEVICE=, THREADS=1,2, BENCH_ARGS=)
 	$(PY) -m persona_wm.bench $(if $(DEVICE),--device $(DEVICE)) $(if $(THREADS),--threads $(THREADS)) $(BENCH_ARGS)
 
-test: unit-test integration-test acceptance-test notebook-test  ## every tier CI runs, then the notebook regression tests
+# The pytest tiers run one after another while the notebooks run beside them (two jobs: each side keeps about one
+# core busy on the 2-core CI machine); each side's output is printed whole when it ends.
+test: $(STAMP)  ## every tier CI runs (unit, integration, acceptance) and, beside them, the notebook regression tests
+	@$(MAKE) --no-print-directory -j2 --output-sync=target notebook-test pytest-tiers
+
+pytest-tiers: $(STAMP)  ## unit, integration and acceptance tiers, one after another
+	$(PY) -m pytest tests/unit
+	$(PY) -m pytest tests/integration
+	$(PY) -m pytest tests/acceptance
 
 unit-test: $(STAMP)  ## tests/unit: fast, no model files, no training
 	$(PY) -m pytest tests/unit

@@ -309,7 +309,7 @@ def load_llm(
         _check_gguf_magic(path)
         sha = sha256_file(path) if packaged else _memo_sha256(path, cache_root(root))
         snapshot = cache_root(root) / "models" / sha[:16]
-        if not (snapshot / "config.json").is_file() or not (snapshot / GGUF_SNAPSHOT_MARK).is_file():
+        if not _is_gguf_snapshot(snapshot):
             _convert_gguf(path, snapshot)  # an older snapshot (with float32 weights) is replaced whole
     else:
         raise LLMError(f"{path}: not a model: expected a .gguf file or a Hugging Face model directory with config.json")
@@ -465,6 +465,10 @@ def _as_plain_model(model: Any, snapshot: Path) -> Any:
     return model
 
 
+def _is_gguf_snapshot(snapshot: Path) -> bool:
+    return (snapshot / "config.json").is_file() and (snapshot / GGUF_SNAPSHOT_MARK).is_file()
+
+
 def _convert_gguf(path: Path, snapshot: Path) -> None:
     """Save a GGUF file's config, generation config and tokenizer as a snapshot (atomic dir swap; no weights).
 
@@ -487,9 +491,17 @@ def _convert_gguf(path: Path, snapshot: Path) -> None:
         GenerationConfig.from_model_config(config).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / GGUF_SNAPSHOT_MARK).write_text(f"{path.name}\n")
+        if _is_gguf_snapshot(snapshot):  # another process made it meanwhile (e.g. two test tiers at once)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         if snapshot.exists():
             shutil.rmtree(snapshot)
-        os.replace(tmp, snapshot)
+        try:
+            os.replace(tmp, snapshot)
+        except OSError:
+            if not _is_gguf_snapshot(snapshot):  # not a lost race: a real failure
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise LLMError(f"{path}: could not read the GGUF file's config and tokenizer into a snapshot: "
