@@ -51,15 +51,18 @@ reports: $(STAMP)  ## run studies into outputs/ (STUDY=, PARAMS=default, THREADS
 bench: $(STAMP)  ## time GHMM vs hmmlearn, stacked vs sequential training, LLM hooks (DEVICE=, THREADS=1,2, BENCH_ARGS=)
 	$(PY) -m persona_wm.bench $(if $(DEVICE),--device $(DEVICE)) $(if $(THREADS),--threads $(THREADS)) $(BENCH_ARGS)
 
-# The pytest tiers run one after another while the notebooks run beside them (two jobs: each side keeps about one
-# core busy on the 2-core CI machine); each side's output is printed whole when it ends.
+# The pytest tiers run one after another while the notebooks run beside them (two jobs on the 2-core CI machine;
+# each side's output is printed whole when it ends). Each side keeps to one thread: the notebooks' smoke params
+# say torch_threads 1, and the tiers get OMP/BLAS pools of 1 (a 2-thread OpenBLAS pool busy-waits against the
+# other side: the unit tier took 99 s beside the notebooks instead of 30 s alone).
+ONE_THREAD := OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 test: $(STAMP)  ## every tier CI runs (unit, integration, acceptance) and, beside them, the notebook regression tests
-	@$(MAKE) --no-print-directory -j2 --output-sync=target notebook-test pytest-tiers
+	@$(ONE_THREAD) $(MAKE) --no-print-directory -j2 --output-sync=target notebook-test pytest-tiers
 
-pytest-tiers: $(STAMP)  ## unit, integration and acceptance tiers, one after another
-	$(PY) -m pytest tests/unit
-	$(PY) -m pytest tests/integration
-	$(PY) -m pytest tests/acceptance
+pytest-tiers: $(STAMP)  ## unit, integration and acceptance tiers, one after another, one thread each
+	$(ONE_THREAD) $(PY) -m pytest tests/unit
+	$(ONE_THREAD) $(PY) -m pytest tests/integration
+	$(ONE_THREAD) $(PY) -m pytest tests/acceptance
 
 unit-test: $(STAMP)  ## tests/unit: fast, no model files, no training
 	$(PY) -m pytest tests/unit
