@@ -28,7 +28,7 @@ STUDY_ARGS := $(if $(STUDY),--study $(STUDY))
 NOTEBOOKS  := $(if $(STUDY),$(addprefix notebooks/,$(addsuffix .ipynb,$(STUDY))),$(wildcard notebooks/*.ipynb))
 STUDIES    := $(filter-out _%,$(basename $(notdir $(wildcard notebooks/*.py))))
 
-.PHONY: help venv reports bench test pytest-tiers unit-test integration-test acceptance-test notebook-test baseline check-outputs lab sync clean distclean
+.PHONY: help venv reports bench test test-toy-side test-llm-side unit-test integration-test acceptance-test notebook-test baseline check-outputs lab sync clean distclean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -51,18 +51,26 @@ reports: $(STAMP)  ## run studies into outputs/ (STUDY=, PARAMS=default, THREADS
 bench: $(STAMP)  ## time GHMM vs hmmlearn, stacked vs sequential training, LLM hooks (DEVICE=, THREADS=1,2, BENCH_ARGS=)
 	$(PY) -m persona_wm.bench $(if $(DEVICE),--device $(DEVICE)) $(if $(THREADS),--threads $(THREADS)) $(BENCH_ARGS)
 
-# The pytest tiers run one after another while the notebooks run beside them (two jobs on the 2-core CI machine;
-# each side's output is printed whole when it ends). Each side keeps to one thread: the notebooks' smoke params
-# say torch_threads 1, and the tiers get OMP/BLAS pools of 1 (a 2-thread OpenBLAS pool busy-waits against the
-# other side: the unit tier took 99 s beside the notebooks instead of 30 s alone).
+# `make test` runs as two jobs on the 2-core CI machine, each side's output printed whole when it ends:
+#   one side: the pytest tiers one after another, then the toy notebooks (01-04);
+#   the other: the LLM notebooks (05a, 05b), the longest part (about 5.5 of the notebooks' 6.5 cold minutes).
+# Each side keeps to one thread: the notebooks' smoke params say torch_threads 1, and the tiers get OMP/BLAS pools
+# of 1 (a 2-thread OpenBLAS pool busy-waits against the other side: the unit tier took 99 s instead of 30 s).
 ONE_THREAD := OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
-test: $(STAMP)  ## every tier CI runs (unit, integration, acceptance) and, beside them, the notebook regression tests
-	@$(ONE_THREAD) $(MAKE) --no-print-directory -j2 --output-sync=target notebook-test pytest-tiers
+NBVAL := $(PY) -m pytest -p no:cacheprovider --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+LLM_NOTEBOOKS := $(filter notebooks/05%,$(NOTEBOOKS))
+TOY_NOTEBOOKS := $(filter-out $(LLM_NOTEBOOKS),$(NOTEBOOKS))
+test: $(STAMP)  ## every tier CI runs (unit, integration, acceptance) and the notebook regression tests, two sides at once
+	@$(ONE_THREAD) $(MAKE) --no-print-directory -j2 --output-sync=target test-llm-side test-toy-side
 
-pytest-tiers: $(STAMP)  ## unit, integration and acceptance tiers, one after another, one thread each
-	$(ONE_THREAD) $(PY) -m pytest tests/unit
-	$(ONE_THREAD) $(PY) -m pytest tests/integration
-	$(ONE_THREAD) $(PY) -m pytest tests/acceptance
+test-toy-side: $(STAMP)  ## the unit, integration and acceptance tiers, then the toy notebooks (nbval)
+	$(PY) -m pytest tests/unit
+	$(PY) -m pytest tests/integration
+	$(PY) -m pytest tests/acceptance
+	$(if $(TOY_NOTEBOOKS),$(NBVAL) $(TOY_NOTEBOOKS))
+
+test-llm-side: $(STAMP)  ## the LLM notebooks (nbval)
+	$(if $(LLM_NOTEBOOKS),$(NBVAL) $(LLM_NOTEBOOKS),@true)
 
 unit-test: $(STAMP)  ## tests/unit: fast, no model files, no training
 	$(PY) -m pytest tests/unit
@@ -74,8 +82,7 @@ acceptance-test: $(STAMP)  ## tests/acceptance: the real SmolLM2 (the minutes-lo
 	$(PY) -m pytest tests/acceptance
 
 notebook-test: $(STAMP)  ## execute notebooks/*.ipynb, compare # NBVAL_CHECK_OUTPUT cells
-	$(if $(NOTEBOOKS),$(PY) -m pytest -p no:cacheprovider --nbval-lax --nbval-current-env \
-		--nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS),@echo "no notebooks/*.ipynb to test")
+	$(if $(NOTEBOOKS),$(NBVAL) $(NOTEBOOKS),@echo "no notebooks/*.ipynb to test")
 
 baseline: $(STAMP)  ## re-record the reference outputs nbval compares (STUDY=)
 	$(PY) -m persona_wm.io.runner --baseline $(STUDY_ARGS)
