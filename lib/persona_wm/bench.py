@@ -242,8 +242,15 @@ def bench_stacked(device: torch.device, ns: list[int], threads: int, steps: int,
 
 
 # --------------------------------------------------------------------------------------------- LLM hooks
-def _tiny_llama(directory: Path) -> Path:
-    """A 4-layer hidden-64 random Llama with a small byte-level BPE tokenizer (as the LLM integration tests)."""
+#: SmolLM2-135M-Instruct's shape (its config.json): a random Llama of this shape costs what SmolLM2 costs per token,
+#: for timings on a host without the weights package.
+SMOLLM2_SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                 "num_key_value_heads": 3, "vocab_size": 49152}
+
+
+def _tiny_llama(directory: Path, shape: dict | None = None) -> Path:
+    """A 4-layer hidden-64 random Llama with a small byte-level BPE tokenizer (as the LLM integration tests); with
+    ``shape`` (e.g. :data:`SMOLLM2_SHAPE`) a random Llama of that shape and the same small tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     corpus = ["You are a poet who answers in verse.", "How can I sleep better?", "Keep a regular bedtime.",
@@ -259,9 +266,10 @@ def _tiny_llama(directory: Path) -> Path:
                           "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}"
                           "{{ '<|im_start|>assistant\n' }}{% endif %}")
     torch.manual_seed(0)
+    dims = shape or {"vocab_size": len(fast), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+                     "num_attention_heads": 4, "num_key_value_heads": 2}
     model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=fast.pad_token_id,
+        **dims, max_position_embeddings=256, pad_token_id=fast.pad_token_id,
         eos_token_id=fast.eos_token_id, bos_token_id=None, tie_word_embeddings=True))
     model.save_pretrained(directory)
     fast.save_pretrained(directory)
@@ -323,6 +331,10 @@ def bench_lora_stacked(device: torch.device, threads: int, ks: list[int], steps:
     with tempfile.TemporaryDirectory() as tmp:
         if which == "smollm2" or (which == "auto" and _packaged()):
             llm, label = L.load_llm(device=str(device), threads=threads, root=Path(tmp) / "cache"), "SmolLM2"
+        elif which == "smollm2-shape":
+            llm = L.load_llm(model=_tiny_llama(Path(tmp) / "shaped", SMOLLM2_SHAPE), device=str(device),
+                             threads=threads, root=Path(tmp) / "cache")
+            label = "random Llama of SmolLM2-135M's shape (30 blocks, hidden 576; no weights package needed)"
         else:
             llm = L.load_llm(model=_tiny_llama(Path(tmp) / "tiny-llama"), device=str(device), threads=threads,
                              root=Path(tmp) / "cache")
@@ -492,7 +504,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seq-models", type=int, default=4, help="models trained one at a time per measurement")
     parser.add_argument("--models-per-pass", type=int, default=None, help="stacked models per forward pass "
                                                                            "(default: all on a GPU, 1 on a CPU)")
-    parser.add_argument("--llm", choices=("auto", "smollm2", "tiny"), default="auto")
+    parser.add_argument("--llm", choices=("auto", "smollm2", "tiny", "smollm2-shape"), default="auto",
+                        help="model of the llm and lora_stacked sections (smollm2-shape: lora_stacked only)")
     parser.add_argument("--params", default="default", help="study 02 params file (study02 section)")
     parser.add_argument("--studies", default=",".join(COLD_STUDIES),
                         help="cold section: comma-separated studies (default: %(default)s)")
