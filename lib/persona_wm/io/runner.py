@@ -231,7 +231,8 @@ def _execute(study: str, params: Mapping[str, Any], tmp: Path, root: Path, progr
     import papermill
 
     notebook = jupytext.read(notebook_path(study, root))
-    logging.getLogger("papermill").addFilter(_drop_unknown_parameter_warnings)
+    for name in ("papermill", "papermill.translators"):  # a logger's filters do not see its children's records
+        logging.getLogger(name).addFilter(_drop_parameter_inference_warnings)
     return papermill.execute_notebook(
         notebook,
         str(tmp / "report.ipynb"),
@@ -247,10 +248,15 @@ def _execute(study: str, params: Mapping[str, Any], tmp: Path, root: Path, progr
     )
 
 
-def _drop_unknown_parameter_warnings(record: logging.LogRecord) -> bool:
-    """Papermill's regex cannot read annotations like ``str | None`` and warns "unknown
-    parameter"; our own schema check (``persona_wm.io.params``) already validated every name."""
-    return not record.getMessage().startswith("Passed unknown parameter")
+#: What papermill's own parameter inference logs about our parameters cells: its regex cannot read annotations such
+#: as ``str | None`` ("Passed unknown parameter") nor a line with a second ``=`` such as the rule comment
+#: ``# >= 0; <= 1`` ("Unable to parse line"). That inference only feeds papermill's unknown-parameter warning; our
+#: schema check (``persona_wm.io.params``) has already validated every name and value before the run.
+PAPERMILL_INFERENCE_NOISE = ("Passed unknown parameter", "Unable to parse line")
+
+
+def _drop_parameter_inference_warnings(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(PAPERMILL_INFERENCE_NOISE)
 
 
 def _final_paths_in_notebook(notebook: Any, tmp: Path, final: str, source: str) -> Any:
