@@ -1,4 +1,5 @@
-# Studies: `make reports` renders outputs/<study>/ from notebooks/<study>.py with params/<study>/$(PARAMS).yaml.
+# Studies: `make reports` renders outputs/<study>/ from notebooks/<study>.py with params/<study>/$(PARAMS).yaml
+# (outputs/<study>_<params>/ for any params but default).
 #   make reports STUDY=01_sfp_definition PARAMS=smoke THREADS=2
 #   make test                  every tier CI runs: unit, integration, acceptance (not slow), and beside them notebooks (nbval)
 #   make unit-test | integration-test | acceptance-test   one tier (tests/unit, tests/integration, tests/acceptance)

@@ -63,7 +63,7 @@ def repo(tmp_path: Path) -> Path:
     (tmp_path / "notebooks" / f"{STUDY}.py").write_text(DEMO_NOTEBOOK)
     params = tmp_path / "params" / STUDY
     params.mkdir(parents=True)
-    (params / "ok.yaml").write_text("seed: 7\nfail: false\ntorch_threads: 1\n")
+    (params / "default.yaml").write_text("seed: 7\nfail: false\ntorch_threads: 1\n")
     (params / "fail.yaml").write_text("seed: 7\nfail: true\ntorch_threads: 1\n")
     shutil.copy(REPO_ROOT / "jupytext.toml", tmp_path / "jupytext.toml")
     return tmp_path
@@ -72,7 +72,7 @@ def repo(tmp_path: Path) -> Path:
 def add_study(root: Path, study: str, params_yaml: str) -> None:
     (root / "notebooks" / f"{study}.py").write_text('# %% tags=["parameters"]\nseed: int = 0\n')
     (root / "params" / study).mkdir(parents=True)
-    (root / "params" / study / "ok.yaml").write_text(params_yaml)
+    (root / "params" / study / "default.yaml").write_text(params_yaml)
 
 
 def leftovers(root: Path) -> list[str]:
@@ -88,7 +88,7 @@ def test_successful_run_writes_report_html_and_metrics(repo: Path, capsys: pytes
     stale = repo / "outputs" / f".tmp-{STUDY}-{dead_pid()}-abc123"  # a killed run's temp dir
     (stale / "figures").mkdir(parents=True)
     with caplog.at_level(logging.INFO, logger="papermill"):
-        assert runner.main(["--study", STUDY, "--params", "ok", "--threads", "2"], root=repo) == 0
+        assert runner.main(["--study", STUDY, "--params", "default", "--threads", "2"], root=repo) == 0
     # a valid params file runs without warnings: papermill's own parameter inference (which misreads rule
     # comments such as "# >= 0; <= 1000" and annotations such as "str | None") is not what checks our params
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
@@ -118,13 +118,13 @@ def test_successful_run_writes_report_html_and_metrics(repo: Path, capsys: pytes
         assert ".tmp-" not in text
     assert leftovers(repo) == []  # the stale dir is gone too
     printed = capsys.readouterr()
-    assert f"== [1/1] {STUDY} (params/{STUDY}/ok.yaml)" in printed.out
+    assert f"== [1/1] {STUDY} (params/{STUDY}/default.yaml)" in printed.out
     assert f"wrote outputs/{STUDY} in " in printed.out
     assert f"removed outputs/{stale.name} (left by a killed run)" in printed.err
 
 
 def test_failing_notebook_leaves_previous_outputs_untouched(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    previous = repo / "outputs" / STUDY
+    previous = repo / "outputs" / f"{STUDY}_fail"  # params/<study>/fail.yaml writes outputs/<study>_fail
     previous.mkdir(parents=True)
     (previous / "metrics.json").write_text('{"seed": 1}\n')
     assert runner.main(["--study", STUDY, "--params", "fail"], root=repo) == 1
@@ -137,17 +137,30 @@ def test_failing_notebook_leaves_previous_outputs_untouched(repo: Path, capsys: 
     assert (repo / ".cache" / "failed" / f"{STUDY}.ipynb").is_file()
 
 
+def test_other_params_write_beside_the_default_outputs(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A smoke (or any non-default) run never replaces the committed outputs/<study>: it writes <study>_<params>."""
+    committed = repo / "outputs" / STUDY
+    committed.mkdir(parents=True)
+    (committed / "metrics.json").write_text('{"seed": 1}\n')
+    (repo / "params" / STUDY / "smoke.yaml").write_text("seed: 3\nfail: false\ntorch_threads: 1\n")
+    assert runner.main(["--study", STUDY, "--params", "smoke"], root=repo) == 0
+    assert (committed / "metrics.json").read_text() == '{"seed": 1}\n'
+    assert json.loads((repo / "outputs" / f"{STUDY}_smoke" / "metrics.json").read_text())["seed"] == 3
+    assert f"wrote outputs/{STUDY}_smoke in " in capsys.readouterr().out
+    assert runner.output_folder(STUDY, "default") == STUDY
+
+
 def test_jobs_run_studies_at_once_and_a_failure_stops_only_itself(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--jobs 3: three kernels at once; each study's outputs are what it writes alone, the failing one's untouched."""
     for study, fail in (("91_demo", "false"), ("92_demo", "true")):
         (repo / "notebooks" / f"{study}.py").write_text(DEMO_NOTEBOOK.replace('"90_demo"', f'"{study}"'))
         (repo / "params" / study).mkdir()
-        (repo / "params" / study / "ok.yaml").write_text(f"seed: 8\nfail: {fail}\ntorch_threads: 1\n")
+        (repo / "params" / study / "default.yaml").write_text(f"seed: 8\nfail: {fail}\ntorch_threads: 1\n")
     previous = repo / "outputs" / "92_demo"
     previous.mkdir(parents=True)
     (previous / "metrics.json").write_text('{"seed": 1}\n')
     omp_before = os.environ.get("OMP_NUM_THREADS")
-    code = runner.main(["--study", STUDY, "91_demo", "92_demo", "--params", "ok", "--threads", "2", "--jobs", "3"],
+    code = runner.main(["--study", STUDY, "91_demo", "92_demo", "--params", "default", "--threads", "2", "--jobs", "3"],
                        root=repo)
     assert code == 1
     for study, seed in ((STUDY, 7), ("91_demo", 8)):
@@ -171,7 +184,7 @@ def test_output_root_leaves_outputs_alone(repo: Path, tmp_path_factory: pytest.T
     previous.mkdir(parents=True)
     (previous / "metrics.json").write_text('{"seed": 1}\n')
     scratch = tmp_path_factory.mktemp("scratch")
-    assert runner.main(["--study", STUDY, "--params", "ok", "--output-root", str(scratch)], root=repo) == 0
+    assert runner.main(["--study", STUDY, "--params", "default", "--output-root", str(scratch)], root=repo) == 0
     assert json.loads((scratch / STUDY / "metrics.json").read_text())["seed"] == 7
     assert [p.name for p in previous.iterdir()] == ["metrics.json"]
     assert (previous / "metrics.json").read_text() == '{"seed": 1}\n'
@@ -185,7 +198,7 @@ def test_a_relative_output_root_is_below_the_current_directory(repo: Path, tmp_p
     too, not below notebooks/ (where they used to land while the report went to the right place)."""
     here = tmp_path_factory.mktemp("cwd")
     monkeypatch.chdir(here)
-    assert runner.main(["--study", STUDY, "--params", "ok", "--output-root", "scratch/out"], root=repo) == 0
+    assert runner.main(["--study", STUDY, "--params", "default", "--output-root", "scratch/out"], root=repo) == 0
     assert sorted(p.name for p in (here / "scratch" / "out" / STUDY).iterdir()) == [
         "metrics.json", "report.html", "report.ipynb"]
     assert not (repo / "notebooks" / "scratch").exists()
@@ -210,10 +223,10 @@ def test_baseline_keeps_only_checked_outputs(repo: Path) -> None:
 
 def test_invalid_params_anywhere_stop_everything_before_running(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     add_study(repo, "91_other", "seed: abc\n")
-    assert runner.main(["--params", "ok"], root=repo) == 1
+    assert runner.main(["--params", "default"], root=repo) == 1
     assert not (repo / "outputs").exists()
     err = capsys.readouterr().err
-    assert "params/91_other/ok.yaml: field 'seed': expected int, got str ('abc')" in err
+    assert "params/91_other/default.yaml: field 'seed': expected int, got str ('abc')" in err
 
 
 def test_unknown_study_lists_available(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -229,7 +242,7 @@ def test_studies_can_be_given_as_paths(repo: Path) -> None:
 
 def test_threads_are_injected_only_where_declared(repo: Path) -> None:
     add_study(repo, "91_other", "seed: 1\n")
-    params = runner.validate_all(["90_demo", "91_other"], "ok", repo, threads=3)
+    params = runner.validate_all(["90_demo", "91_other"], "default", repo, threads=3)
     assert params["90_demo"]["torch_threads"] == 3
     assert "torch_threads" not in params["91_other"]
 
@@ -238,15 +251,15 @@ def test_set_overrides_are_validated_and_go_only_where_declared(repo: Path, caps
     (repo / "notebooks" / "91_other.py").write_text('# %% tags=["parameters"]\nseed: int = 0  # >= 0\n'
                                                     'mode: str = "a"  # one of: a, b\n')
     (repo / "params" / "91_other").mkdir(parents=True)
-    (repo / "params" / "91_other" / "ok.yaml").write_text("seed: 1\nmode: a\n")
-    params = runner.validate_all(["90_demo", "91_other"], "ok", repo, overrides={"mode": "b"})
+    (repo / "params" / "91_other" / "default.yaml").write_text("seed: 1\nmode: a\n")
+    params = runner.validate_all(["90_demo", "91_other"], "default", repo, overrides={"mode": "b"})
     assert params["91_other"] == {"seed": 1, "mode": "b"} and "mode" not in params["90_demo"]
     assert runner.parse_args(["--set", "mode=b", "--set", "seed=2"]).overrides == [("mode", "b"), ("seed", 2)]
     with pytest.raises(runner.ParamsError, match="value 'c' breaks rule 'one of: a, b'"):
-        runner.validate_all(["91_other"], "ok", repo, overrides={"mode": "c"})
+        runner.validate_all(["91_other"], "default", repo, overrides={"mode": "c"})
     with pytest.raises(runner.ParamsError, match="--set colour: no parameter of that name in 90_demo, 91_other"):
-        runner.validate_all(["90_demo", "91_other"], "ok", repo, overrides={"colour": "red"})
-    assert runner.main(["--params", "ok", "--set", "seed=-1"], root=repo) == 1  # nothing runs, nothing written
+        runner.validate_all(["90_demo", "91_other"], "default", repo, overrides={"colour": "red"})
+    assert runner.main(["--params", "default", "--set", "seed=-1"], root=repo) == 1  # nothing runs, nothing written
     assert not (repo / "outputs").exists()
     assert "with --set seed=-1: field 'seed'" in capsys.readouterr().err
     with pytest.raises(SystemExit):

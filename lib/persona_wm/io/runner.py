@@ -1,4 +1,5 @@
-"""Run study notebooks with papermill into ``outputs/<study>/``; refresh nbval baselines.
+"""Run study notebooks with papermill into ``outputs/<study>/`` (``outputs/<study>_<params>/`` for any params file but
+default); refresh nbval baselines.
 
 Usage::
 
@@ -175,6 +176,12 @@ def validate_all(
 # One study -> outputs/<study>
 
 
+def output_folder(study: str, params_name: str) -> str:
+    """``outputs/<study>`` holds the default params' result; any other params file writes ``<study>_<params>``
+    (where ``persona_wm.io.check_outputs`` looks for it), so a smoke run never replaces the committed results."""
+    return study if params_name == "default" else f"{study}_{params_name}"
+
+
 def run_study(
     study: str,
     params: Mapping[str, Any],
@@ -182,8 +189,9 @@ def run_study(
     threads: int | None = None,
     progress_bar: bool = True,
     out_root: Path | None = None,
+    folder: str | None = None,
 ) -> Path:
-    """Execute one study into a temp dir and swap it into ``outputs/<study>``; returns that dir.
+    """Execute one study into a temp dir and swap it into ``outputs/<folder>`` (default ``<study>``); returns that dir.
 
     On any failure the temp dir is removed, ``outputs/<study>`` is left as it was, and a
     StudyError says what happened (for a cell error: which cell, exception and message).
@@ -196,7 +204,7 @@ def run_study(
     outputs.mkdir(parents=True, exist_ok=True)
     for stale in remove_stale_temps(outputs):
         print(f"   removed {_display(stale, root)} (left by a killed run)", file=sys.stderr)
-    final = outputs / study
+    final = outputs / (folder or study)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{study}-{os.getpid()}-", dir=outputs))
     tmp.chmod(0o755)  # mkdtemp makes it private; it becomes outputs/<study>
     try:
@@ -589,8 +597,8 @@ def _run_reports_concurrently(
 
     def one(study: str, values: Mapping[str, Any]) -> tuple[Path, float]:
         start = time.perf_counter()
-        return run_study(study, values, root, threads, progress_bar=False, out_root=out_root), \
-            time.perf_counter() - start
+        return run_study(study, values, root, threads, progress_bar=False, out_root=out_root,
+                         folder=output_folder(study, params_name)), time.perf_counter() - start
 
     # the kernels inherit this process's environment: set once for all of them (run_study's own patch then
     # sets the same values, so the threads cannot restore each other's half-patched state)
@@ -608,7 +616,7 @@ def _run_reports_concurrently(
                 except StudyError as err:
                     failed.append(study)
                     print(f"error: {err}", file=sys.stderr)
-                    print(f"   {_display(outputs / study, root)} left unchanged", file=sys.stderr)
+                    print(f"   {_display(outputs / output_folder(study, params_name), root)} left unchanged", file=sys.stderr)
                 else:
                     print(f"   [{done}/{len(params)}] wrote "
                           f"{_display(final, root)} in {seconds:.1f} s", flush=True)
@@ -634,9 +642,9 @@ def _run_reports(
     for i, (study, values) in enumerate(params.items(), start=1):
         print(f"== [{i}/{len(params)}] {study} (params/{study}/{params_name}.yaml)", flush=True)
         start = time.perf_counter()
-        left = _display(outputs / study, root)
+        left = _display(outputs / output_folder(study, params_name), root)
         try:
-            final = run_study(study, values, root, threads, out_root=out_root)
+            final = run_study(study, values, root, threads, out_root=out_root, folder=output_folder(study, params_name))
         except StudyError as err:
             print(f"error: {err}", file=sys.stderr)
             print(f"   {left} left unchanged ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
