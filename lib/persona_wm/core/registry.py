@@ -47,7 +47,7 @@ import re
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -123,6 +123,39 @@ def family(name: str, *, title: str | None = None, bare_default: bool = True) ->
         return named
 
     return register
+
+
+def config_family(name: str, config_type: type, build: Callable[[Any], GHMM], *, title: str | None = None,
+                  bare_default: bool = True) -> Callable[..., GHMM]:
+    """Register the family ``name`` whose knobs are the fields of the frozen dataclass ``config_type`` (in field
+    order, with their types and defaults) and whose process is ``build(config_type(**knobs))``; returns the
+    registered builder. :func:`config_name` and :func:`parse_config_name` go between such a config and its name."""
+    hints = typing.get_type_hints(config_type)
+
+    def builder(**knobs: Any) -> GHMM:
+        return build(config_type(**knobs))
+
+    builder.__signature__ = inspect.Signature(
+        [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+         for f in fields(config_type)], return_annotation=GHMM)
+    builder.__module__, builder.__qualname__ = build.__module__, f"{name}_family"
+    builder.__name__, builder.__doc__ = builder.__qualname__, (
+        f"The registry family ``{name}``: its knobs are :class:`{config_type.__name__}`'s fields.")
+    return family(name, title=title, bare_default=bare_default)(builder)
+
+
+def config_name(family_name: str, config: Any) -> str:
+    """Canonical name of a :func:`config_family` config: the knobs that differ from the defaults, in field order."""
+    return process_name(family_name, **{f.name: getattr(config, f.name) for f in fields(config)})
+
+
+def parse_config_name(name: str, family_name: str, config_type: type) -> Any:
+    """Inverse of :func:`config_name`: knobs checked by the registry, then by the config itself."""
+    _, knobs = process_knobs(name, family_name)
+    try:
+        return config_type(**knobs)
+    except ProcessError as error:
+        raise ProcessError(f"{name!r}: {error}") from None
 
 
 def families() -> dict[str, inspect.Signature]:

@@ -38,15 +38,13 @@ trained under).
 
 from __future__ import annotations
 
-import inspect
-import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
 from persona_wm.core.ghmm import GHMM, ProcessError, check_count, check_number
-from persona_wm.core.registry import family, process_knobs, process_name
+from persona_wm.core.registry import config_family, config_name, parse_config_name
 from persona_wm.core.sfp import leaky, restrict_to_sector, sfp_from_blocks
 
 __all__ = ["EMConfig", "EM_MAX_TRANSFER_ENTRIES", "em_process", "em_family", "em_name", "parse_em_name", "TokenRoles",
@@ -106,32 +104,14 @@ class EMConfig:
         return np.linspace(0.0, self.difficulty, self.n_tasks) if self.n_tasks > 1 else np.array([self.difficulty])
 
 
-def em_family(**knobs) -> GHMM:
-    """The registry family ``em``: ``get_process("em(mixing=0.25)")``; its knobs are :class:`EMConfig`'s fields."""
-    return em_process(EMConfig(**knobs))
-
-
-_EM_TYPES = typing.get_type_hints(EMConfig)
-em_family.__signature__ = inspect.Signature(  # knobs = EMConfig's fields, in field order, with their types
-    [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=_EM_TYPES[f.name])
-     for f in fields(EMConfig)],
-    return_annotation=GHMM,
-)
-family("em", title="EM-SFP", bare_default=False)(em_family)
-
-
 def em_name(config: EMConfig) -> str:
     """Canonical process name: only the knobs that differ from the defaults, in field order (``em()`` if none)."""
-    return process_name("em", **{f.name: getattr(config, f.name) for f in fields(config)})
+    return config_name("em", config)
 
 
 def parse_em_name(name: str) -> EMConfig:
     """Inverse of :func:`em_name`: ``em(mixing=0.8,n_tasks=4)`` -> EMConfig (knobs checked by the registry)."""
-    _, knobs = process_knobs(name, "em")
-    try:
-        return EMConfig(**knobs)
-    except ProcessError as error:
-        raise ProcessError(f"{name!r}: {error}") from None
+    return parse_config_name(name, "em", EMConfig)
 
 
 @dataclass(frozen=True)
@@ -234,6 +214,10 @@ def em_process(config: EMConfig) -> GHMM:
     process = sfp_from_blocks((p * d, 8 * k), (persona_subspaces, task_subspaces), blocks, prior, initials,
                               name=em_name(config), factor_tokens=(2, n_task_tokens(config)), subspace_names=(persona_names, task_names))
     return leaky(process, config.leak, name=em_name(config)) if config.leak > 0 else process
+
+
+# the registry family `em`: its knobs are EMConfig's fields
+em_family = config_family("em", EMConfig, em_process, title="EM-SFP", bare_default=False)
 
 
 # =========================================================================== positions and sectors

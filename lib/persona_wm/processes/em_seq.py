@@ -32,16 +32,14 @@ of each task].
 
 from __future__ import annotations
 
-import inspect
 import itertools
-import typing
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
 
 from persona_wm.core.ghmm import GHMM, ProcessError, check_count, check_number
-from persona_wm.core.registry import family, process_knobs, process_name
+from persona_wm.core.registry import config_family, config_name, parse_config_name
 from persona_wm.core.sfp import leaky, restrict_to_sector, sfp_from_blocks
 from persona_wm.processes.em import EM_MAX_TRANSFER_ENTRIES, persona_block
 
@@ -124,32 +122,14 @@ def sequence_length(config: EMSeqConfig) -> int:
     return SEGMENT * config.tasks_per_sequence
 
 
-def em_seq_family(**knobs) -> GHMM:
-    """The registry family ``em_seq``: ``get_process("em_seq(coupling=0.0)")``; knobs are :class:`EMSeqConfig`'s."""
-    return em_seq_process(EMSeqConfig(**knobs))
-
-
-_TYPES = typing.get_type_hints(EMSeqConfig)
-em_seq_family.__signature__ = inspect.Signature(
-    [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=_TYPES[f.name])
-     for f in fields(EMSeqConfig)],
-    return_annotation=GHMM,
-)
-family("em_seq", title="EM-seq organism", bare_default=False)(em_seq_family)
-
-
 def em_seq_name(config: EMSeqConfig) -> str:
     """Canonical name: the knobs that differ from the defaults, in field order (``em_seq()`` if none)."""
-    return process_name("em_seq", **{f.name: getattr(config, f.name) for f in fields(config)})
+    return config_name("em_seq", config)
 
 
 def parse_em_seq_name(name: str) -> EMSeqConfig:
     """Inverse of :func:`em_seq_name` (knobs checked by the registry)."""
-    _, knobs = process_knobs(name, "em_seq")
-    try:
-        return EMSeqConfig(**knobs)
-    except ProcessError as error:
-        raise ProcessError(f"{name!r}: {error}") from None
+    return parse_config_name(name, "em_seq", EMSeqConfig)
 
 
 # =========================================================================== tokens
@@ -248,6 +228,11 @@ def em_seq_process(config: EMSeqConfig) -> GHMM:
                               initials, name=em_seq_name(config), factor_tokens=(2, n_task_tokens(config)),
                               subspace_names=(persona_labels(config), tuple(variant_label(v) for v in variants)))
     return leaky(process, config.leak, name=em_seq_name(config)) if config.leak > 0 else process
+
+
+# the registry family `em_seq`: its knobs are EMSeqConfig's fields
+em_seq_family = config_family("em_seq", EMSeqConfig, em_seq_process, title="EM-seq organism",
+                              bare_default=False)
 
 
 # =========================================================================== worlds and data
