@@ -8,7 +8,6 @@ intervals and the cluster bootstrap, and every bad input for an error that names
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -31,6 +30,7 @@ from persona_wm.llm.datasets import (
 )
 from persona_wm.llm.model import LLM, LLMError, Scored
 from persona_wm.llm.personas import PersonaError
+from tests.llm_tiny import tiny_llama
 
 STUDY = "05b_llm_finetuning"
 
@@ -41,16 +41,7 @@ STUDY = "05b_llm_finetuning"
 
 @pytest.fixture()
 def tiny(tmp_path: Path) -> LLM:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=True)
-    model = LlamaForCausalLM(config).eval().requires_grad_(False)
-    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=1)
-    return LLM(model=model, tokenizer=tokenizer, name="tiny", weights=tmp_path / "none", sha256="0" * 64,
-               cache_dir=tmp_path / "cache", snapshot=tmp_path)
+    return tiny_llama(tmp_path / "cache")
 
 
 def _seqs(n: int = 6, seed: int = 0) -> list[Scored]:

@@ -1,32 +1,20 @@
 """persona_wm.llm.stacked_lora: K adapters trained at once equal each adapter trained alone by lora.finetune.
 
-A tiny random Llama stands in for SmolLM2 (a few seconds on the CPU).
+A tiny random Llama (tests/llm_tiny.py) stands in for SmolLM2 (a few seconds on the CPU).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from persona_wm.llm import lora
-from persona_wm.llm.model import LLM, LLMError, Scored
+from persona_wm.llm.model import LLMError, Scored
 from persona_wm.llm.stacked_lora import StackedJob, StackedLoraLinear, train_stacked
-
-
-def _tiny(cache: Path) -> LLM:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=True)
-    model = LlamaForCausalLM(config).eval().requires_grad_(False)
-    return LLM(model=model, tokenizer=SimpleNamespace(pad_token_id=0, eos_token_id=1), name="tiny",
-               weights=cache / "none", sha256="0" * 64, cache_dir=cache, snapshot=cache)
+from tests.llm_tiny import tiny_llama
 
 
 def _seqs(n: int, seed: int) -> list[Scored]:
@@ -50,7 +38,7 @@ def _jobs(validation: bool) -> list[StackedJob]:
 
 @pytest.mark.parametrize("validation", [False, True])
 def test_each_stacked_adapter_equals_its_lone_training(tmp_path: Path, validation: bool) -> None:
-    stacked_llm, alone_llm = _tiny(tmp_path / "stacked"), _tiny(tmp_path / "alone")
+    stacked_llm, alone_llm = tiny_llama(tmp_path / "stacked"), tiny_llama(tmp_path / "alone")
     every = 2 if validation else 0
     jobs = _jobs(validation)
     keys = train_stacked(stacked_llm, jobs, eval_every=every, progress=False)
@@ -74,7 +62,7 @@ def test_each_stacked_adapter_equals_its_lone_training(tmp_path: Path, validatio
 
 
 def test_a_second_call_trains_only_what_is_missing(tmp_path: Path) -> None:
-    llm = _tiny(tmp_path)
+    llm = tiny_llama(tmp_path)
     jobs = _jobs(False)
     first = train_stacked(llm, jobs[:2], progress=False)
     stamp = (lora.adapter_dir(llm, first[0]) / "meta.json").stat().st_mtime_ns
@@ -102,7 +90,7 @@ def test_the_stacked_layer_applies_adapter_k_to_block_k() -> None:
 
 
 def test_jobs_must_share_the_spec_but_for_the_seed(tmp_path: Path) -> None:
-    llm = _tiny(tmp_path)
+    llm = tiny_llama(tmp_path)
     jobs = _jobs(False)
     odd = StackedJob(jobs[0].seqs, dataclasses.replace(SPEC, lr=1e-3))
     with pytest.raises(LLMError, match="share the LoRA spec but for the seed"):
