@@ -407,7 +407,8 @@ class GHMM:
         :mod:`persona_wm.toy.stacked`) can be sampled in one vectorised pass without changing any tokens.
         """
         if self.hmm and self._sparse_transposed is not None:
-            return np.concatenate([self._sample_sparse(uniforms[:, start:start + SPARSE_SAMPLER_ROWS])
+            emission = np.ascontiguousarray(self.emission.T)  # [X, S], once for every chunk
+            return np.concatenate([self._sample_sparse(uniforms[:, start:start + SPARSE_SAMPLER_ROWS], emission)
                                    for start in range(0, max(np.shape(uniforms)[1], 1), SPARSE_SAMPLER_ROWS)])
         length, n_sequences = np.shape(uniforms)
         tokens = np.empty((n_sequences, length), dtype=np.int64)
@@ -425,8 +426,9 @@ class GHMM:
             belief = unnormalised / (unnormalised @ self.right)[:, None]
         return tokens
 
-    def _sample_sparse(self, uniforms: np.ndarray) -> np.ndarray:
-        """:meth:`sample_from_uniforms` for a large sparse HMM, on one chunk of :data:`SPARSE_SAMPLER_ROWS` rows.
+    def _sample_sparse(self, uniforms: np.ndarray, emission: np.ndarray) -> np.ndarray:
+        """:meth:`sample_from_uniforms` for a large sparse HMM, on one chunk of :data:`SPARSE_SAMPLER_ROWS` rows
+        (``emission``: the ``[X, S]`` transpose of :attr:`emission`).
 
         Beliefs are kept transposed, ``[S, R]``, with the sequences sorted by their last token, so that each T(x)
         multiplies one contiguous block of columns as a sparse matrix; a chunk's arrays stay in cache (the dense
@@ -437,7 +439,6 @@ class GHMM:
         tokens = np.empty((n_sequences, length), dtype=np.int64)
         where = np.arange(n_sequences)  # column j of the beliefs is sequence where[j]
         belief = np.broadcast_to(self.initial[:, None], (self.n_states, n_sequences)).copy()
-        emission = np.ascontiguousarray(self.emission.T)  # [X, S]
         transposed = self._sparse_transposed
         for t in range(length):
             cumulative = np.cumsum(np.clip(emission @ belief, 0.0, None), axis=0)  # [X, R]

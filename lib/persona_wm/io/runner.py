@@ -642,9 +642,10 @@ def _run_reports(
     for i, (study, values) in enumerate(params.items(), start=1):
         print(f"== [{i}/{len(params)}] {study} (params/{study}/{params_name}.yaml)", flush=True)
         start = time.perf_counter()
-        left = _display(outputs / output_folder(study, params_name), root)
+        folder = output_folder(study, params_name)
+        left = _display(outputs / folder, root)
         try:
-            final = run_study(study, values, root, threads, out_root=out_root, folder=output_folder(study, params_name))
+            final = run_study(study, values, root, threads, out_root=out_root, folder=folder)
         except StudyError as err:
             print(f"error: {err}", file=sys.stderr)
             print(f"   {left} left unchanged ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
