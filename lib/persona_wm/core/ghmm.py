@@ -52,7 +52,7 @@ DEFAULT_TOL = 1e-9
 ROUNDOFF = 1e-12
 #: :meth:`GHMM.sample_from_uniforms` multiplies by T(x) as a sparse matrix, in chunks of SPARSE_SAMPLER_ROWS
 #: sequences, when the HMM has at least SPARSE_MIN_STATES states and at most SPARSE_MAX_DENSITY non-zero entries:
-#: em_seq() (320 states, 0.05% non-zero) samples 2.5x faster (64k sequences of 9 tokens: 1.2 s vs 3.0 s on the
+#: em_seq() (320 states, 0.05% non-zero) samples 2.5x faster (64k sequences of 9 tokens: 1.0 s vs 2.5 s on the
 #: 2-core workstation); small dense processes keep the BLAS path. Same tokens up to float ties.
 SPARSE_MIN_STATES = 64
 SPARSE_MAX_DENSITY = 0.05
