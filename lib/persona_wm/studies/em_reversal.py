@@ -596,10 +596,15 @@ class Reversal:
             rows.append(row)
         return pd.DataFrame(rows)
 
-    def at_scale(self, method: str, scale: float) -> pd.Series:
-        """Mean over seeds of a method's summary row at ``scale``."""
+    def at_scale(self, method: str, scale: float, how: str = "mean") -> pd.Series:
+        """Mean (``how="std"``: sd) over seeds of a method's summary row at ``scale``."""
         rows = self.summary[(self.summary.method == method) & np.isclose(self.summary.scale, scale)]
-        return rows[["restoration_mean", "restoration_heldout", "restoration_task1", "capability_change"]].mean()
+        return getattr(rows[["restoration_mean", "restoration_heldout", "restoration_task1", "capability_change"]], how)()
+
+    def at_scale_metrics(self, method: str, scale: float) -> dict[str, float]:
+        """:meth:`at_scale`'s means with their sds over seeds (``<measure>_sd``)."""
+        return {**self.at_scale(method, scale).to_dict(),
+                **{f"{k}_sd": v for k, v in self.at_scale(method, scale, "std").to_dict().items()}}
 
     def beyond_null(self, method: str, scale: float = 1.0) -> bool:
         """Whether a method's mean restoration at ``scale`` exceeds the random null's 95th percentile there."""
@@ -621,8 +626,9 @@ class Reversal:
                     f"({m.removeprefix('ablation_').replace('_', ' ')})" for m in self.stats.index
                     if m.startswith("ablation_")]
         return (
-            f"At scale 1 (the base belief-state vector's norm) mean restoration over tasks is "
-            + ", ".join(f"{m.replace('_', ' ')} {r.restoration_mean:.2f}" for m, r in at1.items())
+            "At scale 1 (the base belief-state vector's norm) mean restoration over tasks (mean ± sd over seeds) is "
+            + ", ".join(f"{m.replace('_', ' ')} {r.restoration_mean:.2f} ± "
+                        f"{self.at_scale(m, 1.0, 'std').restoration_mean:.2f}" for m, r in at1.items())
             + f", against random directions of the same norm {null1.restoration_mean_q50:.2f} (median; 95th "
             f"percentile {null1.restoration_mean_q95:.2f}, {self.n_random} directions × {n_seeds} seeds): "
             + ", ".join(f"{m.replace('_', ' ')} {'beyond' if self.beyond_null(m) else 'within'}" for m in at1)
@@ -640,7 +646,7 @@ class Reversal:
                                                                   "capability_change", "change_at_target")},
                            **{f"{k}_sd": float(s[f"{k}_sd"]) for k in ("restoration_heldout", "capability_change",
                                                                       "change_at_target")},
-                           "at_scale_1": self.at_scale(method, 1.0).to_dict() if not method.startswith("ablation_")
+                           "at_scale_1": self.at_scale_metrics(method, 1.0) if not method.startswith("ablation_")
                            else None}
         out["random_null"] = {"built_as": DIRECTION_BUILDS["random"], "n_directions": self.n_random,
                               "per_scale": self.random_null.to_dict("records")}
