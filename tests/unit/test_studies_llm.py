@@ -161,8 +161,12 @@ def test_conclusion_driver_follows_the_larger_log_ratio_and_the_sign() -> None:
 
 
 def test_check_design_names_what_does_not_fit() -> None:
-    pool = ["surgeon", "poet", "villain"]
+    pool = ["surgeon", "poet", "villain", "helpful_assistant"]
     assert ft.check_design(pool, ["poet"], ["florist"], "villain", "whole_response", 27, 0)[-1] == "no_persona"
+    with pytest.raises(PersonaError, match="seed003_anchor 'librarian' is not in `pool`"):
+        ft.check_design(pool, ["poet"], ["florist"], "villain", "whole_response", 27, 0, "librarian")
+    with pytest.raises(ValueError, match="adapter_seeds must be distinct"):
+        ft.check_design(pool, ["poet"], ["florist"], "villain", "whole_response", 27, 0, adapter_seeds=[1, 1])
     with pytest.raises(PersonaError, match="coupling source 'librarian' is not in `pool`"):
         ft.check_design(pool, ["librarian"], ["florist"], "villain", "whole_response", 27, 0)
     with pytest.raises(PersonaError, match="EM-first source 'florist' is not in `pool`"):
@@ -190,17 +194,18 @@ def test_runs_merge_in_order_and_count_each_adapter_once() -> None:
     assert len(ft.unique_runs(runs)) == 2 and ft.recorded_train_s(runs) == 15.0
 
 
-def test_recipe_chosen_row_and_reversal_headline_rows() -> None:
+def test_recipe_chosen_row_and_reversal_tables() -> None:
     table = pd.DataFrame({"lr": [1e-4, 1e-3, 1e-3], "steps": [30, 30, 60], "val_loss": [2.0, 1.0, 1.5]})
     recipe = ft.Recipe(SimpleNamespace(lr=1e-3, steps=30), table, {}, 3)
     assert recipe.chosen["val_loss"] == 1.0
-    sweep = pd.DataFrame({"method": ["none", "centroid", "centroid", "centroid", "random"],
-                          "intervention": ["none", "steer", "steer", "ablate", "steer"],
-                          "scale": [0.0, 0.5, 1.0, 0.0, 1.0], "items_in_domain": [[1]] * 5})
-    rev = ft.Reversal(pd.DataFrame(), sweep, 0.5, 1.0)
+    sweep = pd.DataFrame({"method": ["none", "em_minus_base_centroid", "em_minus_base_centroid"],
+                          "intervention": ["none", "steer", "ablate"], "scale": [0.0, 1.0, 1.0],
+                          "items_in_domain": [[1]] * 3, "adapter": 0})
+    est = ft.Estimate.across([0.1])
+    rest = ft.Restoration("em_minus_base_centroid", "in_domain", (0.5,), (0.0, 0.1), est, est)
+    rev = ft.Reversal(pd.DataFrame(), sweep, pd.DataFrame(), {("em_minus_base_centroid", "in_domain"): rest}, est, 1.0)
     assert "none" not in set(rev.shown["method"]) and "items_in_domain" not in rev.table.columns
-    assert list(rev.head.index) == ["centroid", "centroid", "random"]
-    assert sorted(rev.head["intervention"]) == ["ablate", "steer", "steer"]
+    assert rev.restoration_table().loc["em_minus_base_centroid (in_domain)", "restoration"] == 0.5
 
 
 def test_em_evaluation_tables_count_answered_samples_only() -> None:
@@ -218,7 +223,7 @@ def test_finetuning_figures_have_labelled_axes() -> None:
     rng = np.random.default_rng(0)
     bys = pd.DataFrame({"source": ["a", "a", "b", "b"], "cos_distance": rng.random(4), "js": rng.random(4),
                         "logprob": rng.random(4), "gen_rate": rng.random(4)})
-    slopes = {(y, k): {"slope": 1.0, "ci_low": 0.0, "ci_high": 2.0, "n": 4} for y, _ in ft.OUTCOMES for k, _, _ in ft.DISTANCES}
+    slopes = {(y, k): ft.Slope(1.0, 0.0, 2.0, 0.05, 4) for y, _ in ft.OUTCOMES for k, _, _ in ft.DISTANCES}
     distances = [(k, x, label.format(layer=21)) for k, x, label in ft.DISTANCES]
     _, axes = plt.subplots(2, 2)
     ft_plots.plot_leakage_vs_distance(bys, slopes, ft.OUTCOMES, distances, axes)

@@ -14,7 +14,8 @@ import pandas as pd
 from scipy import stats as sps
 
 __all__ = ["across_seeds", "bootstrap_mean_ci", "spearman_with_ci", "mean_t_ci", "welch_difference", "trend_correlation", "mean_sd_text",
-           "crossed_effects_means", "within_cluster_permutation", "crossed_slope"]
+           "crossed_effects_means", "within_cluster_permutation", "crossed_slope", "mixed_contrasts",
+           "weighted_rate"]
 
 
 def bootstrap_mean_ci(values: Sequence[float], confidence: float = 0.95, n_resamples: int = 2000,
@@ -197,3 +198,44 @@ def crossed_slope(frame: pd.DataFrame, outcome: str, predictor: str, crossed: Se
     ci = fit.conf_int(alpha=1 - confidence)
     return {"slope": float(fit.fe_params[predictor]), "ci_low": float(ci.loc[predictor, 0]),
             "ci_high": float(ci.loc[predictor, 1]), "p": float(fit.pvalues[predictor]), "n": int(len(data))}
+
+
+def mixed_contrasts(frame: pd.DataFrame, outcome: str, arm: str, contrasts: Sequence[tuple[str, str]],
+                    random: Sequence[str], confidence: float = 0.95) -> dict[str, dict[str, float]]:
+    """Differences between arms of ``outcome`` from one linear mixed model with ``arm`` fixed and a random
+    intercept per factor of ``random`` (crossed: one all-encompassing group + one variance component each,
+    statsmodels MixedLM, REML). A factor nested in ``arm`` (e.g. the LoRA adapter, whose labels are unique
+    per arm) carries the between-adapter variance into every contrast's standard error, so no interval
+    conditions on one trained model. Per contrast ``"a-b"``: diff, ci_low, ci_high, p (Wald z); NaN for an
+    arm that is missing or where the fit fails."""
+    data = frame[[outcome, arm, *random]].dropna().copy()
+    data[arm] = data[arm].astype(str)
+    nan = float("nan")
+    out = {f"{a}-{b}": {"diff": nan, "ci_low": nan, "ci_high": nan, "p": nan} for a, b in contrasts}
+    if len(data) < 4 or data[arm].nunique() < 2:
+        return out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # boundary fits (a variance component at 0) are expected
+        try:
+            fit = _crossed_fit(f"{outcome} ~ 0 + C({arm})", data, random)
+        except (ValueError, np.linalg.LinAlgError):
+            return out
+    names = list(fit.fe_params.index)
+    for a, b in contrasts:
+        ia, ib = f"C({arm})[{a}]", f"C({arm})[{b}]"
+        if ia not in names or ib not in names:
+            continue
+        weights = np.zeros((1, len(names)))
+        weights[0, names.index(ia)], weights[0, names.index(ib)] = 1.0, -1.0
+        test = fit.t_test(weights)
+        low, high = np.asarray(test.conf_int(alpha=1 - confidence)).ravel()
+        out[f"{a}-{b}"] = {"diff": float(np.asarray(test.effect).ravel()[0]), "ci_low": float(low),
+                           "ci_high": float(high), "p": float(np.asarray(test.pvalue).ravel()[0])}
+    return out
+
+
+def weighted_rate(hits: Sequence[float], weights: Sequence[float]) -> float:
+    """Weighted share of ``hits`` (0/1) with sampling weights (e.g. inverse stratum sampling fractions):
+    the population rate a stratified sample estimates; NaN when no weight is positive."""
+    h, w = np.asarray(hits, dtype=float), np.asarray(weights, dtype=float)
+    return float((h * w).sum() / w.sum()) if w.sum() > 0 else float("nan")

@@ -328,13 +328,20 @@ def reference_sequences(llm: LLM, items: Sequence[Mapping[str, Any]], system: st
 
 
 def margin_scores(llm: LLM, resid: torch.Tensor, layer: int, seqs: Sequence[Scored],
-                  add: torch.Tensor | None = None) -> np.ndarray:
+                  add: torch.Tensor | None = None, chunk: int = 32) -> np.ndarray:
     """Per item: mean token log-prob of the misaligned minus the aligned reference (nats/token)."""
     if len(seqs) % 2:
         raise LLMError("reference sequences come in (aligned, misaligned) pairs; got an odd count")
-    lp, mask = top_logprobs(llm, resid, layer, seqs, add=add)
-    tokens = _scored_tokens(seqs, lp.shape[1])
-    token_lp = torch.take_along_dim(lp, tokens[..., None], dim=-1)[..., 0]
+    t = max(s.n_scored for s in seqs)
+    token_lp = torch.zeros((len(seqs), t), dtype=torch.float32)
+    mask = torch.zeros((len(seqs), t), dtype=torch.bool)
+    for i in range(0, len(seqs), chunk):  # gathered per chunk: the [B, T, vocab] log-probs are never all held
+        part = seqs[i: i + chunk]
+        n = max(len(s.ids) for s in part)
+        lp, m = forward_from(llm, resid[i: i + len(part), :n], layer, part, add=add)
+        tokens = _scored_tokens(part, lp.shape[1])
+        token_lp[i: i + len(part), : lp.shape[1]] = torch.take_along_dim(lp, tokens[..., None], dim=-1)[..., 0]
+        mask[i: i + len(part), : m.shape[1]] = m
     mean_lp = ((token_lp * mask).sum(1) / mask.sum(1)).numpy().astype(float)
     return mean_lp[1::2] - mean_lp[0::2]
 
@@ -618,7 +625,8 @@ def persona_distances(llm: LLM, names: Sequence[str], n_prompts: int, max_new_to
     (shared no_persona greedy responses, one :func:`persona_wm.llm.model.persona_pass` per prompt, the
     anchor's residual at ``layer`` over the first ``steer_tokens`` scored positions of the held-out
     prompts), so with 05a's parameters (``layer`` = 05a's ``steer_layer``) they are disk-cache hits.
-    Returns ``cos`` and ``js`` ([P, P], names order, anchor included).
+    Returns ``cos`` and ``js`` ([P, P], names order, anchor included) and ``centroids`` ([P, L, d]: each
+    persona's mean residual at every layer, averaged over the prompts; layer l at index l - 1).
     """
     names = list(names)
     if names[-1] != ANCHOR:
@@ -634,9 +642,9 @@ def persona_distances(llm: LLM, names: Sequence[str], n_prompts: int, max_new_to
                            anchor=anchor if i >= n_vector_prompts else None, anchor_layers=[layer],
                            anchor_tokens=steer_tokens)
               for i in range(n_prompts)]
-    centroids = torch.stack([p["means"][:, layer - 1] for p in passes]).mean(0).numpy()
+    all_layers = torch.stack([p["means"] for p in passes]).mean(0).numpy()
     js = torch.stack([p["js"] for p in passes]).mean(0).numpy()
-    return {"cos": cosine_distance_matrix(centroids), "js": js}
+    return {"cos": cosine_distance_matrix(all_layers[:, layer - 1]), "js": js, "centroids": all_layers}
 
 
 # --------------------------------------------------------------------------------------------

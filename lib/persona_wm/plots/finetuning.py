@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 
-def plot_leakage_vs_distance(bys: pd.DataFrame, slopes: Mapping[tuple[str, str], Mapping[str, Any]],
+def plot_leakage_vs_distance(bys: pd.DataFrame, slopes: Mapping[tuple[str, str], Any],
                              outcomes: Sequence[tuple[str, str]], distances: Sequence[tuple[str, str, str]],
                              axes: np.ndarray) -> None:
     """One panel per (outcome row, distance column): pairs coloured by source, titled with the crossed slope."""
@@ -34,14 +34,14 @@ def plot_leakage_vs_distance(bys: pd.DataFrame, slopes: Mapping[tuple[str, str],
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             sl = slopes[(y, key)]
-            ax.set_title(f"crossed-effects slope {sl['slope']:.2f} [{sl['ci_low']:.2f}, {sl['ci_high']:.2f}], "
-                         f"{sl['n']} pairs", fontsize=9)
+            ax.set_title(f"crossed-effects slope {sl.slope:.2f} [{sl.ci_low:.2f}, {sl.ci_high:.2f}], "
+                         f"{sl.n} pairs", fontsize=9)
     axes[0, 1].legend(fontsize=7, title="source")
 
 
 def plot_validation_curves(curves: pd.DataFrame, ax: plt.Axes) -> None:
-    """Held-out loss against training step, one line per run (``run``, ``step``, ``val_loss``)."""
-    sns.lineplot(data=curves, x="step", y="val_loss", hue="run", marker="o", ax=ax)
+    """Held-out loss against training step, one line per run and adapter (``run``, ``adapter``, ``step``, ``val_loss``)."""
+    sns.lineplot(data=curves, x="step", y="val_loss", hue="run", units="adapter", estimator=None, marker="o", ax=ax)
     ax.set_xlabel("training step")
     ax.set_ylabel("held-out response cross-entropy (nats/token)")
     ax.set_title("EM and control LoRAs: validation loss (the best step is kept)")
@@ -78,10 +78,10 @@ def plot_pca_clusters(projection: pd.DataFrame, explained: Sequence[float], laye
 
 def plot_arm_leakage(per_persona: pd.DataFrame, arms: Sequence[str], source: str, n_samples: int, n_prompts: int,
                      ax: plt.Axes) -> None:
-    """Marker rate among answered samples per bystander persona, one bar per arm."""
+    """Marker rate among all samples per bystander persona (all adapters pooled), one bar per arm."""
     sns.barplot(data=per_persona, x="persona", y="marker", hue="condition", ax=ax, errorbar=None, hue_order=list(arms))
     ax.set_xlabel("bystander persona")
-    ax.set_ylabel("marker rate among answered samples")
+    ax.set_ylabel("marker rate among all samples")
     ax.set_title(f"Marker leakage after coupling to {source} ({n_samples} samples × {n_prompts} prompts per bystander)")
     ax.tick_params(axis="x", rotation=60)
 
