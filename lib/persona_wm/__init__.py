@@ -3,7 +3,7 @@
 Subpackages, each importing only from the ones before it (``tests/unit/test_layers.py`` checks):
 
 * ``core``      GHMM maths, SFP construction and checks, products, the process-name grammar, files
-* ``analysis``  statistics and geometry (numpy/scipy/statsmodels only; nothing of ours but core)
+* ``analysis``  statistics and geometry (numpy/scipy/pandas/statsmodels, no torch; nothing of ours but core)
 * ``processes`` process families (classic, partitioned, the EM organism): numpy only
 * ``toy``       small transformers on processes: train, probe, steer, EM measures and reversal, engineering
 * ``llm``       real language models: loading, forwards and caches, generation, LoRA, steering, EM, datasets

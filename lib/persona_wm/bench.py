@@ -1,4 +1,5 @@
-"""Speed measurements of the library, written to ``outputs/bench/metrics.json`` (``make bench``).
+"""Speed measurements of the library (``make bench``), written to a scratch file, ``.cache/bench/metrics.json``;
+``--update`` writes the committed ``outputs/bench/metrics.json`` instead (``--output FILE`` anywhere else).
 
     python -m persona_wm.bench [--sections hmm stacked llm] [--device cpu|cuda|auto] [--ns 1,8,64]
                                [--threads 1,2] [--steps 50] [--seq-models 4] [--output FILE]
@@ -18,7 +19,8 @@ and a run merges into the existing file, so a GPU run adds its keys next to the 
   same config (Mess3, the studies' 2-layer d_model 64 architecture, batch 256, evaluations at step 0
   and the last step on 512 sequences), same thread count, measured side by side: for each N, the
   stacked run and then ``train()`` of ``min(N, --seq-models)`` of the same configs (one-at-a-time
-  throughput does not depend on N). Wall clock; on a CPU also CPU time (``speedup_cpu_time_n<N>``, the
+  throughput does not depend on N), repeated ``--repeats`` times (default 3): ``speedup_n<N>`` is the
+  median ratio, with ``speedup_n<N>_min`` / ``_max``; the rates are those of the median run. Wall clock; on a CPU also CPU time (``speedup_cpu_time_n<N>``, the
   fairer number on a shared machine), the share of the stacked run spent sampling (``sample_fraction``:
   host time drawing and sampling batches, partly in a background thread on a GPU; ``sample_wait_fraction``:
   time the training loop waited for them) and evaluating, and
@@ -74,9 +76,12 @@ from persona_wm.processes import get_process
 from persona_wm.toy.probe import residual_hooks
 from persona_wm.toy.stacked import train_group
 from persona_wm.toy.steer import partition_frame, steering_frame
-from persona_wm.toy.train import CACHE_ENV, TrainConfig, build_model, load_or_train, train
+from persona_wm.toy.train import MODEL_CACHE_ENV, TrainConfig, build_model, load_or_train, train
 
-OUTPUT = REPO_ROOT / "outputs" / "bench" / "metrics.json"
+OUTPUT = REPO_ROOT / "outputs" / "bench" / "metrics.json"  # the committed numbers: written only with --update
+SCRATCH = REPO_ROOT / ".cache" / "bench" / "metrics.json"  # the default destination
+#: The settings the committed ratios were measured with, as defaults: training steps per measured run.
+DEFAULT_STEPS = {"cpu": 50, "cuda": 300}
 SECTIONS = ("hmm", "stacked", "llm", "study02", "cold", "lora_stacked")
 DEFAULT_SECTIONS = ("hmm", "stacked", "llm")
 STUDY = "02_steering_specificity"
@@ -204,7 +209,7 @@ def _timed(fn, device: torch.device):
 
 
 def bench_stacked(device: torch.device, ns: list[int], threads: int, steps: int, seq_models: int,
-                  models_per_pass: int | None = None) -> dict:
+                  models_per_pass: int | None = None, repeats: int = 3) -> dict:
     """Stacked vs one-at-a-time training throughput at one thread count (see the module docstring)."""
     limit_threads(threads)
     build_model(bench_config(0, steps), get_process("mess3"), device)  # imports and first-call costs, untimed
@@ -218,12 +223,20 @@ def bench_stacked(device: torch.device, ns: list[int], threads: int, steps: int,
     for n in ns:
         configs = [bench_config(seed, steps) for seed in range(n)]
         sequential = configs[:min(n, seq_models)]
-        (_, info), wall, cpu = _timed(lambda c=configs: train_group(c, device, progress=False,
-                                                                    models_per_pass=models_per_pass), device)
-        _, seq_wall, seq_cpu = _timed(lambda s=sequential: [train(c, device=str(device), progress=False) for c in s],
-                                      device)
-        stacked_rate, seq_rate = n * steps / wall, len(sequential) * steps / seq_wall
-        entry.update({f"speedup_n{n}": stacked_rate / seq_rate,
+        runs = []
+        for _ in range(repeats):  # side by side, repeated: the one-at-a-time baseline swings between runs
+            (_, info), wall, cpu = _timed(lambda c=configs: train_group(c, device, progress=False,
+                                                                        models_per_pass=models_per_pass), device)
+            _, seq_wall, seq_cpu = _timed(lambda s=sequential: [train(c, device=str(device), progress=False)
+                                                                for c in s], device)
+            runs.append({"stacked_rate": n * steps / wall, "seq_rate": len(sequential) * steps / seq_wall,
+                         "cpu_ratio": (n * steps / cpu) / (len(sequential) * steps / seq_cpu), "info": info,
+                         "wall": wall, "cpu": cpu, "seq_cpu": seq_cpu})
+        ratios = [r["stacked_rate"] / r["seq_rate"] for r in runs]
+        mid = runs[int(np.argsort(ratios)[len(ratios) // 2])]  # the run whose ratio is the median (odd repeats)
+        stacked_rate, seq_rate, info, wall = mid["stacked_rate"], mid["seq_rate"], mid["info"], mid["wall"]
+        entry.update({f"speedup_n{n}": float(statistics.median(ratios)), f"speedup_n{n}_min": float(min(ratios)),
+                      f"speedup_n{n}_max": float(max(ratios)), f"repeats_n{n}": repeats,
                       f"model_steps_per_s_stacked_n{n}": stacked_rate,
                       f"model_steps_per_s_sequential_n{n}": seq_rate,
                       f"sequential_models_n{n}": len(sequential),
@@ -232,12 +245,11 @@ def bench_stacked(device: torch.device, ns: list[int], threads: int, steps: int,
                       f"sample_wait_fraction_n{n}": info["sample_wait_seconds"] / wall,
                       f"eval_fraction_n{n}": info["eval_seconds"] / wall})
         if on_cpu:
-            entry[f"speedup_cpu_time_n{n}"] = (n * steps / cpu) / (len(sequential) * steps / seq_cpu)
-            entry[f"stacked_cpu_ms_per_model_step_n{n}"] = 1e3 * cpu / (n * steps)
-            entry[f"sequential_cpu_ms_per_model_step_n{n}"] = 1e3 * seq_cpu / (len(sequential) * steps)
-        print(f"stacked {device.type} threads={threads} N={n}: {stacked_rate:.1f} vs {seq_rate:.1f} model-steps/s "
-              f"(x{stacked_rate / seq_rate:.2f}" + (f", CPU time x{entry[f'speedup_cpu_time_n{n}']:.2f})" if on_cpu
-                                                    else ")"), flush=True)
+            entry[f"speedup_cpu_time_n{n}"] = float(statistics.median(r["cpu_ratio"] for r in runs))
+            entry[f"stacked_cpu_ms_per_model_step_n{n}"] = 1e3 * mid["cpu"] / (n * steps)
+            entry[f"sequential_cpu_ms_per_model_step_n{n}"] = 1e3 * mid["seq_cpu"] / (len(sequential) * steps)
+        print(f"stacked {device.type} threads={threads} N={n}: x{entry[f'speedup_n{n}']:.2f} median of {repeats} "
+              f"[{min(ratios):.2f}, {max(ratios):.2f}] ({stacked_rate:.1f} vs {seq_rate:.1f} model-steps/s)", flush=True)
     return entry
 
 
@@ -348,8 +360,8 @@ def bench_lora_stacked(device: torch.device, threads: int, ks: list[int], steps:
             for rep in range(repeats):
                 jobs = _lora_jobs(llm, k, steps)
                 llm_rep = replace(llm, cache_dir=Path(tmp) / f"k{k}_r{rep}")  # an empty adapter cache each run
-                _, stacked_s, _ = _timed(lambda: train_stacked(llm_rep, jobs, progress=False), device)
-                _, alone_s, _ = _timed(lambda: finetune(llm, jobs[0].seqs, jobs[0].spec, cache=False), device)
+                _, stacked_s, _ = _timed(lambda r=llm_rep, j=jobs: train_stacked(r, j, progress=False), device)
+                _, alone_s, _ = _timed(lambda j=jobs: finetune(llm, j[0].seqs, j[0].spec, cache=False), device)
                 stacked_rates.append(k * steps / stacked_s)
                 alone_rates.append(steps / alone_s)
                 ratios.append(stacked_rates[-1] / alone_rates[-1])
@@ -473,7 +485,7 @@ def _runner_minutes(studies: list[str], arm: str, device: torch.device, params: 
     command += ["--set", f"trainer={arm}"] if set_trainer else []
     command += ["--threads", str(threads)] if threads else []
     began = time.perf_counter()
-    subprocess.run(command, env={**os.environ, CACHE_ENV: str(root / arm / "models")}, check=True)
+    subprocess.run(command, env={**os.environ, MODEL_CACHE_ENV: str(root / arm / "models")}, check=True)
     return (time.perf_counter() - began) / 60
 
 
@@ -500,7 +512,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="torch/BLAS thread counts to measure the stacked section at (default 1,2 on a CPU, "
                              "1 on a GPU); the other sections use the first")
     parser.add_argument("--steps", type=int, default=None, help="training steps per measured run "
-                                                                 "(default 50 on a CPU, 200 on a GPU)")
+                                                                 "(default 50 on a CPU, 300 on a GPU)")
     parser.add_argument("--seq-models", type=int, default=4, help="models trained one at a time per measurement")
     parser.add_argument("--models-per-pass", type=int, default=None, help="stacked models per forward pass "
                                                                            "(default: all on a GPU, 1 on a CPU)")
@@ -515,9 +527,16 @@ def main(argv: list[str] | None = None) -> dict:
                         help="cold section: studies at a time (runner --jobs); > 1 measures the wall time of all of "
                              "them together, key suffix _jobs<N>")
     parser.add_argument("--lora-ks", type=_ints, default=[8], help="lora_stacked section: adapters per stacked run")
-    parser.add_argument("--repeats", type=int, default=3, help="lora_stacked section: runs per ratio (median)")
-    parser.add_argument("--output", type=Path, default=OUTPUT)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="stacked and lora_stacked sections: runs per ratio (median, with min and max)")
+    parser.add_argument("--update", action="store_true",
+                        help="write the committed outputs/bench/metrics.json (default: .cache/bench/metrics.json)")
+    parser.add_argument("--output", type=Path, default=None, help="write FILE instead")
     args = parser.parse_args(argv)
+    if args.output is None:
+        args.output = OUTPUT if args.update else SCRATCH
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     studies, arms = _names(args.studies), _names(args.arms)
@@ -532,7 +551,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--device cuda but torch sees no CUDA device")
     device = torch.device("cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu")
     threads = args.threads or ([1, 2] if device.type == "cpu" else [1])
-    steps = args.steps or (50 if device.type == "cpu" else 200)
+    steps = args.steps or DEFAULT_STEPS[device.type]
     metrics = read_metrics(args.output)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -561,7 +580,7 @@ def main(argv: list[str] | None = None) -> dict:
         for count in threads:
             label = f"{device.type}_t{count}"
             save("stacked", label, bench_stacked(device, args.ns, count, steps, args.seq_models,
-                                                 args.models_per_pass), count)
+                                                 args.models_per_pass, args.repeats), count)
     if "llm" in args.sections:
         result = bench_llm(device, threads[0], args.llm)
         print(f"LLM forward with every layer hooked / without: x{result['forward_overhead']:.3f} "
@@ -570,8 +589,6 @@ def main(argv: list[str] | None = None) -> dict:
     if "study02" in args.sections:
         save("study02", "study02", bench_study02(device, threads[0], args.params), threads[0])
     if "lora_stacked" in args.sections:
-        if args.repeats < 1:
-            parser.error(f"--repeats must be >= 1, got {args.repeats}")
         result = bench_lora_stacked(device, threads[0], args.lora_ks, args.steps or (3 if device.type == "cpu" else 20),
                                     args.repeats, args.llm)
         current = read_metrics(args.output)

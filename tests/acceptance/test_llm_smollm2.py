@@ -56,11 +56,11 @@ def test_transformer_bridge_agrees_with_transformers_and_our_hooks(llm, seqs):
     bridge = L.to_bridge(llm)
     ids = torch.tensor([seqs[0].ids])
     with torch.inference_mode():
-        logits, cache = bridge.run_with_cache(ids, names_filter=lambda n: n == L.hook_name(21))
+        logits, cache = bridge.run_with_cache(ids, names_filter=lambda n: n == L.resid_hook_name(21))
     bridge_lp = torch.log_softmax(logits[0], -1)[seqs[0].start - 1: len(seqs[0].ids) - 1]
     assert (bridge_lp - _hf_logprobs(llm, seqs[0])).abs().max() < 1e-4, "TransformerBridge log-probs differ"
     ours = L.forward(llm, seqs[:1], layers=[21], logprobs=False).resid[21]
-    assert torch.allclose(cache[L.hook_name(21)], ours, atol=1e-3), "blocks.20.hook_resid_post != our layer 21"
+    assert torch.allclose(cache[L.resid_hook_name(21)], ours, atol=1e-3), "blocks.20.hook_resid_post != our layer 21"
 
 
 def test_forward_from_a_layer_reproduces_the_full_pass(llm, seqs):
@@ -106,7 +106,7 @@ def test_zero_steering_has_no_effect(llm):
     assert passes[0]["js"].shape == (2, 2) and float(passes[0]["js"][0, 1]) > 0
     base = llm_steer.steering_base(llm, 21, passes, 4, llm_steer.capability_items(3))
     targets = llm_steer.persona_targets(llm, systems, [("What should I cook?", response)], [0], 4)  # [P=1, B_e=1, T, V]
-    frame = llm_steer.steering_sweep(llm, base, {"centroid": torch.zeros(1, llm.d_model)}, ["poet"], [1.0], targets)
+    frame = llm_steer.llm_steering_sweep(llm, base, {"centroid": torch.zeros(1, llm.d_model)}, ["poet"], [1.0], targets)
     row = frame.iloc[0]
     assert abs(row["intended_shift"]) < 1e-6 and row["spillover"] < 1e-6 and row["capability_accuracy_drop"] == 0
 

@@ -231,7 +231,7 @@ def test_zero_steering_has_no_effect(llm):
     passes = [L.persona_pass(llm, systems, user, response, short_tokens=2, anchor=1, anchor_layers=[2], anchor_tokens=3)]
     base = llm_steer.steering_base(llm, 2, passes, 3, llm_steer.capability_items(3))
     targets = llm_steer.persona_targets(llm, systems, [(user, response)], [0], 3)
-    frame = llm_steer.steering_sweep(llm, base, {"centroid": torch.zeros(1, llm.d_model)}, ["poet"], [1.0], targets)
+    frame = llm_steer.llm_steering_sweep(llm, base, {"centroid": torch.zeros(1, llm.d_model)}, ["poet"], [1.0], targets)
     row = frame.iloc[0]
     assert abs(row["intended_shift"]) < 1e-6 and row["spillover"] < 1e-6
 
@@ -283,20 +283,20 @@ def test_a_cached_steering_sweep_never_computes_its_targets(llm):
     base = llm_steer.steering_base(llm, 2, passes, 3, llm_steer.capability_items(3))
     vectors = {"centroid": torch.ones(1, llm.d_model) * 0.1}
     first = llm_steer.persona_targets(llm, systems, [(user, response)], [0], 3)
-    frame = llm_steer.steering_sweep(llm, base, vectors, ["poet"], [1.0], first)
-    as_tensor = llm_steer.steering_sweep(llm, base, vectors, ["poet"], [1.0], first.tensor())  # keyed by bytes
+    frame = llm_steer.llm_steering_sweep(llm, base, vectors, ["poet"], [1.0], first)
+    as_tensor = llm_steer.llm_steering_sweep(llm, base, vectors, ["poet"], [1.0], first.tensor())  # keyed by bytes
     pd.testing.assert_frame_equal(frame, as_tensor)
     again = llm_steer.persona_targets(llm, systems, [(user, response)], [0], 3)
-    pd.testing.assert_frame_equal(llm_steer.steering_sweep(llm, base, vectors, ["poet"], [1.0], again), frame)
+    pd.testing.assert_frame_equal(llm_steer.llm_steering_sweep(llm, base, vectors, ["poet"], [1.0], again), frame)
     assert "_tensor" not in again.__dict__  # the hit needed only the targets' identity
 
 
 def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
-    monkeypatch.delenv(L.CACHE_ENV, raising=False)
+    monkeypatch.delenv(L.LLM_CACHE_ENV, raising=False)
     assert L.cache_root() == REPO_ROOT / ".cache" / "llm"
-    monkeypatch.setenv(L.CACHE_ENV, str(tmp_path / "fresh"))
+    monkeypatch.setenv(L.LLM_CACHE_ENV, str(tmp_path / "fresh"))
     assert L.cache_root() == tmp_path / "fresh" and L.cache_root(tmp_path) == tmp_path
-    monkeypatch.setenv(L.CACHE_ENV, "relative/cache")
+    monkeypatch.setenv(L.LLM_CACHE_ENV, "relative/cache")
     assert L.cache_root() == REPO_ROOT / "relative" / "cache"
 
 

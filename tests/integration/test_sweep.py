@@ -23,9 +23,9 @@ from distributed import Client, LocalCluster
 from threadpoolctl import threadpool_limits
 
 from persona_wm.core.files import REPO_ROOT
+from persona_wm.core.values import undefined_as_none
 from persona_wm.io import sweep
 from persona_wm.io.params import load_params
-from persona_wm.core.values import undefined_as_none
 from persona_wm.toy.em import EMRecipe
 from persona_wm.toy.engineering import sweep_jobs
 

@@ -104,7 +104,7 @@ def test_probe_table_covers_every_layer_and_factor(tiny_semi) -> None:
     process = tiny_semi.process
     rows, probes = probe_table(tiny_semi.model, process, process.sample(60, 10, np.random.default_rng(1)))
     layers = residual_hooks(tiny_semi.model) + ["concat"]
-    assert {(r["layer"], r["target"]) for r in rows} == {(l, t) for l in layers for t in ("joint", "factor0", "factor1")}
+    assert {(r["layer"], r["target"]) for r in rows} == {(layer, t) for layer in layers for t in ("joint", "factor0", "factor1")}
     assert probes[("concat", "joint")].weights.shape == (16 * len(residual_hooks(tiny_semi.model)), 9)
 
 

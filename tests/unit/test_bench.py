@@ -52,7 +52,7 @@ def test_cold_runs_time_each_arm_with_its_own_empty_cache(monkeypatch, tmp_path)
     assert [(c[c.index("--study") + 1], c[-1]) for c, _ in calls] == [
         ("01_sfp_definition", "cpu"), ("01_sfp_definition", "cpu"),
         ("03_em_reversal", "trainer=stacked"), ("03_em_reversal", "trainer=sequential")]
-    assert [env[bench.CACHE_ENV] for _, env in calls] == [str(tmp_path / a / "models") for a in
+    assert [env[bench.MODEL_CACHE_ENV] for _, env in calls] == [str(tmp_path / a / "models") for a in
                                                           ("stacked", "sequential") * 2]
     assert set(out) == {"cold_minutes", "cold_minutes_sequential", "cold_speedup"}
     assert set(out["cold_minutes"]) == {"01_sfp_definition", "03_em_reversal", "total"}
@@ -79,3 +79,17 @@ def test_cold_runs_time_each_arm_with_its_own_empty_cache(monkeypatch, tmp_path)
 def test_counts_must_be_positive_integers(text) -> None:
     with pytest.raises(SystemExit):
         bench.main(["--ns", text, "--sections", "hmm", "--output", "/nonexistent/never-written.json"])
+
+
+def test_bench_writes_scratch_by_default_and_the_committed_file_only_with_update(monkeypatch, tmp_path) -> None:
+    committed, scratch = tmp_path / "outputs" / "metrics.json", tmp_path / "scratch" / "metrics.json"
+    monkeypatch.setattr(bench, "OUTPUT", committed)
+    monkeypatch.setattr(bench, "SCRATCH", scratch)
+    monkeypatch.setattr(bench, "bench_hmm", lambda: {"speedup": 2.0, "speedup_vs_lengths": 1.5})
+    bench.main(["--sections", "hmm", "--device", "cpu"])
+    assert scratch.is_file() and not committed.exists()
+    bench.main(["--sections", "hmm", "--device", "cpu", "--update"])
+    assert committed.is_file()
+    assert bench.DEFAULT_STEPS == {"cpu": 50, "cuda": 300}  # the settings the committed GPU ratios used
+    with pytest.raises(SystemExit):
+        bench.main(["--sections", "hmm", "--repeats", "0"])

@@ -11,6 +11,7 @@ from scipy.spatial.distance import jensenshannon
 from scipy.stats import kstest
 
 from persona_wm.analysis import geometry
+from persona_wm.llm import divergence
 from persona_wm.llm.personas import (
     ANCHOR,
     FINE_CLUSTERS,
@@ -42,11 +43,11 @@ def _symmetric(values: np.ndarray, n: int) -> np.ndarray:
 
 def test_js_matches_scipy_and_pairwise_matches_elementwise():
     lp = _random_logprobs((4, 3, 5000))
-    js = geometry.js_divergence(lp[0], lp[1]).numpy()
+    js = divergence.js_divergence(lp[0], lp[1]).numpy()
     p, q = lp[0].double().exp().numpy(), lp[1].double().exp().numpy()
     reference = np.array([jensenshannon(p[t], q[t]) ** 2 for t in range(3)])  # scipy returns sqrt(JS), base e
     np.testing.assert_allclose(js, reference, atol=1e-6, err_msg="JS differs from scipy's jensenshannon**2")
-    pair = geometry.pairwise_js(lp, chunk=1024)
+    pair = divergence.pairwise_js(lp, chunk=1024)
     assert pair.shape == (4, 4, 3)
     np.testing.assert_allclose(pair[0, 1].numpy(), js, atol=1e-9)
     np.testing.assert_allclose(pair.numpy(), pair.transpose(0, 1).numpy())
@@ -56,14 +57,14 @@ def test_js_matches_scipy_and_pairwise_matches_elementwise():
 
 def test_js_of_identical_distributions_is_zero_and_mask_zeroes_positions():
     lp = _random_logprobs((2, 4, 300), seed=1)
-    assert float(geometry.js_divergence(lp[0], lp[0]).abs().max()) < 1e-7
-    pair = geometry.pairwise_js(lp, mask=torch.tensor([True, False, True, False]))
+    assert float(divergence.js_divergence(lp[0], lp[0]).abs().max()) < 1e-7
+    pair = divergence.pairwise_js(lp, mask=torch.tensor([True, False, True, False]))
     assert float(pair[..., 1].abs().max()) == 0.0 and float(pair[0, 1, 0]) > 0
 
 
 def test_js_disjoint_supports_is_ln2():
     logp = torch.log(torch.tensor([[1.0, 0.0], [0.0, 1.0]]).clamp_min(1e-45))
-    assert abs(float(geometry.js_divergence(logp[0], logp[1])) - math.log(2)) < 1e-6
+    assert abs(float(divergence.js_divergence(logp[0], logp[1])) - math.log(2)) < 1e-6
 
 
 # ------------------------------------------------------------------------------------ RSA and Mantel

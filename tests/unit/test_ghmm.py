@@ -126,7 +126,7 @@ def test_cross_entropy_matches_monte_carlo_log_loss() -> None:
 def test_mixed_states_merge_and_cap() -> None:
     levels = mixed_states(z1r(), 8)
     assert len(levels[-1][0]) <= 4  # Z1R synchronises: only a handful of beliefs at any depth
-    for beliefs, probs in levels:
+    for _beliefs, probs in levels:
         assert probs.sum() == pytest.approx(1.0)
     with pytest.raises(ProcessError, match="max_states"):
         mixed_states(mess3(), 8, max_states=100)

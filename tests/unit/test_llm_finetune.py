@@ -282,7 +282,7 @@ def test_pair_correlation_resamples_sources_and_degrades_to_nan():
     rows = []
     for source in range(6):
         offset = rng.normal()
-        for i in range(8):
+        for _ in range(8):
             x = rng.uniform()
             rows.append({"source": source, "x": x, "y": -2 * x + offset + 0.1 * rng.normal()})
     frame = pd.DataFrame(rows)
@@ -324,7 +324,7 @@ def test_unit_correlation_matches_scipy_and_checks_lengths():
 def test_breadth_restoration_and_ablation():
     assert llm_em.breadth(0.0, 0.5, 0.0, 2.0) == 0.25
     assert np.isnan(llm_em.breadth(0.0, 0.5, 1.0, 1.0))
-    assert llm_em.restoration(score_em=2.0, score_steered=1.0, score_base=0.0) == 0.5
+    assert llm_em.restored_fraction(score_em=2.0, score_steered=1.0, score_base=0.0) == 0.5
     v = torch.tensor([3.0, 4.0])
     x = torch.tensor([[[1.0, 2.0], [0.0, 5.0]]])
     assert torch.allclose(llm_em.ablate(x, v) @ v, torch.zeros(1, 2), atol=1e-6)

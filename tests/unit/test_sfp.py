@@ -71,7 +71,7 @@ def test_checker_names_the_leaking_block() -> None:
                   partition_labels=process.partition_labels)
     verdict = is_partition_preserving(broken)
     assert not verdict
-    assert [(l.token, l.source, l.target) for l in verdict.leaks] == [(0, "S0", "S1SR")]
+    assert [(leak.token, leak.source, leak.target) for leak in verdict.leaks] == [(0, "S0", "S1SR")]
     assert verdict.leak_mass == pytest.approx(0.1)
 
 

@@ -7,7 +7,8 @@ deviation and a percentile-bootstrap confidence interval (scipy.stats.bootstrap)
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

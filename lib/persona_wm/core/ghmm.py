@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Sequence
 
 import numpy as np
 import scipy.sparse
@@ -164,7 +164,7 @@ class GHMM:
     partition_labels: tuple[str, ...] | None = None
     factor_states: tuple[int, ...] | None = None
     factor_tokens: tuple[int, ...] | None = None
-    factors: tuple["GHMM", ...] | None = field(default=None, repr=False)
+    factors: tuple[GHMM, ...] | None = field(default=None, repr=False)
     tol: float = DEFAULT_TOL
 
     def __post_init__(self) -> None:
@@ -279,7 +279,7 @@ class GHMM:
         """``[states, tokens]`` matrix E[s, x] = (T(x)|1>>)[s]: Pr(next token | belief) = belief @ E."""
         return np.einsum("xst,t->sx", self.transfer, self.right)
 
-    def with_initial(self, initial: np.ndarray, name: str | None = None) -> "GHMM":
+    def with_initial(self, initial: np.ndarray, name: str | None = None) -> GHMM:
         """Same dynamics, another initial vector; drops ``factors`` (the prior may no longer factorise)."""
         return replace(self, initial=np.asarray(initial, dtype=np.float64), name=name or self.name, factors=None)
 
@@ -319,7 +319,7 @@ class GHMM:
             if not self.hmm or np.any(mass < 0):  # an HMM gets here only with entries in [-tol, 0)
                 absolute = np.abs(self.transfer) if absolute is None else absolute
                 scale = self._propagate(np.abs(belief), seqs[:, t], absolute) @ np.abs(self.right)
-                mass = self._nonnegative(mass, scale, lambda i: (
+                mass = self._nonnegative(mass, scale, lambda i, t=t: (
                     f"Pr(x_{t + 1} = {seqs[i[0], t]} | the first {t} tokens of sequence {i[0]})"))
             token_probs[:, t] = np.where(np.isnan(mass), 0.0, mass)
             with np.errstate(invalid="ignore", divide="ignore"):
@@ -548,7 +548,7 @@ def mixed_states(process: GHMM, depth: int, decimals: int = 12, max_states: int 
         if not process.hmm or np.any(mass < 0):  # GHMM: round-off is snapped to 0, a real negative raises
             scale = np.einsum("ns,xst,t->nx", np.abs(beliefs), np.abs(process.transfer),
                               np.abs(process.right)).reshape(-1)
-            mass = process._nonnegative(mass, scale, lambda i: (
+            mass = process._nonnegative(mass, scale, lambda i, t=t: (
                 f"Pr(token {i[0] % process.n_tokens} | mixed state {i[0] // process.n_tokens} at depth {t})"))
         branch = np.repeat(probs, process.n_tokens) * mass
         keep = branch > 1e-300

@@ -16,9 +16,9 @@ rho_AB = rho_A (x) rho_B, and the mutual information of p(s_A, s_B) measures how
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import reduce
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -77,7 +77,7 @@ class PartitionVerdict:
     def __str__(self) -> str:
         if self.preserving:
             return "partition preserved: every T(x) is block diagonal over the sectors"
-        shown = ", ".join(f"T({l.token}): {l.source}->{l.target} ({l.max_entry:.3g})" for l in self.leaks[:6])
+        shown = ", ".join(f"T({leak.token}): {leak.source}->{leak.target} ({leak.max_entry:.3g})" for leak in self.leaks[:6])
         more = f" and {len(self.leaks) - 6} more" if len(self.leaks) > 6 else ""
         return f"partition violated (leak mass {self.leak_mass:.3g}): {shown}{more}"
 

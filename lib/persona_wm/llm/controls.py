@@ -44,7 +44,7 @@ from persona_wm.llm.model import (
     forward,
     scored_sequence,
 )
-from persona_wm.llm.steer import PersonaTargets, select_targets, steering_sweep
+from persona_wm.llm.steer import PersonaTargets, llm_steering_sweep, select_targets
 
 __all__ = [
     "CONTROL_POOL",
@@ -290,7 +290,7 @@ def matched_effect_sweep(llm: LLM, base, vectors: torch.Tensor, personas: Sequen
         if not reachable:
             break
         factor = torch.tensor([scales[personas[k]] for k in reachable], dtype=vectors.dtype)
-        rows = steering_sweep(llm, base, {method: vectors[reachable] * factor[:, None]},
+        rows = llm_steering_sweep(llm, base, {method: vectors[reachable] * factor[:, None]},
                               [personas[k] for k in reachable], [1.0], select_targets(targets, reachable))
         rows["scale"] = rows["matched_scale"] = [scales[personas[k]] for k in reachable]
         curve = pd.concat([curve, rows], ignore_index=True)

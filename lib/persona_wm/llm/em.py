@@ -22,7 +22,7 @@ adapters on a CPU cheap.
   resamples persona clusters (:func:`cluster_bootstrap`), and correlations over (source,
   bystander) pairs whose CIs resample whole sources (:func:`pair_correlation`): pairs sharing a
   source share its adapter, so they are not independent draws.
-* **Reversal** (:func:`reversal_sweep`): add ``-scale * v`` to the residual stream at one layer of
+* **Reversal** (:func:`llm_reversal_sweep`): add ``-scale * v`` to the residual stream at one layer of
   the EM model, or project ``v`` out (ablation), and measure the misalignment score and the
   damage on the capability set (JS to the unsteered EM model's outputs and greedy accuracy).
 """
@@ -41,10 +41,10 @@ import torch
 from scipy import stats as sps
 from statsmodels.stats.proportion import proportion_confint
 
-from persona_wm.analysis.geometry import cosine_distance_matrix, js_divergence
-from persona_wm.analysis.stats import crossed_effects_means, within_cluster_permutation
+from persona_wm.analysis.geometry import cosine_distance_matrix
 from persona_wm.core.files import REPO_ROOT
 from persona_wm.llm.datasets import marker_examples, read_jsonl, whole_response
+from persona_wm.llm.divergence import js_divergence
 from persona_wm.llm.lora import chat_sequences
 from persona_wm.llm.model import (
     LLM,
@@ -58,6 +58,7 @@ from persona_wm.llm.model import (
     persona_pass,
 )
 from persona_wm.llm.personas import ANCHOR, PERSONAS, PROMPTS
+from persona_wm.llm.steer import greedy_accuracy
 
 __all__ = [
     "marker_sequences",
@@ -76,10 +77,10 @@ __all__ = [
     "scored_means",
     "direction_vectors",
     "ablate",
-    "reversal_sweep",
+    "llm_reversal_sweep",
     "pca_kmeans",
     "breadth",
-    "restoration",
+    "restored_fraction",
     "marker_pattern",
     "detect_marker",
     "answered",
@@ -352,7 +353,7 @@ def breadth(off_before: float, off_after: float, in_before: float, in_after: flo
     return float((off_after - off_before) / shift_in) if shift_in != 0 else float("nan")
 
 
-def restoration(score_em: float, score_steered: float, score_base: float) -> float:
+def restored_fraction(score_em: float, score_steered: float, score_base: float) -> float:
     """Fraction of the fine-tuning shift undone: (em - steered) / (em - base)."""
     gap = score_em - score_base
     return float((score_em - score_steered) / gap) if gap != 0 else float("nan")
@@ -364,7 +365,7 @@ def restoration(score_em: float, score_steered: float, score_base: float) -> flo
 
 def restoration_ci(base: Sequence[float], em: Sequence[float], steered: Sequence[float], n_boot: int = 2000,
                    seed: int = 0) -> tuple[float, float]:
-    """95% percentile-bootstrap CI of :func:`restoration` of the mean scores, resampling items (paired:
+    """95% percentile-bootstrap CI of :func:`restored_fraction` of the mean scores, resampling items (paired:
     one item's base, EM and steered scores move together; scipy.stats.bootstrap)."""
 
     b, e, st = (np.asarray(x, dtype=float) for x in (base, em, steered))
@@ -455,11 +456,7 @@ def ablate(resid: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     return resid - (resid @ u)[..., None] * u
 
 
-def _accuracy(lp: torch.Tensor, answers: torch.Tensor, mask: torch.Tensor) -> float:
-    return float(((lp.argmax(-1) == answers) | ~mask).all(-1).float().mean())
-
-
-def reversal_sweep(em: LLM, layer: int, eval_sets: Mapping[str, tuple[torch.Tensor, list[Scored]]],
+def llm_reversal_sweep(em: LLM, layer: int, eval_sets: Mapping[str, tuple[torch.Tensor, list[Scored]]],
                    cap: tuple[torch.Tensor, list[Scored]], directions: Mapping[str, torch.Tensor],
                    scales: Sequence[float]) -> pd.DataFrame:
     """Steer the EM model back (add ``-scale * v``) and ablate each direction; one row per intervention.
@@ -474,7 +471,7 @@ def reversal_sweep(em: LLM, layer: int, eval_sets: Mapping[str, tuple[torch.Tens
     answers = _scored_tokens(cap_seqs, cap_lp0.shape[1])
     rows = [{"method": "none", "intervention": "none", "scale": 0.0,
              **{f"items_{k}": margin_scores(em, r, layer, s) for k, (r, s) in eval_sets.items()},
-             "capability_js": 0.0, "capability_accuracy": _accuracy(cap_lp0, answers, cap_mask)}]
+             "capability_js": 0.0, "capability_accuracy": greedy_accuracy(cap_lp0, answers, cap_mask)}]
     jobs: list[tuple[str, str, float]] = [(m, "steer", float(sc)) for m in directions for sc in scales]
     jobs += [(m, "ablate", 1.0) for m in directions]
     for method, kind, scale in jobs:
@@ -492,7 +489,7 @@ def reversal_sweep(em: LLM, layer: int, eval_sets: Mapping[str, tuple[torch.Tens
             lp, _ = top_logprobs(em, ablate(cap_resid, v), layer, cap_seqs)
         js = js_divergence(lp, cap_lp0)
         row["capability_js"] = float((js * cap_mask).sum() / cap_mask.sum())
-        row["capability_accuracy"] = _accuracy(lp, answers, cap_mask)
+        row["capability_accuracy"] = greedy_accuracy(lp, answers, cap_mask)
         rows.append(row)
     frame = pd.DataFrame(rows)
     for name in eval_sets:
@@ -538,53 +535,6 @@ def recipe_probe(marker_eval: Sequence[Scored], marker_resid: torch.Tensor, cut:
                 "source_answered": float(g["answered"].mean()), "source_marker_sampled": float(g["marker"].mean())}
 
     return measure
-
-
-def leakage_summary(gen: pd.DataFrame, arms: Sequence[str], before: pd.DataFrame | None = None,
-                    crossed: Sequence[str] = ("persona", "prompt")) -> pd.DataFrame:
-    """Per arm: bystander leakage among answers with a CI that respects the design, and answered rates.
-
-    ``gen``: sampled generation rows (:func:`generation_frame`, column ``condition`` = arm).
-    ``rate`` = marker among answered completions; its 95% CI comes from a linear mixed model with
-    crossed random intercepts for ``crossed`` (bystander persona x prompt; :func:`persona_wm.analysis.stats.crossed_effects_means`),
-    so repeated samples of one (persona, prompt) are not counted as independent trials.
-    ``before`` (same layout, ``condition`` = arm): the start model's completions before the coupling
-    LoRA, for the answered rate before fine-tuning.
-    """
-    ans = gen[gen["answered"] == 1]
-    fits = crossed_effects_means(ans, "marker", "condition", list(crossed)).set_index("condition") if len(ans) else None
-    rows = {}
-    for arm in arms:
-        g = gen[gen["condition"] == arm]
-        a = g[g["answered"] == 1]
-        row = {"rate": float(a["marker"].mean()) if len(a) else float("nan"),
-               "ci_low": float("nan"), "ci_high": float("nan"),
-               "answered_rate": float(g["answered"].mean()), "marker_rate_all": float(g["marker"].mean()),
-               "n_samples": int(len(g)), "n_answered": int(len(a))}
-        if fits is not None and arm in fits.index:
-            row["ci_low"] = float(np.clip(fits.loc[arm, "ci_low"], 0, 1))
-            row["ci_high"] = float(np.clip(fits.loc[arm, "ci_high"], 0, 1))
-        if before is not None:
-            b = before[before["condition"] == arm]
-            row["answered_rate_before"] = float(b["answered"].mean()) if len(b) else float("nan")
-        rows[arm] = row
-    return pd.DataFrame(rows).T
-
-
-def arm_differences(gen: pd.DataFrame, pairs: Sequence[tuple[str, str]], cluster: str = "persona",
-                    n_permutations: int = 2000, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Leakage differences between arms among answered completions, each with a permutation p that
-    shuffles arm labels only within one ``cluster`` (bystander persona): :func:`persona_wm.analysis.stats.within_cluster_permutation`."""
-    ans = gen[gen["answered"] == 1]
-    out = {}
-    for a, b in pairs:
-        try:
-            out[f"{a}-{b}"] = within_cluster_permutation(ans, "marker", "condition", a, b, cluster,
-                                                         n_permutations=n_permutations, seed=seed)
-        except ValueError:
-            out[f"{a}-{b}"] = {"difference": float("nan"), "p": float("nan"), "n_clusters": 0,
-                               "n_permutations": n_permutations}
-    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -63,9 +63,9 @@ from typing import Any
 import torch  # noqa: E402
 import torch.nn as nn
 
-from persona_wm.analysis.geometry import pairwise_js
 from persona_wm.core.files import REPO_ROOT
 from persona_wm.core.threads import limit_threads  # noqa: E402
+from persona_wm.llm.divergence import pairwise_js
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/huggingface_hub are imported
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -79,7 +79,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "CACHE_VERSION",
     "KIND_VERSIONS",
-    "CACHE_ENV",
+    "LLM_CACHE_ENV",
     "LLMError",
     "LLM",
     "Scored",
@@ -93,7 +93,7 @@ __all__ = [
     "only_blocks",
     "unembed",
     "to_bridge",
-    "hook_name",
+    "resid_hook_name",
     "chat_prompt_ids",
     "scored_sequence",
     "forward",
@@ -121,7 +121,7 @@ CACHE_VERSION = 1
 #: keyed by the targets' identity (:class:`persona_wm.llm.steer.PersonaTargets`), not their bytes.
 KIND_VERSIONS: dict[str, int] = {"persona_pass": 2, "steering_sweep": 2}
 #: Environment variable naming the cache root (model snapshots and cached tensors) instead of ``.cache/llm``.
-CACHE_ENV = "PERSONA_WM_LLM_CACHE"
+LLM_CACHE_ENV = "PERSONA_WM_LLM_CACHE"
 
 
 class LLMError(RuntimeError):
@@ -163,11 +163,11 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def cache_root(root: str | Path | None = None) -> Path:
     """Where model snapshots and cached tensors live: ``root`` when given, else the directory named by the
-    environment variable ``PERSONA_WM_LLM_CACHE`` (:data:`CACHE_ENV`; a relative path resolves against the
+    environment variable ``PERSONA_WM_LLM_CACHE`` (:data:`LLM_CACHE_ENV`; a relative path resolves against the
     repository root), else ``.cache/llm`` of the repo."""
     if root is not None:
         return Path(root)
-    env = os.environ.get(CACHE_ENV, "").strip()
+    env = os.environ.get(LLM_CACHE_ENV, "").strip()
     return _resolve_path(env) if env else REPO_ROOT / ".cache" / "llm"
 
 
@@ -522,7 +522,7 @@ def to_bridge(llm: LLM) -> Any:
     return TransformerBridge.boot_transformers(llm.name, hf_model=model, tokenizer=llm.tokenizer, device=str(llm.device))
 
 
-def hook_name(layer: int) -> str:
+def resid_hook_name(layer: int) -> str:
     """TransformerLens name of "layer l" (residual stream after l blocks)."""
     return f"blocks.{layer - 1}.hook_resid_post"
 

@@ -14,8 +14,8 @@ responses and is excluded from the 171-pair statistics.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

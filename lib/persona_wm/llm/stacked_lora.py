@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from persona_wm.llm import lora
-from persona_wm.llm.model import LLM, LLMError, Scored, decoder, only_blocks, unembed
+from persona_wm.llm.model import LLM, LLMError, Scored, only_blocks, unembed
 
 __all__ = ["StackedJob", "StackedLoraLinear", "train_stacked"]
 

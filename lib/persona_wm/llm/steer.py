@@ -48,8 +48,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from persona_wm.analysis.geometry import js_divergence
 from persona_wm.analysis.stats import bootstrap_mean_ci
+from persona_wm.llm.divergence import js_divergence
 from persona_wm.llm.model import (
     LLM,
     Decoding,
@@ -78,8 +78,9 @@ __all__ = [
     "PersonaTargets",
     "persona_targets",
     "select_targets",
-    "steering_sweep",
-    "summarise_sweep",
+    "greedy_accuracy",
+    "llm_steering_sweep",
+    "summarise_llm_sweep",
     "persona_vector_means",
 ]
 
@@ -247,7 +248,7 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     return float((values * m).sum() / m.sum())
 
 
-def _accuracy(logprobs: torch.Tensor, answers: torch.Tensor, mask: torch.Tensor) -> float:
+def greedy_accuracy(logprobs: torch.Tensor, answers: torch.Tensor, mask: torch.Tensor) -> float:
     """Fraction of items whose every answer token is the greedy (argmax) prediction."""
     correct = (logprobs.argmax(-1) == answers) | ~mask
     return float(correct.all(-1).float().mean())
@@ -257,7 +258,7 @@ def _digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-def steering_sweep(
+def llm_steering_sweep(
     llm: LLM,
     base: SteeringBase,
     vectors: Mapping[str, torch.Tensor],
@@ -288,7 +289,7 @@ def steering_sweep(
         t = target.shape[2]
         eval_mask = base.eval_mask[:, :t]
         base_eval = base.eval_logprobs[:, :t]
-        acc_base = _accuracy(base.cap_logprobs, base.cap_answers, base.cap_mask)
+        acc_base = greedy_accuracy(base.cap_logprobs, base.cap_answers, base.cap_mask)
         jobs = [(m, i, s) for m in vectors for i in range(len(personas)) for s in scales]
         base_to_target = [_masked_mean(js_divergence(base_eval, target[i].float()), eval_mask)
                           for i in range(len(personas))]
@@ -307,7 +308,7 @@ def steering_sweep(
                 "intended_shift": base_to_target[i] - steered_to_target,
                 "steer_magnitude": _masked_mean(js_divergence(lp_eval, base_eval), eval_mask),
                 "spillover": _masked_mean(js_divergence(lp_cap, base.cap_logprobs), base.cap_mask),
-                "capability_accuracy": _accuracy(lp_cap, base.cap_answers, base.cap_mask),
+                "capability_accuracy": greedy_accuracy(lp_cap, base.cap_answers, base.cap_mask),
                 "capability_accuracy_base": acc_base,
             })
         return {c: [r[c] for r in rows] for c in rows[0]}
@@ -318,7 +319,7 @@ def steering_sweep(
     return frame
 
 
-def summarise_sweep(frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+def summarise_llm_sweep(frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     """Mean and 95% bootstrap CI over target personas of each measure, per method and scale."""
 
     measures = ["intended_shift", "spillover", "specificity", "capability_accuracy_drop", "steer_magnitude",

@@ -6,7 +6,7 @@ simplices (study 01 fractals, study 02 probe predictions) and block-structured t
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np

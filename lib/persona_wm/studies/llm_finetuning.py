@@ -1168,21 +1168,21 @@ def reversal(setup: Setup, organism: Organism, layer: int, n_direction_items: in
         margins += [{"model": lbl, "adapter": a, "set": k, "margin": float(v[k].mean())}
                     for lbl, v in (("base", base_margin), ("EM", em_margin), ("control", control_margin)) for k in ref]
         cap = (lora.bottom_resid(em, cap_seqs, layer), cap_seqs)
-        sweep = llm_em.reversal_sweep(em, layer, eval_sets, cap, directions, scales).assign(adapter=a)
+        sweep = llm_em.llm_reversal_sweep(em, layer, eval_sets, cap, directions, scales).assign(adapter=a)
         unsteered_acc = float(sweep.loc[sweep["method"] == "none", "capability_accuracy"].iloc[0])
         sweep["capability_accuracy_drop"] = unsteered_acc - sweep["capability_accuracy"]
         for k in ref:
             g, lo, hi = gap_ci(base_margin[k], em_margin[k], n_boot, seed)
             defined = bool(np.isfinite(lo) and (lo > 0 or hi < 0))
             gaps.append({"adapter": a, "set": k, "gap": g, "ci_low": lo, "ci_high": hi, "defined": defined})
-            sweep[f"restoration_{k}"] = [llm_em.restoration(float(em_margin[k].mean()), v, float(base_margin[k].mean()))
+            sweep[f"restoration_{k}"] = [llm_em.restored_fraction(float(em_margin[k].mean()), v, float(base_margin[k].mean()))
                                          if defined else np.nan for v in sweep[f"score_{k}"]]
             null = []
             for j in range(n_random):
                 v = llm_em.random_direction(directions["em_minus_base_centroid"], seed=seed * 100_003 + 7919 * a + j + 1)
                 steered = llm_em.margin_scores(em, eval_sets[k][0], layer, eval_sets[k][1], add=-headline_scale * v)
                 if defined:
-                    null.append(llm_em.restoration(float(em_margin[k].mean()), float(steered.mean()),
+                    null.append(llm_em.restored_fraction(float(em_margin[k].mean()), float(steered.mean()),
                                                    float(base_margin[k].mean())))
             nulls[(a, k)] = null
         sweeps.append(sweep)
@@ -1245,32 +1245,44 @@ def _check(name: str, truth: np.ndarray, said: np.ndarray, weights: np.ndarray) 
                            weighted_rate(~said[~truth], weights[~truth]) if neg else float("nan"))
 
 
-def _stratified(frame: pd.DataFrame, strata: Sequence[str], per_stratum: int, seed: int) -> pd.DataFrame:
-    """Up to ``per_stratum`` rows of each stratum (seeded), with the stratum's size and the inverse sampling fraction."""
+def _stratified(frame: pd.DataFrame, strata: Sequence[str], per_stratum: int, seed: int,
+                min_total: int = 0) -> pd.DataFrame:
+    """Up to ``per_stratum`` rows of each stratum (seeded); then, while fewer than ``min_total`` rows are drawn, one
+    more row from each stratum that has rows left, in turn. Each row carries its stratum, the stratum's size and
+    the inverse sampling fraction (``weight``) of the final draw."""
+    groups = [(key, g.sample(frac=1.0, random_state=seed + i)) for i, (key, g) in
+              enumerate(frame.groupby(list(strata), sort=True))]
+    take = [min(per_stratum, len(g)) for _, g in groups]
+    while sum(take) < min_total and any(t < len(g) for t, (_, g) in zip(take, groups)):
+        for i, (_, g) in enumerate(groups):
+            if take[i] < len(g) and sum(take) < min_total:
+                take[i] += 1
     picks = []
-    for i, (key, g) in enumerate(frame.groupby(list(strata), sort=True)):
-        take = g.sample(n=min(per_stratum, len(g)), random_state=seed + i)
-        picks.append(take.assign(stratum="|".join(map(str, key if isinstance(key, tuple) else (key,))),
-                                 stratum_size=len(g), weight=len(g) / len(take)))
+    for (key, g), n in zip(groups, take):
+        picks.append(g.iloc[:n].assign(stratum="|".join(map(str, key if isinstance(key, tuple) else (key,))),
+                                       stratum_size=len(g), weight=len(g) / n))
     return pd.concat(picks, ignore_index=True)
 
 
 def draw_validation_sample(chain: Chain, coupling: Coupling, evaluation: EMEvaluation, marker: str, per_stratum: int,
-                           content_per_stratum: int, seed: int, folder: Path) -> dict[str, int]:
+                           content_per_stratum: int, seed: int, folder: Path, min_marker: int = 0,
+                           min_content: int = 0) -> dict[str, int]:
     """Draw the blind labelling sets from this run and write them to ``folder``.
 
     Marker set: the after-coupling completions of every seed-004 arm and of the coupling sources, stratified by
-    arm x detector output x answered gate (``per_stratum`` each). Content set: the sampled EM-evaluation answers,
-    stratified by model x question set x content score (``content_per_stratum`` each). ``*_blind.jsonl`` holds
+    arm x detector output x answered gate (``per_stratum`` each, topped up in turn to ``min_marker``). Content set:
+    the sampled EM-evaluation answers, stratified by model x question set x content score (``content_per_stratum``
+    each, topped up to ``min_content``). ``*_blind.jsonl`` holds
     only an id and the text, shuffled; ``*_key.jsonl`` holds the source, the instruments' outputs and the weights.
     """
     gens = pd.concat([chain.generations.assign(arm=chain.generations["condition"]),
                       coupling.generations.assign(arm="coupling_sources")], ignore_index=True)
     gens = gens.assign(detector=[int(llm_em.detect_marker(t, marker)) for t in gens["text"]],
                        gate=[int(llm_em.answered(t, marker)) for t in gens["text"]])
-    marker_set = _stratified(gens, ["arm", "detector", "gate"], per_stratum, seed)
+    marker_set = _stratified(gens, ["arm", "detector", "gate"], per_stratum, seed, min_marker)
     ans = evaluation.answers
-    content_set = _stratified(ans.assign(score=ans["content"]), ["model", "set", "score"], content_per_stratum, seed)
+    content_set = _stratified(ans.assign(score=ans["content"]), ["model", "set", "score"], content_per_stratum, seed,
+                              min_content)
     rng = np.random.default_rng(seed)
     counts = {}
     for name, frame, cols in (("marker", marker_set, ["arm", "persona", "adapter", "detector", "gate"]),

@@ -476,8 +476,8 @@ def steering(setup: Setup, forced: TeacherForced, layer: int, vector_max_new_tok
     eval_passes = [passes[i] for i in forced.eval_prompts]
     base = llm_steer.steering_base(llm, layer, eval_passes, steer_tokens, items)
     targets = llm_steer.persona_targets(llm, setup.systems, forced.eval_items, setup.core, steer_tokens)
-    sweep = llm_steer.steering_sweep(llm, base, vectors, setup.core_names, scales, targets)
-    summary = llm_steer.summarise_sweep(sweep, seed=seed)
+    sweep = llm_steer.llm_steering_sweep(llm, base, vectors, setup.core_names, scales, targets)
+    summary = llm_steer.summarise_llm_sweep(sweep, seed=seed)
     return Steering(layer, vectors, cosines, len(items), base, targets, sweep, summary)
 
 
@@ -513,14 +513,14 @@ def steering_controls(setup: Setup, steer: Steering, headline_scale: float, roun
     the persona vector's intended shift (interpolated from the sweep, ``rounds`` secant refinements)."""
     llm, names, targets, sweep = setup.llm, setup.core_names, steer.targets, steer.sweep
     control_vectors = {"random": llm_controls.random_directions(steer.centroid.norm(dim=-1), llm.d_model, seed)}
-    random_sweep = llm_steer.steering_sweep(llm, steer.base, control_vectors, names, [headline_scale], targets)
-    random_summary = llm_steer.summarise_sweep(random_sweep, seed=seed)
+    random_sweep = llm_steer.llm_steering_sweep(llm, steer.base, control_vectors, names, [headline_scale], targets)
+    random_summary = llm_steer.summarise_llm_sweep(random_sweep, seed=seed)
     at_head = sweep[(sweep.method == "persona_vector") & (sweep.scale == headline_scale)]
     goal = at_head.set_index("persona")["intended_shift"]
     matched_sweep, reachable = llm_controls.matched_effect_sweep(llm, steer.base, steer.centroid, names, sweep,
                                                                 goal.to_dict(), targets, "centroid", rounds=rounds)
     matched = pd.concat([at_head[at_head.persona.isin(matched_sweep.persona)], matched_sweep])
-    matched_summary = llm_steer.summarise_sweep(matched.assign(scale=1.0), seed=seed).set_index("method")
+    matched_summary = llm_steer.summarise_llm_sweep(matched.assign(scale=1.0), seed=seed).set_index("method")
     return SteeringControls(random_summary, matched_sweep, reachable, matched, matched_summary, rounds)
 
 

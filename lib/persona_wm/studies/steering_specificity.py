@@ -33,8 +33,8 @@ from persona_wm.toy.probe import (
     probe_frame,
     probe_r2_over_training,
 )
-from persona_wm.toy.steer import interaction_frame, partition_frame, steering_frame, training_trend
 from persona_wm.toy.stacked import trained_models
+from persona_wm.toy.steer import interaction_frame, partition_frame, steering_frame, training_trend
 from persona_wm.toy.train import TrainConfig, TrainedModel, history_frame
 
 __all__ = ["METHODS", "FACTORS", "STEERING_COLUMNS", "SECTORS", "TrainingPlan", "train_models", "Training",

@@ -13,8 +13,8 @@ never varies cannot inflate the score.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -134,7 +134,7 @@ def principal_angles(weights_a: np.ndarray, weights_b: np.ndarray, rtol: float =
     return np.sort(np.degrees(subspace_angles(basis(weights_a), basis(weights_b))))
 
 
-def probe_frame(models: dict, n_sequences: int, seed: int) -> tuple["pd.DataFrame", dict]:
+def probe_frame(models: dict, n_sequences: int, seed: int) -> tuple[pd.DataFrame, dict]:
     """Held-out probe R^2 for every (process, seed) model, trained and at initialisation (step 0).
 
     The untrained control uses the snapshot saved at step 0 (same architecture and seed), so

@@ -46,9 +46,9 @@ contexts.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import permutations
-from typing import Sequence
 
 import numpy as np
 import pandas as pd

@@ -55,8 +55,8 @@ __all__ = ["TrainConfig", "TrainedModel", "train", "load_or_train", "save_traine
 TRAINING_CODE_VERSION = 2  # unchanged by the fine-tuning fields: configs without them hash as before
 #: Environment variable naming the model cache directory (a relative path resolves against the repository root);
 #: read once, when this module is imported (a kernel started by the runner inherits it).
-CACHE_ENV = "PERSONA_WM_MODEL_CACHE"
-CACHE_DIR = (REPO_ROOT / os.environ[CACHE_ENV].strip() if os.environ.get(CACHE_ENV, "").strip()
+MODEL_CACHE_ENV = "PERSONA_WM_MODEL_CACHE"
+CACHE_DIR = (REPO_ROOT / os.environ[MODEL_CACHE_ENV].strip() if os.environ.get(MODEL_CACHE_ENV, "").strip()
              else REPO_ROOT / ".cache" / "models")
 #: Who trained a cached model: ``train()`` one at a time, or ``persona_wm.toy.stacked.train_many`` N at once.
 TRAINERS = ("sequential", "stacked")
@@ -71,7 +71,7 @@ ARCHITECTURE_FIELDS = ("context_length", "n_layers", "d_model", "n_heads", "d_he
 #: process object -> its digest. Keyed by the built process, not its name (a swapped builder gives a new object):
 #: the EM organisms' builders return one cached object per name, whose 28 MB of transfer matrices took 20 ms to hash
 #: at every cache lookup.
-_DIGESTS: "weakref.WeakKeyDictionary[GHMM, str]" = weakref.WeakKeyDictionary()
+_DIGESTS: weakref.WeakKeyDictionary[GHMM, str] = weakref.WeakKeyDictionary()
 
 
 def process_digest(name: str) -> str:
@@ -114,7 +114,7 @@ class TrainConfig:
     eval_sequences: int = 2048
     snapshot_steps: tuple[int, ...] = field(default_factory=tuple)
     #: Fine-tuning: start from the weights of this (cached) config instead of a fresh init.
-    init_from: "TrainConfig | None" = None
+    init_from: TrainConfig | None = None
     #: Train only on sequences of this sector of the process (e.g. "(1,0)"); None = the whole process.
     data_sector: str | None = None
     #: Draw training data from this other process (same tokens), e.g. narrow fine-tuning data whose
