@@ -49,6 +49,15 @@ if fail:
     raise RuntimeError("deliberate failure")
 
 # %%
+import warnings
+
+from tqdm.auto import tqdm
+
+for _ in tqdm(range(3), desc="demo loop"):
+    pass
+warnings.warn("demo warning about something")
+
+# %%
 # NBVAL_CHECK_OUTPUT
 env = {key: os.environ.get(key) for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OMP_NUM_THREADS", "PYTHONPATH")}
 write_metrics({"seed": seed, "torch_threads": torch_threads, "env": env}, out)
@@ -104,6 +113,9 @@ def test_successful_run_writes_report_html_and_metrics(repo: Path, capsys: pytes
     assert pythonpath[:2] == [str(repo / "lib"), str(repo)]  # the checkout's own package comes first
     html = (out / "report.html").read_text()
     assert "seed = 7" in html
+    # no progress bar and no warning text in the report; the warning went to the terminal instead
+    for noise in ("3/3 [", "it/s]", "100%|", "UserWarning", "TqdmWarning", "IProgress"):  # not in any cell's source
+        assert noise not in html
     # readable offline: the markdown's TeX is MathML, no CDN MathJax/require.js; report.ipynb keeps the TeX
     assert "<math" in html and "mathjax" not in html.lower() and "<script src=" not in html
     assert r"$\Pr(w)$" in nbformat.read(out / "report.ipynb", as_version=4).cells[0].source
@@ -121,6 +133,7 @@ def test_successful_run_writes_report_html_and_metrics(repo: Path, capsys: pytes
     assert f"== [1/1] {STUDY} (params/{STUDY}/default.yaml)" in printed.out
     assert f"wrote outputs/{STUDY} in " in printed.out
     assert f"removed outputs/{stale.name} (left by a killed run)" in printed.err
+    assert "demo warning about something" in printed.err and "demo loop" not in printed.err
 
 
 def test_failing_notebook_leaves_previous_outputs_untouched(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -210,8 +223,8 @@ def test_baseline_keeps_only_checked_outputs(repo: Path) -> None:
     assert runner.main(["--baseline", "--study", STUDY], root=repo) == 0
     notebook = nbformat.read(source.with_suffix(".ipynb"), as_version=4)
     code = [c for c in notebook.cells if c.cell_type == "code"]
-    assert [c.execution_count for c in code] == [None, None, 3]  # nbval needs the count where outputs are kept
-    assert [len(c.outputs) for c in code] == [0, 0, 1]
+    assert [c.execution_count for c in code] == [None, None, None, 4]  # nbval needs the count where outputs are kept
+    assert [len(c.outputs) for c in code] == [0, 0, 0, 1]
     assert code[-1].outputs[0].text == "seed = 0\n"  # smoke defaults, nothing injected
     assert source.read_text() == before
     assert source.stat().st_mtime >= source.with_suffix(".ipynb").stat().st_mtime

@@ -210,6 +210,7 @@ def run_study(
     try:
         with patched_environ(kernel_env(threads, root)):
             notebook = _execute(study, params, tmp, root, progress_bar)
+        notebook = stderr_to_terminal(notebook, study)
         source = _display(notebook_path(study, root), root)
         notebook = _final_paths_in_notebook(notebook, tmp, _display(final, root), source)
         _write_notebook(notebook, tmp / "report.ipynb")
@@ -265,6 +266,32 @@ PAPERMILL_INFERENCE_NOISE = ("Passed unknown parameter", "Unable to parse line")
 
 def _drop_parameter_inference_warnings(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith(PAPERMILL_INFERENCE_NOISE)
+
+
+#: A progress-bar line (tqdm): "desc:  40%|####      | 4/10 [00:01<00:02, 2.9it/s]".
+_PROGRESS_LINE = re.compile(r"\d+%\||\|\s*\d+/\d+ \[|\d+/\d+ \[\d|it/s\]|s/it\]")
+
+
+def stderr_to_terminal(notebook: Any, study: str) -> Any:
+    """Take every cell's stderr stream (progress bars, warnings) out of the report: a reader of report.html sees
+    prose, tables and figures. Progress lines were already shown while the cell ran; anything else (a warning)
+    is printed here on the terminal, once per distinct line, with its cell number."""
+    seen: set[str] = set()
+    for index, cell in enumerate(notebook.cells):
+        if cell.get("cell_type") != "code":
+            continue
+        kept = []
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream" and output.get("name") == "stderr":
+                for raw in output.get("text", "").split("\n"):
+                    line = raw.split("\r")[-1].strip()
+                    if line and not _PROGRESS_LINE.search(line) and line not in seen:
+                        seen.add(line)
+                        print(f"   {study} cell {index}: {line}", file=sys.stderr)
+            else:
+                kept.append(output)
+        cell["outputs"] = kept
+    return notebook
 
 
 def _final_paths_in_notebook(notebook: Any, tmp: Path, final: str, source: str) -> Any:
