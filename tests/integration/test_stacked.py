@@ -22,13 +22,13 @@ from persona_wm.processes import get_process
 from persona_wm.toy import stacked as S
 from persona_wm.toy.train import (
     TrainConfig,
-    _learning_rate,
     build_model,
     cache_key,
     cache_path,
     cached_trainers,
     eval_tokens,
     evaluate,
+    learning_rate,
     load_or_train,
     model_inputs,
     train,
@@ -116,11 +116,11 @@ def test_stacked_steps_equal_sequential_steps(per_pass) -> None:
     for step in range(3):
         batch = torch.as_tensor(np.stack([process.sample(32, 11, rng) for _ in configs]))
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(configs[0], step)
+            group["lr"] = learning_rate(configs[0], step)
         losses = S.training_step(stacked, optimizer, batch, process.n_tokens, passes)
         for i, (model, opt) in enumerate(zip(singles, optimizers)):
             for group in opt.param_groups:
-                group["lr"] = _learning_rate(configs[i], step)
+                group["lr"] = learning_rate(configs[i], step)
             logits = model(model_inputs(batch[i, :, :-1].numpy(), process.n_tokens))
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 3), batch[i].reshape(-1))
             opt.zero_grad(set_to_none=True)

@@ -33,7 +33,7 @@ from typing import Any
 from persona_wm.core.files import PACKAGE_ROOT, REPO_ROOT
 from persona_wm.io import runner
 from persona_wm.io.outputs import read_metrics
-from persona_wm.io.params import ParamsError, _display, params_path, parse_yaml
+from persona_wm.io.params import ParamsError, display_path, params_path, parse_yaml
 
 TOLERANCES_PATH: Path = PACKAGE_ROOT / "io" / "tolerances.yaml"
 CATCH_ALL = "*"
@@ -184,7 +184,7 @@ _RULE_FIELDS = {"keys", "rel", "abs", "skip"}
 def load_all_tolerances(path: Path = TOLERANCES_PATH) -> dict[str, list[Rule]]:
     """Parse and validate the whole file: study -> rules, each list ending with the catch-all."""
     path = Path(path)
-    where = _display(path, REPO_ROOT)
+    where = display_path(path, REPO_ROOT)
     try:
         raw = parse_yaml(path.read_text(encoding="utf-8"), where)  # 1e-3 is a float there
     except (OSError, ParamsError) as err:
@@ -198,7 +198,7 @@ def load_tolerances(study: str, path: Path = TOLERANCES_PATH) -> list[Rule]:
     """The ordered rules of one study; ToleranceError if the file has none for it."""
     every = load_all_tolerances(path)
     if study not in every:
-        where = _display(Path(path), REPO_ROOT)
+        where = display_path(Path(path), REPO_ROOT)
         raise ToleranceError(f"{where} has no rules for study '{study}' (it has: {', '.join(every) or 'none'})")
     return every[study]
 
@@ -254,7 +254,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--against", type=Path, metavar="FILE", help="committed metrics (default: outputs/<study>/metrics.json; "
         "for other params outputs/<study>_<params>/metrics.json)")
     add("--metrics", type=Path, metavar="FILE", help="compare this metrics.json instead of re-running the study")
-    add("--threads", type=runner._positive_int, metavar="N", help="OMP/MKL threads (and torch_threads, if declared)")
+    add("--threads", type=runner.positive_int, metavar="N", help="OMP/MKL threads (and torch_threads, if declared)")
     return parser.parse_args(argv)
 
 
@@ -269,7 +269,7 @@ def main(argv: Sequence[str] | None = None, root: Path = REPO_ROOT) -> int:
         old = _read(against, root, "committed metrics")
         if args.metrics is not None:
             new = _read(args.metrics, root, "metrics")
-            return report(new, old, rules, _display(Path(args.metrics), root), _display(against, root))
+            return report(new, old, rules, display_path(Path(args.metrics), root), display_path(against, root))
         params = runner.validate_all([study], args.params, root, args.threads)[study]
     except (runner.StudyError, CheckError, ParamsError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -299,7 +299,7 @@ def main(argv: Sequence[str] | None = None, root: Path = REPO_ROOT) -> int:
     except CheckError as err:
         print(f"error: {err} (outputs kept in {final})", file=sys.stderr)
         return 2
-    code = report(new, old, rules, "rerun", _display(against, root))
+    code = report(new, old, rules, "rerun", display_path(against, root))
     if code == 0:
         shutil.rmtree(scratch, ignore_errors=True)
     else:
@@ -326,7 +326,7 @@ def _default_against(study: str, params_name: str, root: Path) -> Path:
     if not path.is_file():
         raise CheckError(
             f"outputs/{study}/metrics.json holds the default params' result and there is no "
-            f"{_display(path, root)}; pass --against FILE to compare a '{params_name}' run"
+            f"{display_path(path, root)}; pass --against FILE to compare a '{params_name}' run"
         )
     return path
 
@@ -335,11 +335,11 @@ def _read(path: Path, root: Path, what: str) -> dict[str, Any]:
     try:
         metrics = read_metrics(path)
     except FileNotFoundError:
-        raise CheckError(f"{what}: no such file {_display(Path(path), root)}") from None
+        raise CheckError(f"{what}: no such file {display_path(Path(path), root)}") from None
     except ValueError as err:  # json.JSONDecodeError
-        raise CheckError(f"{what}: {_display(Path(path), root)} is not valid JSON: {err}") from None
+        raise CheckError(f"{what}: {display_path(Path(path), root)} is not valid JSON: {err}") from None
     if not isinstance(metrics, dict):
-        raise CheckError(f"{what}: {_display(Path(path), root)} must hold a JSON object")
+        raise CheckError(f"{what}: {display_path(Path(path), root)} must hold a JSON object")
     return metrics
 
 

@@ -88,7 +88,7 @@ def params_path(study: str, name: str, root: Path = REPO_ROOT) -> Path:
             refused = True
     if refused:
         raise ParamsError(
-            f"{_display(folder, root)}/: --params {name!r} is not a name inside that folder (give a file name "
+            f"{display_path(folder, root)}/: --params {name!r} is not a name inside that folder (give a file name "
             f"such as 'default'; path separators, '..' and absolute paths are refused; "
             f"available: {', '.join(_available_params(folder)) or 'none'})"
         )
@@ -99,7 +99,7 @@ def _available_params(folder: Path) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml") if p.is_file())
 
 
-def _display(path: Path, root: Path) -> str:
+def display_path(path: Path, root: Path) -> str:
     """Repo-relative path for messages: short, and the same on every machine."""
     try:
         return str(Path(path).resolve().relative_to(Path(root).resolve()))
@@ -131,7 +131,7 @@ def parameter_schema(study: str, root: Path = REPO_ROOT) -> dict[str, Parameter]
     defaults must satisfy them, so a notebook cannot ship smoke values its rules reject.
     """
     path = notebook_path(study, root)
-    where = _display(path, root)
+    where = display_path(path, root)
     source = _parameters_cell_source(path, where)
     try:
         tree = ast.parse(source)
@@ -654,7 +654,7 @@ def load_params(study: str, name: str, root: Path = REPO_ROOT,
     failed hour-long run.
     """
     path = params_path(study, name, root)
-    where = _display(path, root)
+    where = display_path(path, root)
     if path.is_dir():
         raise ParamsError(f"{where}: is a directory, not a params file")
     if not path.is_file():

@@ -52,7 +52,7 @@ from persona_wm.io.params import (
     OUTPUT_DIR_PARAM,
     REPO_ROOT,
     ParamsError,
-    _display,
+    display_path,
     load_params,
     notebook_path,
     parameter_schema,
@@ -203,7 +203,7 @@ def run_study(
     outputs = Path(out_root).absolute() if out_root is not None else Path(root) / "outputs"
     outputs.mkdir(parents=True, exist_ok=True)
     for stale in remove_stale_temps(outputs):
-        print(f"   removed {_display(stale, root)} (left by a killed run)", file=sys.stderr)
+        print(f"   removed {display_path(stale, root)} (left by a killed run)", file=sys.stderr)
     final = outputs / (folder or study)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{study}-{os.getpid()}-", dir=outputs))
     tmp.chmod(0o755)  # mkdtemp makes it private; it becomes outputs/<study>
@@ -211,8 +211,8 @@ def run_study(
         with patched_environ(kernel_env(threads, root)):
             notebook = _execute(study, params, tmp, root, progress_bar)
         notebook = stderr_to_terminal(notebook, study)
-        source = _display(notebook_path(study, root), root)
-        notebook = _final_paths_in_notebook(notebook, tmp, _display(final, root), source)
+        source = display_path(notebook_path(study, root), root)
+        notebook = _final_paths_in_notebook(notebook, tmp, display_path(final, root), source)
         _write_notebook(notebook, tmp / "report.ipynb")
         _export_html(notebook, tmp / "report.html")
     except BaseException as err:
@@ -229,7 +229,7 @@ def run_study(
             _swap_into_place(tmp, final)
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise StudyError(f"{study}: could not move the result into {_display(final, root)}: {err}") from err
+        raise StudyError(f"{study}: could not move the result into {display_path(final, root)}: {err}") from err
     if interrupted:
         raise StudyInterrupted(written=True)
     return final
@@ -536,14 +536,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--study", action="extend", nargs="+", metavar="S", help="studies to run (default: all in notebooks/)")
     add("--params", default="default", metavar="NAME", help="params/<study>/NAME.yaml (default: %(default)s)")
-    add("--threads", type=_positive_int, metavar="N", help="OMP/MKL threads (and torch_threads, if declared)")
+    add("--threads", type=positive_int, metavar="N", help="OMP/MKL threads (and torch_threads, if declared)")
     add("--output-root", type=Path, metavar="DIR", help="write DIR/<study> instead of outputs/<study>")
     add("--device", choices=DEVICES, help="where toy models train and run: cpu, cuda, or auto (cuda when present; "
         "the default); exported to the kernel as " + DEVICE_ENV)
     add("--set", action="append", default=[], type=_override, metavar="KEY=VALUE", dest="overrides",
         help="replace parameter KEY (YAML VALUE) in every requested study that declares it, e.g. "
              "--set trainer=sequential; validated like the params file (repeatable)")
-    add("--jobs", type=_positive_int, default=1, metavar="N",
+    add("--jobs", type=positive_int, default=1, metavar="N",
         help="run up to N studies at once, each in its own kernel (default 1: one after another, stopping at the "
              "first failure); with N > 1 every study runs and each one's line comes when it is done")
     add("--baseline", action="store_true", help="refresh the nbval reference outputs in notebooks/*.ipynb")
@@ -567,7 +567,7 @@ def _override(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"--set {key.strip()}: VALUE is not YAML: {err}") from None
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
@@ -643,10 +643,10 @@ def _run_reports_concurrently(
                 except StudyError as err:
                     failed.append(study)
                     print(f"error: {err}", file=sys.stderr)
-                    print(f"   {_display(outputs / output_folder(study, params_name), root)} left unchanged", file=sys.stderr)
+                    print(f"   {display_path(outputs / output_folder(study, params_name), root)} left unchanged", file=sys.stderr)
                 else:
                     print(f"   [{done}/{len(params)}] wrote "
-                          f"{_display(final, root)} in {seconds:.1f} s", flush=True)
+                          f"{display_path(final, root)} in {seconds:.1f} s", flush=True)
         except KeyboardInterrupt:
             pool.shutdown(wait=True, cancel_futures=True)  # the running kernels got the Ctrl-C too
             print("interrupted: studies not finished left unchanged", file=sys.stderr)
@@ -670,7 +670,7 @@ def _run_reports(
         print(f"== [{i}/{len(params)}] {study} (params/{study}/{params_name}.yaml)", flush=True)
         start = time.perf_counter()
         folder = output_folder(study, params_name)
-        left = _display(outputs / folder, root)
+        left = display_path(outputs / folder, root)
         try:
             final = run_study(study, values, root, threads, out_root=out_root, folder=folder)
         except StudyError as err:
@@ -683,7 +683,7 @@ def _run_reports(
             else:
                 print(f"interrupted: {left} left unchanged", file=sys.stderr)
             return INTERRUPTED_EXIT
-        print(f"   wrote {_display(final, root)} in {time.perf_counter() - start:.1f} s", flush=True)
+        print(f"   wrote {display_path(final, root)} in {time.perf_counter() - start:.1f} s", flush=True)
     return 0
 
 

@@ -122,7 +122,7 @@ def top_logprobs(llm: LLM, resid: torch.Tensor, layer: int, seqs: Sequence[Score
     return out, mask
 
 
-def _scored_tokens(seqs: Sequence[Scored], t: int) -> torch.Tensor:
+def scored_tokens(seqs: Sequence[Scored], t: int) -> torch.Tensor:
     out = torch.zeros((len(seqs), t), dtype=torch.long)
     for i, s in enumerate(seqs):
         out[i, : s.n_scored] = torch.tensor(s.ids[s.start:])
@@ -132,7 +132,7 @@ def _scored_tokens(seqs: Sequence[Scored], t: int) -> torch.Tensor:
 def marker_scores(llm: LLM, resid: torch.Tensor, layer: int, seqs: Sequence[Scored]) -> dict[str, np.ndarray]:
     """Teacher-forced marker log-prob (sum over its tokens, nats) and greedy emission, per sequence."""
     lp, mask = top_logprobs(llm, resid, layer, seqs)
-    tokens = _scored_tokens(seqs, lp.shape[1])
+    tokens = scored_tokens(seqs, lp.shape[1])
     token_lp = torch.take_along_dim(lp, tokens[..., None], dim=-1)[..., 0]
     logprob = (token_lp * mask).sum(1)
     greedy = ((lp.argmax(-1) == tokens) | ~mask).all(1)
@@ -340,7 +340,7 @@ def margin_scores(llm: LLM, resid: torch.Tensor, layer: int, seqs: Sequence[Scor
         part = seqs[i: i + chunk]
         n = max(len(s.ids) for s in part)
         lp, m = forward_from(llm, resid[i: i + len(part), :n], layer, part, add=add)
-        tokens = _scored_tokens(part, lp.shape[1])
+        tokens = scored_tokens(part, lp.shape[1])
         token_lp[i: i + len(part), : lp.shape[1]] = torch.take_along_dim(lp, tokens[..., None], dim=-1)[..., 0]
         mask[i: i + len(part), : m.shape[1]] = m
     mean_lp = ((token_lp * mask).sum(1) / mask.sum(1)).numpy().astype(float)
@@ -468,7 +468,7 @@ def llm_reversal_sweep(em: LLM, layer: int, eval_sets: Mapping[str, tuple[torch.
     """
     cap_resid, cap_seqs = cap
     cap_lp0, cap_mask = top_logprobs(em, cap_resid, layer, cap_seqs)
-    answers = _scored_tokens(cap_seqs, cap_lp0.shape[1])
+    answers = scored_tokens(cap_seqs, cap_lp0.shape[1])
     rows = [{"method": "none", "intervention": "none", "scale": 0.0,
              **{f"items_{k}": margin_scores(em, r, layer, s) for k, (r, s) in eval_sets.items()},
              "capability_js": 0.0, "capability_accuracy": greedy_accuracy(cap_lp0, answers, cap_mask)}]

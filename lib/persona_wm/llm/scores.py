@@ -30,7 +30,7 @@ from scipy import stats as sps
 from persona_wm.core.files import REPO_ROOT
 from persona_wm.llm import finance_v2
 from persona_wm.llm.datasets import broad_questions
-from persona_wm.llm.em import _scored_tokens, answered
+from persona_wm.llm.em import answered, scored_tokens
 from persona_wm.llm.model import (
     LLM,
     LLMError,
@@ -58,7 +58,7 @@ def _mean_logprobs(llm: LLM, seqs: Sequence[Scored], batch: int) -> np.ndarray:
     for start in range(0, len(seqs), batch):
         chunk = seqs[start:start + batch]
         res = forward(llm, chunk)
-        index = _scored_tokens(chunk, res.logprobs.shape[1])
+        index = scored_tokens(chunk, res.logprobs.shape[1])
         token_lp = torch.take_along_dim(res.logprobs.float(), index[..., None], dim=-1)[..., 0]
         mask = res.mask.float()
         out.append(((token_lp * mask).sum(1) / mask.sum(1)).numpy())

@@ -18,7 +18,7 @@ Exactness (what is the same as N calls of ``train()``, what is not):
   gradient is exactly its own. Adam (and its L2 ``weight_decay``, added to the gradient) is
   elementwise, and every model of a group shares ``lr``, warm-up and decay, step count and weight
   decay, so one Adam over the stacked tensors is N independent Adams with ``train()``'s schedule
-  (:func:`~persona_wm.toy.train._learning_rate`). Configs that differ in these are trained in
+  (:func:`~persona_wm.toy.train.learning_rate`). Configs that differ in these are trained in
   separate groups (:func:`group_configs`).
 * **Data.** Each model draws from its own generator ``default_rng([seed, 0])`` exactly as ``train()``
   does, in the same order (``L + 1`` calls of ``rng.random(batch)`` per step), and tokens are made from
@@ -82,10 +82,10 @@ from persona_wm.toy.train import (
     TRAINERS,
     TrainConfig,
     TrainedModel,
-    _learning_rate,
     build_model,
     default_device,
     eval_tokens,
+    learning_rate,
     load_cached,
     load_or_train,
     save_trained,
@@ -698,7 +698,7 @@ def train_group(configs: Sequence[TrainConfig], device: str | torch.device | Non
         checkpoint(0, None)  # no training loss before the first step
         for step in bar:
             for group in optimizer.param_groups:
-                group["lr"] = _learning_rate(first, step)
+                group["lr"] = learning_rate(first, step)
             losses = training_step(stacked, optimizer, streams.next(), n_tokens, passes, pool, workers)
             checkpoint(step + 1, losses)
     finally:

@@ -213,7 +213,7 @@ def build_model(config: TrainConfig, process: GHMM, device: str | torch.device =
         return HookedTransformer(cfg)
 
 
-def _learning_rate(config: TrainConfig, step: int) -> float:
+def learning_rate(config: TrainConfig, step: int) -> float:
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     span = max(config.steps - config.warmup_steps, 1)
@@ -296,7 +296,7 @@ def train(config: TrainConfig, device: str | None = None, threads: int | None = 
         inputs = model_inputs(sample[:, :-1], process.n_tokens, device)
         targets = torch.as_tensor(sample, dtype=torch.long, device=device)
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(config, step)
+            group["lr"] = learning_rate(config, step)
         logits = model(inputs)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         optimizer.zero_grad(set_to_none=True)
