@@ -26,6 +26,8 @@ import pytest
 import torch
 
 from persona_wm.io.params import REPO_ROOT
+from persona_wm.llm import forward as llm_forward
+from persona_wm.llm import loading as llm_loading
 from persona_wm.llm import lora
 from persona_wm.llm import model as L
 from persona_wm.llm import steer as llm_steer
@@ -142,13 +144,13 @@ def test_directory_identity_is_content_hash_memoised_by_stat(model_dirs, tmp_pat
     copy = tmp_path / "copy"
     shutil.copytree(model_dirs["llama"], copy)
     root = tmp_path / "cache"
-    first = L._directory_identity(copy, root)
-    assert first == L._directory_identity(model_dirs["llama"], root)  # same bytes, same identity
+    first = llm_loading._directory_identity(copy, root)
+    assert first == llm_loading._directory_identity(model_dirs["llama"], root)  # same bytes, same identity
     assert len(list((root / "hashes").iterdir())) > 0
     config = json.loads((copy / "config.json").read_text())
     config["rms_norm_eps"] = 1e-5 if config.get("rms_norm_eps") != 1e-5 else 1e-6
     (copy / "config.json").write_text(json.dumps(config))
-    assert L._directory_identity(copy, root) != first
+    assert llm_loading._directory_identity(copy, root) != first
 
 
 def test_relative_model_path_resolves_against_the_repo_root():
@@ -209,7 +211,7 @@ def test_gemma3_restart_needs_the_sliced_layer_types(model_dirs, cache):
             final = stack(inputs_embeds=res.resid[1], use_cache=False).last_hidden_state
     finally:
         stack.layers = full
-    wrong, _ = L._logprobs_at(llm, final, seqs, None)
+    wrong, _ = llm_forward._logprobs_at(llm, final, seqs, None)
     assert float(((wrong - res.logprobs).abs() * res.mask[..., None]).max()) > 1e-3
 
 
