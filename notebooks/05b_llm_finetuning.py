@@ -98,7 +98,7 @@ headline_scale: float = 1.0  # in steer_scales
 n_capability: int = 3  # in [1, 24]  # persona_wm.llm.steer has 24 capability items
 n_direction_items: int = 8  # >= 1; <= 100_000
 n_boot: int = 1000  # >= 1; <= 100_000
-adapter_seeds: list[int] = [0, 1]  # non-empty; len >= 2; each >= 0  # LoRA seeds: every adapter is trained once per seed
+adapter_seeds: list[int] = [0]  # non-empty; each >= 0  # LoRA seeds, every adapter trained once per seed (default 2, gpu 5)
 stack_size: int = 1  # >= 1; <= 256  # adapters per stacked training step (persona_wm.llm.stacked_lora); 1 = one at a time
 seed003_anchor: str = "helpful_assistant"  # non-empty  # seed 003's "assistant" persona (must be in the pool)
 seed003_relative_depth: float = 0.357  # in [0, 1]  # seed 003's layer 10 of Qwen2.5-7B's 28, pre-registered
