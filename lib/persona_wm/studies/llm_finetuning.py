@@ -20,9 +20,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from scipy import stats as sps
 
-from persona_wm.analysis.stats import crossed_slope, mean_t_ci, mixed_contrasts, weighted_rate, welch_difference
+from persona_wm.analysis.stats import (
+    bootstrap_mean_ci,
+    crossed_slope,
+    mean_t_ci,
+    mixed_contrasts,
+    weighted_rate,
+    welch_difference,
+)
 from persona_wm.core.files import REPO_ROOT
 from persona_wm.core.values import undefined_as_none
 from persona_wm.llm import em as llm_em
@@ -669,12 +675,13 @@ def evaluate_em(setup: Setup, organism: Organism, sample_tokens: int, temperatur
               for a in organism.seeds}
     answers = pd.concat([base, *frames.values()], ignore_index=True)
     save_jsonl(answers.to_dict("records"), data_dir / "em_sampled_answers.jsonl")
+    with_base = [pd.concat([base, f]) for f in frames.values()]  # each adapter's EM and control beside the base
     shifts = {}
     for score in ("tone", "content", "content_general"):
         for set_name in ("in_domain", "broad"):
             for ref in ("control", "base"):
-                per = [llm_scores.paired_shift(pd.concat([base, f]), score, "EM", ref, set_name, n_boot=n_boot, seed=seed)
-                       for f in frames.values()]
+                per = [llm_scores.paired_shift(f, score, "EM", ref, set_name, n_boot=n_boot, seed=seed)
+                       for f in with_base]
                 shifts[(score, set_name, ref)] = Shift(score, set_name, ref, Estimate.across([p["shift"] for p in per]),
                                                        tuple(p["shift"] for p in per),
                                                        tuple((p["ci_low"], p["ci_high"]) for p in per))
@@ -780,14 +787,15 @@ class Decomposition:
                 "n_items": len(self.categories), "n_clusters": self.n_clusters, "facet_steering": self.facets.as_dict()}
 
 
-def facet_steering(em: LLM, base: LLM, layer: int, seqs: Sequence[Scored], clusters: np.ndarray, scale: float,
-                   n_random: int, seed: int, adapter: int) -> pd.DataFrame:
+def facet_steering(em: LLM, base_means: torch.Tensor, layer: int, seqs: Sequence[Scored], clusters: np.ndarray,
+                   scale: float, n_random: int, seed: int, adapter: int) -> pd.DataFrame:
     """One adapter's facet test. ``seqs`` are the items' (aligned, misaligned) reference pairs in the PCA's item
     order, ``clusters`` the items' K-means labels. Cluster k's direction = mean over its items of the EM minus
     base residual (teacher-forced, same tokens), rescaled to the norm of the all-item mean; steering subtracts
-    ``scale`` times it. Reduction r_i = unsteered margin − steered margin of item i."""
-    em_resid, base_resid = lora.bottom_resid(em, seqs, layer), lora.bottom_resid(base, seqs, layer)
-    shift = llm_em.scored_means(em_resid, seqs) - llm_em.scored_means(base_resid, seqs)
+    ``scale`` times it. Reduction r_i = unsteered margin − steered margin of item i. ``base_means``: the base model's
+    :func:`persona_wm.llm.em.scored_means` of ``seqs`` at ``layer`` (the same for every adapter)."""
+    em_resid = lora.bottom_resid(em, seqs, layer)
+    shift = llm_em.scored_means(em_resid, seqs) - base_means
     shift = (shift[0::2] + shift[1::2]) / 2  # per item
     overall = shift.mean(0)
     m0 = llm_em.margin_scores(em, em_resid, layer, seqs)
@@ -802,12 +810,12 @@ def facet_steering(em: LLM, base: LLM, layer: int, seqs: Sequence[Scored], clust
                 if 0 < (labels == k).sum() < len(labels)]
 
     for k in np.unique(labels):
-        d = shift[labels == k].mean(0)
-        d = d / d.norm().clamp_min(1e-12) * overall.norm()
-        r = effect(d)
         inside = labels == k
         if inside.all():
             continue
+        d = shift[inside].mean(0)
+        d = d / d.norm().clamp_min(1e-12) * overall.norm()
+        r = effect(d)
         rows.append({"adapter": adapter, "direction": f"cluster {k}", "kind": "cluster",
                      "own": float(r[inside].mean() - r[~inside].mean()), "general": float(r.mean())})
     for j in range(n_random):
@@ -837,7 +845,8 @@ def decomposition(setup: Setup, organism: Organism, sample_tokens: int, repetiti
     em = {a: fit(t.llm) for a, t in organism.em.items()}
     control = {a: fit(t.llm) for a, t in organism.control.items()}
     seqs = llm_em.reference_sequences(llm, sample_items)
-    facets = pd.concat([facet_steering(organism.em[a].llm, llm, layer, seqs, em[a]["kmeans_labels"], scale, n_random,
+    base_means = llm_em.scored_means(lora.bottom_resid(llm, seqs, layer), seqs)
+    facets = pd.concat([facet_steering(organism.em[a].llm, base_means, layer, seqs, em[a]["kmeans_labels"], scale, n_random,
                                        seed, a) for a in organism.seeds], ignore_index=True)
     return Decomposition(categories, n_clusters, base, em, control, FacetSteering(facets, scale))
 
@@ -871,6 +880,10 @@ class ArmLeakage:
     teacher_forced: Estimate
     n_samples: int
 
+    #: The fields that are estimates across adapters, in field order (a per-adapter frame has one column each).
+    ESTIMATES = ("all", "answered_and_marker", "among_answered", "answered_rate", "answered_rate_before", "source_rate",
+                 "source_among_answered", "leakage_ratio", "source_minus_bystanders", "teacher_forced")
+
     @property
     def coupled(self) -> bool:
         return self.source_minus_bystanders.above_zero
@@ -883,9 +896,7 @@ class ArmLeakage:
         return "not coupled" if not d.mean > 0 else "unclear"
 
     def as_dict(self) -> dict[str, Any]:
-        out = {k: getattr(self, k).as_dict() for k in ("all", "answered_and_marker", "among_answered", "answered_rate",
-                                                       "answered_rate_before", "source_rate", "source_among_answered",
-                                                       "leakage_ratio", "source_minus_bystanders", "teacher_forced")}
+        out = {k: getattr(self, k).as_dict() for k in self.ESTIMATES}
         return {**out, "coupled": self.coupled, "coupling_verdict": self.verdict, "n_adapters": self.all.n,
                 "n_samples": self.n_samples}
 
@@ -1040,10 +1051,8 @@ def em_first_chain(setup: Setup, data: CouplingData, organism: Organism, spec: l
     leakage = {}
     for arm in ARMS:
         f = per_adapter[per_adapter["arm"] == arm]
-        leakage[arm] = ArmLeakage(arm, *(Estimate.across(f[k].tolist()) for k in (
-            "all", "answered_and_marker", "among_answered", "answered_rate", "answered_rate_before", "source_rate",
-            "source_among_answered", "leakage_ratio", "source_minus_bystanders", "teacher_forced")),
-            n_samples=int(f["n_samples"].sum()))
+        leakage[arm] = ArmLeakage(arm, *(Estimate.across(f[k].tolist()) for k in ArmLeakage.ESTIMATES),
+                                  n_samples=int(f["n_samples"].sum()))
     effects = arm_effects(generations, per_adapter, source, ARM_CONTRASTS)
     return Chain(source, bystanders, leakage, effects, per_adapter, generations, runs)
 
@@ -1137,8 +1146,8 @@ def gap_ci(base: np.ndarray, em: np.ndarray, n_boot: int, seed: int) -> tuple[fl
     d = np.asarray(em, dtype=float) - np.asarray(base, dtype=float)
     if len(d) < 3 or np.ptp(d) == 0:
         return float(d.mean()), float("nan"), float("nan")
-    res = sps.bootstrap((d,), np.mean, n_resamples=n_boot, method="percentile", random_state=np.random.default_rng(seed))
-    return float(d.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)
+    low, high = bootstrap_mean_ci(d, n_resamples=n_boot, seed=seed)
+    return float(d.mean()), low, high
 
 
 def reversal(setup: Setup, organism: Organism, layer: int, n_direction_items: int, n_capability: int,
@@ -1178,12 +1187,11 @@ def reversal(setup: Setup, organism: Organism, layer: int, n_direction_items: in
             sweep[f"restoration_{k}"] = [llm_em.restored_fraction(float(em_margin[k].mean()), v, float(base_margin[k].mean()))
                                          if defined else np.nan for v in sweep[f"score_{k}"]]
             null = []
-            for j in range(n_random):
+            for j in range(n_random if defined else 0):  # no null for a ratio that is undefined
                 v = llm_em.random_direction(directions["em_minus_base_centroid"], seed=seed * 100_003 + 7919 * a + j + 1)
                 steered = llm_em.margin_scores(em, eval_sets[k][0], layer, eval_sets[k][1], add=-headline_scale * v)
-                if defined:
-                    null.append(llm_em.restored_fraction(float(em_margin[k].mean()), float(steered.mean()),
-                                                   float(base_margin[k].mean())))
+                null.append(llm_em.restored_fraction(float(em_margin[k].mean()), float(steered.mean()),
+                                                     float(base_margin[k].mean())))
             nulls[(a, k)] = null
         sweeps.append(sweep)
     sweep = pd.concat(sweeps, ignore_index=True)
