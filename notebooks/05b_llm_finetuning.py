@@ -99,7 +99,7 @@ n_capability: int = 3  # in [1, 24]  # persona_wm.llm.steer has 24 capability it
 n_direction_items: int = 8  # >= 1; <= 100_000
 n_boot: int = 1000  # >= 1; <= 100_000
 adapter_seeds: list[int] = [0]  # non-empty; each >= 0  # LoRA seeds, every adapter trained once per seed (default 2, gpu 5)
-stack_size: int = 1  # >= 1; <= 256  # adapters per stacked training step (persona_wm.llm.stacked_lora); 1 = one at a time
+stack_size: int = 1  # >= 1; <= 256  # adapters per stacked training step and sampling batch (persona_wm.llm.stacked_lora); 1 = one at a time
 seed003_anchor: str = "helpful_assistant"  # non-empty  # seed 003's "assistant" persona (must be in the pool)
 seed003_relative_depth: float = 0.357  # in [0, 1]  # seed 003's layer 10 of Qwen2.5-7B's 28, pre-registered
 n_random_directions: int = 3  # >= 1; <= 10_000  # the reversal's and facet test's null
@@ -352,7 +352,7 @@ display(validation.table().round(3))
 
 # %%
 evaluation = study.evaluate_em(setup, organism, em_sample_tokens, temperature, em_samples, sample_batch, n_boot, seed,
-                               data_dir)
+                               data_dir, stack_size=stack_size)
 answers, shifts, breadths = evaluation.answers, evaluation.shifts, evaluation.breadths
 display(evaluation.table().round(3))
 display(evaluation.shift_table().round(4))

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from persona_wm.llm import lora
+from persona_wm.llm.generation import Decoding, generate
 from persona_wm.llm.model import LLMError, Scored
-from persona_wm.llm.stacked_lora import StackedJob, StackedLoraLinear, train_stacked
+from persona_wm.llm.passes import cached_generate
+from persona_wm.llm.stacked_lora import StackedJob, StackedLoraLinear, sample_stacked, train_stacked
 from tests.llm_tiny import tiny_llama
 
 
@@ -100,3 +102,45 @@ def test_jobs_must_share_the_spec_but_for_the_seed(tmp_path: Path) -> None:
     with pytest.raises(LLMError, match="a validation set or none"):
         train_stacked(llm, [jobs[0], StackedJob(jobs[1].seqs, jobs[1].spec, _seqs(3, 0))], eval_every=1,
                       progress=False)
+
+
+PROMPTS = [[5, 9, 13, 2], [7, 3], [11, 4, 6]]
+
+
+def test_stacked_greedy_decoding_equals_each_merged_adapter(tmp_path: Path) -> None:
+    llm = tiny_llama(tmp_path)
+    jobs = _jobs(False)
+    train_stacked(llm, jobs, progress=False)
+    greedy = Decoding(max_new_tokens=6, repetition_penalty=1.2, batch=4)  # 4 // 3 adapters: one prompt a chunk
+    decodings = sample_stacked(llm, jobs, PROMPTS, greedy)
+    assert len(set(decodings.values())) == 1 and next(iter(decodings.values())).group is not None
+    outs = []
+    for job in jobs:
+        tuned = lora.finetune(llm, job.seqs, job.spec)
+        alone, _ = generate(tuned.llm, PROMPTS, greedy)
+        stacked, _ = cached_generate(tuned.llm, PROMPTS, decodings[tuned.key])  # filled by sample_stacked
+        assert stacked == alone
+        outs.append(alone)
+    assert outs[0] != outs[1]  # the adapters answer differently: the blocks were not mixed up
+
+
+def test_stacked_samples_are_cached_under_their_group_and_never_redrawn_alone(tmp_path: Path) -> None:
+    llm = tiny_llama(tmp_path)
+    every = _jobs(False)
+    train_stacked(llm, every, progress=False)
+    jobs = every[:2]
+    sampled = Decoding(max_new_tokens=5, temperature=1.0, n_samples=4, seed=3, batch=6)
+    decodings = sample_stacked(llm, jobs, PROMPTS, sampled)
+    tuned = lora.finetune(llm, jobs[0].seqs, jobs[0].spec)
+    grouped = decodings[tuned.key]
+    first, _ = cached_generate(tuned.llm, PROMPTS, grouped)
+    assert len(first) == len(PROMPTS) * 4
+    assert sample_stacked(llm, jobs, PROMPTS, sampled) == decodings  # a resumed run reads the same entries
+    assert cached_generate(tuned.llm, PROMPTS, grouped)[0] == first
+    with pytest.raises(LLMError, match="drawn for a stack of adapters"):
+        generate(tuned.llm, PROMPTS, grouped)
+    # another group (other adapters) is another stream, cached apart
+    other = sample_stacked(llm, [jobs[0], every[2]], PROMPTS, sampled)
+    assert other[tuned.key].group != grouped.group
+    with pytest.raises(LLMError, match="adapter not trained yet"):
+        sample_stacked(llm, [jobs[0], StackedJob(_seqs(3, 99), SPEC)], PROMPTS, sampled)

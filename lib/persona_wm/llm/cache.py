@@ -6,13 +6,14 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch  # noqa: E402
 
 from persona_wm.llm.base import CACHE_VERSION, KIND_VERSIONS, LLM
 
-__all__ = ["device_key", "cached"]
+__all__ = ["device_key", "cache_path", "cached"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -43,6 +44,12 @@ def _to_cpu(value: Any) -> Any:
     return value
 
 
+def cache_path(llm: LLM, kind: str, key: Mapping[str, Any]) -> Path:
+    """Where :func:`cached` keeps ``kind``'s value for ``key`` on ``llm`` (present or not)."""
+    digest = _key_digest(kind, {"model_sha256": llm.sha256, **device_key(llm), **key})
+    return llm.cache_dir / kind / f"{digest[:32]}.pt"
+
+
 def cached(llm: LLM, kind: str, key: Mapping[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Return ``compute()``'s dict of tensors/lists, stored once under ``.cache/llm/<kind>/``.
 
@@ -51,8 +58,7 @@ def cached(llm: LLM, kind: str, key: Mapping[str, Any], compute: Callable[[], di
     type (:func:`device_key`); callers add the exact token ids and settings. Tensors are stored on CPU. A hit is loaded with ``torch.load(weights_only=True)`` and is
     bit-identical to what was computed; the write is atomic (temp file + rename).
     """
-    digest = _key_digest(kind, {"model_sha256": llm.sha256, **device_key(llm), **key})
-    path = llm.cache_dir / kind / f"{digest[:32]}.pt"
+    path = cache_path(llm, kind, key)
     if path.is_file():
         return torch.load(path, weights_only=True)
     value = _to_cpu(compute())

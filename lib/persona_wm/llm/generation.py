@@ -13,7 +13,7 @@ import torch  # noqa: E402
 from persona_wm.llm.base import LLM, LLMError
 from persona_wm.llm.forward import capture_residuals
 
-__all__ = ["Decoding", "generate", "hash_seed"]
+__all__ = ["Decoding", "generate", "generate_batch", "hash_seed"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -37,6 +37,10 @@ class Decoding:
     n_samples: int = 1
     seed: int = 0
     batch: int = 64
+    #: Set by :func:`persona_wm.llm.stacked_lora.sample_stacked`: the responses were drawn for a group of adapters
+    #: in one batch (another random stream than one model's), so they are cached under this group's digest and
+    #: :func:`generate` refuses to draw them again one model at a time.
+    group: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -56,12 +60,13 @@ class Decoding:
     def as_dict(self) -> dict[str, Any]:
         # greedy keys stay what they always were (cache keys of committed runs); batch is not part
         # of the result for greedy decoding (one batch), but it sets the sampling streams
+        group = {} if self.group is None else {"group": self.group}
         if not self.sampled:
             return {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty,
-                    "do_sample": False}
+                    "do_sample": False, **group}
         return {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty,
                 "do_sample": True, "temperature": self.temperature, "n_samples": self.n_samples, "seed": self.seed,
-                "batch": self.batch}
+                "batch": self.batch, **group}
 
 
 @torch.inference_mode()
@@ -83,6 +88,10 @@ def generate(
     """
     if not prompts:
         raise LLMError("generate needs at least one prompt")
+    if decoding.group is not None:
+        raise LLMError(f"generate: decoding group {decoding.group[:12]} was drawn for a stack of adapters at once "
+                       "(persona_wm.llm.stacked_lora.sample_stacked); its cache entry is missing, so run that call "
+                       "again rather than drawing another stream one model at a time")
     if decoding.sampled:
         if capture_layer is not None:
             raise LLMError("capture_layer is for greedy decoding only")
@@ -90,9 +99,9 @@ def generate(
         out: list[list[int]] = []
         for k, start in enumerate(range(0, len(rows), decoding.batch)):
             torch.manual_seed(hash_seed(decoding.seed, k))
-            out += _generate_batch(llm, rows[start:start + decoding.batch], decoding, None)[0]
+            out += generate_batch(llm, rows[start:start + decoding.batch], decoding, None)[0]
         return out, None
-    return _generate_batch(llm, prompts, decoding, capture_layer)
+    return generate_batch(llm, prompts, decoding, capture_layer)
 
 
 def hash_seed(*parts: Any) -> int:
@@ -100,7 +109,7 @@ def hash_seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
-def _generate_batch(llm: LLM, prompts: Sequence[Sequence[int]], decoding: Decoding,
+def generate_batch(llm: LLM, prompts: Sequence[Sequence[int]], decoding: Decoding,
                     capture_layer: int | None) -> tuple[list[list[int]], torch.Tensor | None]:
     n = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), n), llm.pad_id, dtype=torch.long)

@@ -73,6 +73,7 @@ __all__ = [
     "bottom_resid",
     "adapter_key",
     "finetune",
+    "tuned_sha256",
     "peft_model_for",
     "same_bottom",
     "loss_targets",
@@ -328,6 +329,11 @@ def save_adapter(directory: Path, state: Mapping[str, torch.Tensor], meta: Mappi
     os.replace(tmp_meta, directory / "meta.json")
 
 
+def tuned_sha256(start: LLM, key: str) -> str:
+    """The identity (cache key) of ``start`` with the adapter ``key`` merged in, as :func:`finetune` returns it."""
+    return hashlib.sha256(f"{start.sha256}+lora:{key}".encode()).hexdigest()
+
+
 def finetune(
     start: LLM,
     seqs: Sequence[Scored],
@@ -428,8 +434,7 @@ def finetune(
         from_cache = False
     merged = peft_model.merge_and_unload()
     merged.eval().requires_grad_(False)
-    identity = hashlib.sha256(f"{start.sha256}+lora:{key}".encode()).hexdigest()
-    tuned = dataclasses.replace(start, model=merged, sha256=identity)
+    tuned = dataclasses.replace(start, model=merged, sha256=tuned_sha256(start, key))
     return Tuned(llm=tuned, key=key, spec=spec, losses=list(meta["losses"]), step_s=step_s,
                  train_s=float(meta["train_s"]), from_cache=from_cache, n_trainable=n_trainable, meta=meta)
 

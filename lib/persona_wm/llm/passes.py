@@ -9,13 +9,13 @@ from typing import Any
 import torch  # noqa: E402
 
 from persona_wm.llm.base import LLM, LLMError
-from persona_wm.llm.cache import cached
+from persona_wm.llm.cache import cache_path, cached
 from persona_wm.llm.divergence import pairwise_js
 from persona_wm.llm.forward import forward
 from persona_wm.llm.generation import Decoding, generate
 from persona_wm.llm.sequences import Scored, chat_prompt_ids, right_pad, scored_sequence
 
-__all__ = ["persona_pass", "persona_logprobs", "cached_generate", "time_forward_overhead"]
+__all__ = ["persona_pass", "persona_logprobs", "cached_generate", "store_generated", "has_generated", "time_forward_overhead"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,6 +96,26 @@ def persona_logprobs(llm: LLM, systems: Sequence[str], user: str, response: Sequ
     return forward(llm, seqs, max_scored=tokens).logprobs[:, :tokens].to(torch.float16)
 
 
+def _generate_key(prompts: Sequence[Sequence[int]], decoding: Decoding, capture_layer: int | None) -> dict[str, Any]:
+    return {"prompts": [list(map(int, p)) for p in prompts], "decoding": decoding.as_dict(),
+            "capture_layer": capture_layer}
+
+
+def store_generated(llm: LLM, prompts: Sequence[Sequence[int]], decoding: Decoding,
+                    responses: Sequence[Sequence[int]]) -> None:
+    """Put responses drawn elsewhere (a stack of adapters in one batch) where :func:`cached_generate` finds them."""
+    if len(responses) != len(prompts) * decoding.n_samples:
+        raise LLMError(f"store_generated: {len(responses)} responses for {len(prompts)} prompts x "
+                       f"{decoding.n_samples} samples")
+    stored = [list(map(int, r)) for r in responses]
+    cached(llm, "generate", _generate_key(prompts, decoding, None), lambda: {"responses": stored})
+
+
+def has_generated(llm: LLM, prompts: Sequence[Sequence[int]], decoding: Decoding) -> bool:
+    """Whether :func:`cached_generate` would find these responses on disk."""
+    return cache_path(llm, "generate", _generate_key(prompts, decoding, None)).is_file()
+
+
 def cached_generate(
     llm: LLM,
     prompts: Sequence[Sequence[int]],
@@ -103,8 +123,7 @@ def cached_generate(
     capture_layer: int | None = None,
 ) -> tuple[list[list[int]], torch.Tensor | None]:
     """:func:`generate`, cached on disk by model hash, prompt ids, decoding settings and layer."""
-    key = {"prompts": [list(map(int, p)) for p in prompts], "decoding": decoding.as_dict(),
-           "capture_layer": capture_layer}
+    key = _generate_key(prompts, decoding, capture_layer)
 
     def compute() -> dict[str, Any]:
         responses, means = generate(llm, prompts, decoding, capture_layer)

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,9 +36,11 @@ import torch
 from tqdm.auto import tqdm
 
 from persona_wm.llm import lora
+from persona_wm.llm.generation import Decoding, generate_batch, hash_seed
 from persona_wm.llm.model import LLM, LLMError, Scored, only_blocks, unembed
+from persona_wm.llm.passes import has_generated, store_generated
 
-__all__ = ["StackedJob", "StackedLoraLinear", "train_stacked"]
+__all__ = ["StackedJob", "StackedLoraLinear", "generate_stacked", "sample_adapters", "sample_stacked", "train_stacked"]
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -237,3 +241,79 @@ def train_stacked(start: LLM, jobs: Sequence[StackedJob], base: LLM | None = Non
             meta.update(val_curve=val_curves[k], best_step=best[k][1], best_val_loss=best[k][0])
         lora.save_adapter(lora.adapter_dir(start, keys[i]), state, meta)
     return keys
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling K adapters at once
+
+
+@torch.inference_mode()
+def generate_stacked(start: LLM, states: Sequence[dict[str, torch.Tensor]], spec: lora.LoraSpec,
+                     prompts: Sequence[Sequence[int]], decoding: Decoding) -> list[list[list[int]]]:
+    """Every adapter's responses to ``prompts`` (peft state dicts ``states`` over ``start``), drawn in shared batches.
+
+    Each adapter's rows are those of :func:`persona_wm.llm.generation.generate` (``n_samples`` per prompt,
+    prompt-major); a chunk of ``max(1, decoding.batch // K)`` of them is decoded for all K adapters in one
+    ``generate`` call of about ``decoding.batch`` rows, adapter k's copy being the k-th block
+    (:class:`StackedLoraLinear`). Chunk c is seeded with ``(decoding.seed, "stacked", c)``: another random stream
+    than one model at a time (the caller marks it with :attr:`Decoding.group`), the same distribution. Greedy
+    decoding equals each merged adapter's own within float tolerance (tests/unit/test_stacked_lora.py).
+    """
+    if not states or not prompts:
+        raise LLMError("generate_stacked needs at least one adapter and one prompt")
+    k_adapters = len(states)
+    model = copy.deepcopy(start.model).requires_grad_(False).eval()
+    _wrap(model, [dict(s) for s in states], spec)
+    stacked = dataclasses.replace(start, model=model)
+    rows = [list(p) for p in prompts for _ in range(decoding.n_samples)]
+    chunk = max(1, decoding.batch // k_adapters)
+    out: list[list[list[int]]] = [[] for _ in range(k_adapters)]
+    for c, begin in enumerate(range(0, len(rows), chunk)):
+        part = rows[begin:begin + chunk]
+        if decoding.sampled:
+            torch.manual_seed(hash_seed(decoding.seed, "stacked", c))
+        responses, _ = generate_batch(stacked, part * k_adapters, decoding, None)
+        for k in range(k_adapters):
+            out[k] += responses[k * len(part):(k + 1) * len(part)]
+    del model
+    return out
+
+
+def sample_stacked(start: LLM, jobs: Sequence[StackedJob], prompts: Sequence[Sequence[int]], decoding: Decoding,
+                   eval_every: int = 0) -> dict[str, Decoding]:
+    """:func:`sample_adapters` for the adapters ``train_stacked(start, jobs, eval_every=eval_every)`` trains."""
+    spec = _check_group(jobs)
+    keys = [lora.adapter_key(start, j.seqs, j.spec, j.val, eval_every) for j in jobs]
+    return sample_adapters(start, keys, spec, prompts, decoding)
+
+
+def sample_adapters(start: LLM, keys: Sequence[str], spec: lora.LoraSpec, prompts: Sequence[Sequence[int]],
+                    decoding: Decoding) -> dict[str, Decoding]:
+    """Sample the cached adapters ``keys`` (trained over ``start`` with ``spec`` but for the seed) on ``prompts``
+    at once and cache the responses where ``cached_generate(finetune(start, ...).llm, prompts, <its decoding>)``
+    finds them.
+
+    Returns each adapter key's decoding: ``decoding`` with :attr:`Decoding.group` set to a digest of the group
+    (start model, adapter keys in order, decoding), so these responses are never confused with one model's own
+    stream. A group whose responses are all cached already is not drawn again (a resumed run).
+    """
+    from safetensors.torch import load_file
+
+    if not keys:
+        raise LLMError("sample_adapters needs at least one adapter")
+    digest = hashlib.sha256(json.dumps({"start": start.sha256, "adapters": list(keys), "decoding": decoding.as_dict()},
+                                       sort_keys=True).encode()).hexdigest()
+    grouped = dataclasses.replace(decoding, group=digest)
+    tuned = [dataclasses.replace(start, sha256=lora.tuned_sha256(start, key)) for key in keys]
+    if all(has_generated(t, prompts, grouped) for t in tuned):
+        return dict.fromkeys(keys, grouped)
+    files = [lora.adapter_dir(start, key) / "adapter.safetensors" for key in keys]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise LLMError(f"sample_adapters: adapter not trained yet: {missing[0]} (train_stacked or finetune first)")
+    device = next(start.model.parameters()).device
+    states = [{k: v.to(device) for k, v in load_file(f).items()} for f in files]
+    responses = generate_stacked(start, states, spec, prompts, grouped)
+    for t, r in zip(tuned, responses):
+        store_generated(t, prompts, grouped, r)
+    return dict.fromkeys(keys, grouped)

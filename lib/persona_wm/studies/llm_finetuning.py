@@ -38,7 +38,7 @@ from persona_wm.llm import steer as llm_steer
 from persona_wm.llm.datasets import broad_questions, everyday_questions, read_jsonl, save_jsonl
 from persona_wm.llm.model import LLM, Decoding, Scored, cached_generate, chat_prompt_ids, load_llm
 from persona_wm.llm.personas import ANCHOR, PERSONAS, PROMPTS, PersonaError, check_personas
-from persona_wm.llm.stacked_lora import StackedJob, train_stacked
+from persona_wm.llm.stacked_lora import StackedJob, sample_adapters, train_stacked
 
 __all__ = [
     "ARMS",
@@ -351,6 +351,26 @@ def pretrain_stacked(start: LLM, jobs: Sequence[StackedJob], stack_size: int, de
         train_stacked(start, list(jobs[i:i + stack_size]), base=base, eval_every=eval_every, desc=desc)
 
 
+def presample(start: LLM, keys: Sequence[str], spec: lora.LoraSpec, stack_size: int,
+              prompts: Sequence[Sequence[int]], decoding: Decoding) -> dict[str, Decoding]:
+    """Each cached adapter's decoding for ``prompts``: with ``stack_size`` >= 2, the adapters ``keys`` over
+    ``start`` are sampled ``stack_size`` at a time in shared batches
+    (:func:`persona_wm.llm.stacked_lora.sample_adapters`) and the returned decodings name their group, so the
+    per-adapter calls that follow read those responses from the cache; ``stack_size`` 1 returns ``decoding`` for
+    every key (each adapter then samples alone: the CPU default)."""
+    if stack_size < 2 or len(keys) < 2:
+        return dict.fromkeys(keys, decoding)
+    out: dict[str, Decoding] = {}
+    for i in range(0, len(keys), stack_size):
+        out.update(sample_adapters(start, list(keys[i:i + stack_size]), spec, prompts, decoding))
+    return out
+
+
+def persona_prompt_ids(llm: LLM, systems: Mapping[str, str], prompts: Sequence[str]) -> list[list[int]]:
+    """The prompts :func:`persona_wm.llm.em.generation_frame` samples (system-major, then prompt)."""
+    return [chat_prompt_ids(llm, systems[n], p) for n in systems for p in prompts]
+
+
 # --------------------------------------------------------------------------------------------
 # 4. Marker coupling and its leakage
 
@@ -390,8 +410,10 @@ def couple_sources(setup: Setup, data: CouplingData, spec: lora.LoraSpec, source
     """Train each source's coupling LoRA once per adapter seed with ``spec``; read the marker teacher-forced on
     every persona and sample completions on the first prompts. Training data and generations go to ``data_dir``."""
     llm, names = setup.llm, setup.names
-    pretrain_stacked(llm, [StackedJob(data.seqs[s]["train"], adapter_spec(spec, a)) for a in adapter_seeds
-                           for s in sources], stack_size, "couple")
+    jobs = [StackedJob(data.seqs[s]["train"], adapter_spec(spec, a)) for a in adapter_seeds for s in sources]
+    pretrain_stacked(llm, jobs, stack_size, "couple")
+    decodings = presample(llm, [lora.adapter_key(llm, j.seqs, j.spec) for j in jobs], spec, stack_size,
+                          persona_prompt_ids(llm, setup.systems, data.gen_eval), data.decode_marker)
     pairs, gen_rows, runs = [], [], {}
     for source in sources:
         save_jsonl(data.records[source]["train"], data_dir / f"marker_{source}.jsonl")
@@ -403,7 +425,7 @@ def couple_sources(setup: Setup, data: CouplingData, spec: lora.LoraSpec, source
             runs[f"couple:{source}:a{a}"] = tuned
             tf = llm_em.marker_frame(tuned.llm, data.marker_resid, data.cut, data.marker_eval, names,
                                      len(data.eval_prompts), source)
-            gen = llm_em.generation_frame(tuned.llm, setup.systems, data.gen_eval, data.decode_marker, data.marker,
+            gen = llm_em.generation_frame(tuned.llm, setup.systems, data.gen_eval, decodings[tuned.key], data.marker,
                                           source)
             pairs.append(llm_em.leakage_pairs(tf, gen, setup.dist, names, negatives).assign(adapter=a))
             gen_rows.append(gen.assign(adapter=a))
@@ -660,7 +682,7 @@ class EMEvaluation:
 
 
 def evaluate_em(setup: Setup, organism: Organism, sample_tokens: int, temperature: float, n_samples: int,
-                sample_batch: int, n_boot: int, seed: int, data_dir: Path) -> EMEvaluation:
+                sample_batch: int, n_boot: int, seed: int, data_dir: Path, stack_size: int = 1) -> EMEvaluation:
     """Sample ``n_samples`` answers per question from base and from each adapter's EM and control (in domain and
     broad), score them (answered, content, tone, template reuse) and compare EM with each reference, paired by
     question within an adapter; the shifts' CIs are across adapters (Student t)."""
@@ -670,9 +692,21 @@ def evaluate_em(setup: Setup, organism: Organism, sample_tokens: int, temperatur
     grams = llm_scores.ngram_set([r["response"] for r in organism.em_records])
     sets = {"in_domain": organism.fin_eval, "broad": organism.broad}
     base = llm_scores.answer_frame({"base": llm}, sets, decode_em, scorer=llm, grams=grams).assign(adapter=-1)
-    frames = {a: llm_scores.answer_frame({"EM": organism.em[a].llm, "control": organism.control[a].llm}, sets,
-                                         decode_em, scorer=llm, grams=grams).assign(adapter=a)
-              for a in organism.seeds}
+    tuned = [t for a in organism.seeds for t in (organism.em[a], organism.control[a])]
+    decodings: dict[str, Decoding] = {}
+    for items in sets.values():  # a group's decoding names its adapters, not the prompts: the same for both sets
+        decodings.update(presample(llm, [t.key for t in tuned], organism.spec, stack_size,
+                                   [chat_prompt_ids(llm, "", it["user"]) for it in items], decode_em))
+
+    def frame(a: int) -> pd.DataFrame:
+        em, control = organism.em[a], organism.control[a]
+        if decodings[em.key] == decodings[control.key]:
+            return llm_scores.answer_frame({"EM": em.llm, "control": control.llm}, sets, decodings[em.key],
+                                           scorer=llm, grams=grams)
+        return pd.concat([llm_scores.answer_frame({label: t.llm}, sets, decodings[t.key], scorer=llm, grams=grams)
+                          for label, t in (("EM", em), ("control", control))], ignore_index=True)
+
+    frames = {a: frame(a).assign(adapter=a) for a in organism.seeds}
     answers = pd.concat([base, *frames.values()], ignore_index=True)
     save_jsonl(answers.to_dict("records"), data_dir / "em_sampled_answers.jsonl")
     with_base = [pd.concat([base, f]) for f in frames.values()]  # each adapter's EM and control beside the base
@@ -1011,10 +1045,13 @@ def em_first_chain(setup: Setup, data: CouplingData, organism: Organism, spec: l
     by_start: dict[str, list[tuple[str, int]]] = {}
     for (arm, a), (start, _) in plans.items():
         by_start.setdefault(start.sha256, []).append((arm, a))
+    decodings: dict[str, Decoding] = {}
     for group in by_start.values():
         start = plans[group[0]][0]
-        pretrain_stacked(start, [StackedJob(plans[k][1], adapter_spec(spec, k[1])) for k in group], stack_size,
-                         "EM-first arms")
+        jobs = [StackedJob(plans[k][1], adapter_spec(spec, k[1])) for k in group]
+        pretrain_stacked(start, jobs, stack_size, "EM-first arms")
+        decodings.update(presample(start, [lora.adapter_key(start, j.seqs, j.spec) for j in jobs], spec, stack_size,
+                                   persona_prompt_ids(start, chain_systems, data.gen_eval), data.decode_marker))
     gen_rows, before_rows, tf_rows, runs = [], [], [], {}
     for a in organism.seeds:
         models = {"base": llm, "EM": organism.em[a].llm, "control": organism.control[a].llm}
@@ -1026,8 +1063,8 @@ def em_first_chain(setup: Setup, data: CouplingData, organism: Organism, spec: l
             start, train = plans[(arm, a)]
             tuned = lora.finetune(start, train, adapter_spec(spec, a), desc=f"{arm} couple {source} a{a}")
             runs[f"{arm}:{source}:a{a}"] = tuned
-            gen_rows.append(llm_em.generation_frame(tuned.llm, chain_systems, data.gen_eval, data.decode_marker, marker,
-                                                    arm).assign(adapter=a))
+            gen_rows.append(llm_em.generation_frame(tuned.llm, chain_systems, data.gen_eval, decodings[tuned.key],
+                                                    marker, arm).assign(adapter=a))
             tf_rows.append(llm_em.marker_frame(tuned.llm, start_resid[start_label], data.cut, data.marker_eval, names,
                                                len(data.eval_prompts), arm).assign(adapter=a))
             lora.release(tuned)
