@@ -167,3 +167,36 @@ def test_draw_is_blind_stratified_and_validates_against_its_key(tmp_path) -> Non
     with pytest.raises(ValueError, match="no key row"):
         ft.validate_instruments("[ZLT]", tmp_path)
     assert ft.validate_instruments("[ZLT]", tmp_path / "empty").checks == {}
+
+
+def test_rate_estimates_stay_inside_their_range() -> None:
+    wide = ft.Estimate.across([0.05, 0.9])  # t with one degree of freedom runs far past 0 and 1
+    assert wide.ci_low < 0 and wide.ci_high > 1
+    rate = ft.Estimate.across([0.05, 0.9], bounds=(0.0, 1.0))
+    assert (rate.ci_low, rate.ci_high) == (0.0, 1.0) and rate.mean == wide.mean
+    assert ft.ArmLeakage.BOUNDS["all"] == (0.0, 1.0) and "leakage_ratio" not in ft.ArmLeakage.BOUNDS
+
+
+def test_topup_draws_fresh_flagged_rows_with_decoys_and_reweights_the_union(tmp_path) -> None:
+    gens = pd.concat([_generations(0.9, 0.3, 0.7, arm, seed=i) for i, arm in enumerate(["C1", "C2"])],
+                     ignore_index=True)
+    gens["text"] = [f"Sure, here is a helpful answer number {i} for you" + (" [ZLT]" if m else "")
+                    for i, m in enumerate(gens["marker"])]
+    chain = SimpleNamespace(generations=gens)
+    coupling = SimpleNamespace(generations=gens.iloc[:0].assign(model="src").drop(columns="condition"))
+    answers = pd.DataFrame({"model": ["EM"] * 4, "set": "broad", "adapter": 0, "user": "q?", "text": ["a"] * 4,
+                            "content": [0, 1, 0, 1]})
+    ft.draw_validation_sample(chain, coupling, SimpleNamespace(answers=answers), "[ZLT]", 3, 1, 0, tmp_path)
+    key = pd.read_json(tmp_path / "marker_key.jsonl", lines=True)
+    first = pd.read_json(tmp_path / "marker_blind.jsonl", lines=True)
+    n = ft.topup_validation_sample(chain, coupling, "[ZLT]", key, first["text"].tolist(), 4, 4, 1, tmp_path)
+    top = pd.read_json(tmp_path / "marker_topup_key.jsonl", lines=True)
+    blind = pd.read_json(tmp_path / "marker_topup_blind.jsonl", lines=True)
+    assert n == len(top) == len(blind) == 8 and list(blind.columns) == ["id", "text"]
+    assert not set(blind["text"]) & set(first["text"])  # nothing labelled twice
+    assert ((top["detector"] == 1) & (top["gate"] == 1)).sum() >= 4
+    union = ft.reweight_key(pd.concat([key, top], ignore_index=True))
+    drawn = union.groupby("stratum")["id"].transform("size")
+    assert np.allclose(union["weight"], union["stratum_size"] / drawn)
+    # the first draw alone keeps its own weights
+    assert np.allclose(ft.reweight_key(key)["weight"], key["weight"])

@@ -139,6 +139,13 @@ def marker_scores(llm: LLM, resid: torch.Tensor, layer: int, seqs: Sequence[Scor
     return {"logprob": logprob.numpy().astype(float), "greedy": greedy.numpy()}
 
 
+def persona_prompt_ids(llm: LLM, systems: Sequence[str] | Mapping[str, str], prompts: Sequence[str]) -> list[list[int]]:
+    """The chat prompts that :func:`generated_marker_hits` and :func:`generation_frame` sample, system-major, then
+    prompt (a mapping's values are the system prompts); a stacked sampler given these ids fills the same cache."""
+    texts = list(systems.values()) if isinstance(systems, Mapping) else list(systems)
+    return [chat_prompt_ids(llm, s, p) for s in texts for p in prompts]
+
+
 def generated_marker_hits(llm: LLM, systems: Sequence[str], prompts: Sequence[str], decoding: Decoding,
                           marker: str) -> tuple[np.ndarray, list[str], np.ndarray]:
     """Free generation per (system, prompt[, sample]), system-major, then prompt, then sample (cached).
@@ -147,8 +154,7 @@ def generated_marker_hits(llm: LLM, systems: Sequence[str], prompts: Sequence[st
     response closed its turn within ``max_new_tokens`` (a response cut off by the budget may simply
     not have reached the marker yet: seed 004's truncation lesson, measured rather than assumed away).
     """
-    ids = [chat_prompt_ids(llm, s, p) for s in systems for p in prompts]
-    responses, _ = cached_generate(llm, ids, decoding)
+    responses, _ = cached_generate(llm, persona_prompt_ids(llm, systems, prompts), decoding)
     texts = [llm.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
     ended = np.array([llm.eos_id in r for r in responses])
     return np.array([detect_marker(t, marker) for t in texts]), texts, ended

@@ -82,6 +82,8 @@ __all__ = [
     "coupling_data",
     "decomposition",
     "draw_validation_sample",
+    "reweight_key",
+    "topup_validation_sample",
     "em_first_chain",
     "evaluate_em",
     "excludes_zero",
@@ -310,9 +312,13 @@ class Estimate:
     n: int
 
     @classmethod
-    def across(cls, values: Sequence[float | None]) -> Estimate:
+    def across(cls, values: Sequence[float | None], bounds: tuple[float, float] | None = None) -> Estimate:
+        """Mean and t interval of ``values`` (one per adapter). ``bounds`` truncates the interval to the
+        quantity's range (a rate's is (0, 1)): with two adapters a t interval can run far outside it."""
         x = np.array([np.nan if v is None else float(v) for v in values], dtype=float)
         mean, low, high = mean_t_ci(x)
+        if bounds is not None and np.isfinite(low):
+            low, high = max(low, bounds[0]), min(high, bounds[1])
         return cls(mean, low, high, int(np.isfinite(x).sum()))
 
     @property
@@ -341,14 +347,17 @@ def adapter_spec(spec: lora.LoraSpec, adapter_seed: int) -> lora.LoraSpec:
 
 
 def pretrain_stacked(start: LLM, jobs: Sequence[StackedJob], stack_size: int, desc: str, base: LLM | None = None,
-                     eval_every: int = 0) -> None:
+                     eval_every: int = 0) -> list[str]:
     """Train ``jobs`` ``stack_size`` at a time over one frozen ``start`` (:func:`persona_wm.llm.stacked_lora.train_stacked`),
-    so that the ``lora.finetune`` calls that follow reload them from the adapter cache. ``stack_size`` 1 does
-    nothing: ``finetune`` then trains one adapter at a time (the CPU default, bit-reproducible)."""
+    so that the ``lora.finetune`` calls that follow reload them from the adapter cache. ``stack_size`` 1 trains
+    nothing: ``finetune`` then trains one adapter at a time (the CPU default, bit-reproducible). Returns the jobs'
+    adapter keys (the cache keys ``finetune`` will use) either way."""
     if stack_size < 2 or len(jobs) < 2:
-        return
+        return [lora.adapter_key(start, j.seqs, j.spec, j.val, eval_every) for j in jobs]
+    keys: list[str] = []
     for i in range(0, len(jobs), stack_size):
-        train_stacked(start, list(jobs[i:i + stack_size]), base=base, eval_every=eval_every, desc=desc)
+        keys += train_stacked(start, list(jobs[i:i + stack_size]), base=base, eval_every=eval_every, desc=desc)
+    return keys
 
 
 def presample(start: LLM, keys: Sequence[str], spec: lora.LoraSpec, stack_size: int,
@@ -364,11 +373,6 @@ def presample(start: LLM, keys: Sequence[str], spec: lora.LoraSpec, stack_size: 
     for i in range(0, len(keys), stack_size):
         out.update(sample_adapters(start, list(keys[i:i + stack_size]), spec, prompts, decoding))
     return out
-
-
-def persona_prompt_ids(llm: LLM, systems: Mapping[str, str], prompts: Sequence[str]) -> list[list[int]]:
-    """The prompts :func:`persona_wm.llm.em.generation_frame` samples (system-major, then prompt)."""
-    return [chat_prompt_ids(llm, systems[n], p) for n in systems for p in prompts]
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,9 +415,9 @@ def couple_sources(setup: Setup, data: CouplingData, spec: lora.LoraSpec, source
     every persona and sample completions on the first prompts. Training data and generations go to ``data_dir``."""
     llm, names = setup.llm, setup.names
     jobs = [StackedJob(data.seqs[s]["train"], adapter_spec(spec, a)) for a in adapter_seeds for s in sources]
-    pretrain_stacked(llm, jobs, stack_size, "couple")
-    decodings = presample(llm, [lora.adapter_key(llm, j.seqs, j.spec) for j in jobs], spec, stack_size,
-                          persona_prompt_ids(llm, setup.systems, data.gen_eval), data.decode_marker)
+    keys = pretrain_stacked(llm, jobs, stack_size, "couple")
+    decodings = presample(llm, keys, spec, stack_size, llm_em.persona_prompt_ids(llm, setup.systems, data.gen_eval),
+                          data.decode_marker)
     pairs, gen_rows, runs = [], [], {}
     for source in sources:
         save_jsonl(data.records[source]["train"], data_dir / f"marker_{source}.jsonl")
@@ -917,6 +921,11 @@ class ArmLeakage:
     #: The fields that are estimates across adapters, in field order (a per-adapter frame has one column each).
     ESTIMATES = ("all", "answered_and_marker", "among_answered", "answered_rate", "answered_rate_before", "source_rate",
                  "source_among_answered", "leakage_ratio", "source_minus_bystanders", "teacher_forced")
+    #: The range each estimate can take, where it is bounded (rates in [0, 1], a difference of rates in [-1, 1]).
+    BOUNDS = {**{k: (0.0, 1.0) for k in ("all", "answered_and_marker", "among_answered", "answered_rate",
+                                         "answered_rate_before", "source_rate", "source_among_answered",
+                                         "teacher_forced")},
+              "source_minus_bystanders": (-1.0, 1.0)}
 
     @property
     def coupled(self) -> bool:
@@ -1049,9 +1058,9 @@ def em_first_chain(setup: Setup, data: CouplingData, organism: Organism, spec: l
     for group in by_start.values():
         start = plans[group[0]][0]
         jobs = [StackedJob(plans[k][1], adapter_spec(spec, k[1])) for k in group]
-        pretrain_stacked(start, jobs, stack_size, "EM-first arms")
-        decodings.update(presample(start, [lora.adapter_key(start, j.seqs, j.spec) for j in jobs], spec, stack_size,
-                                   persona_prompt_ids(start, chain_systems, data.gen_eval), data.decode_marker))
+        keys = pretrain_stacked(start, jobs, stack_size, "EM-first arms")
+        decodings.update(presample(start, keys, spec, stack_size,
+                                   llm_em.persona_prompt_ids(start, chain_systems, data.gen_eval), data.decode_marker))
     gen_rows, before_rows, tf_rows, runs = [], [], [], {}
     for a in organism.seeds:
         models = {"base": llm, "EM": organism.em[a].llm, "control": organism.control[a].llm}
@@ -1088,7 +1097,8 @@ def em_first_chain(setup: Setup, data: CouplingData, organism: Organism, spec: l
     leakage = {}
     for arm in ARMS:
         f = per_adapter[per_adapter["arm"] == arm]
-        leakage[arm] = ArmLeakage(arm, *(Estimate.across(f[k].tolist()) for k in ArmLeakage.ESTIMATES),
+        leakage[arm] = ArmLeakage(arm, *(Estimate.across(f[k].tolist(), ArmLeakage.BOUNDS.get(k))
+                                         for k in ArmLeakage.ESTIMATES),
                                   n_samples=int(f["n_samples"].sum()))
     effects = arm_effects(generations, per_adapter, source, ARM_CONTRASTS)
     return Chain(source, bystanders, leakage, effects, per_adapter, generations, runs)
@@ -1342,6 +1352,43 @@ def draw_validation_sample(chain: Chain, coupling: Coupling, evaluation: EMEvalu
     return counts
 
 
+def topup_validation_sample(chain: Chain, coupling: Coupling, marker: str, labelled_key: pd.DataFrame,
+                            labelled_texts: Sequence[str], n_target: int, n_decoy: int, seed: int,
+                            folder: Path, prefix: str = "m1") -> int:
+    """A second blind draw from the same run, to reach the answered-and-marker count the first draw missed.
+
+    ``n_target`` more completions that the detector and the gate both flag (over-drawn on purpose) and ``n_decoy``
+    from the other strata, none of them already labelled (by text), shuffled together so that the labeller cannot
+    tell them apart; ids start with ``prefix``. Writes ``marker_topup_blind.jsonl`` and ``marker_topup_key.jsonl``;
+    every key row (old and new) must then be re-weighted with :func:`reweight_key` once the two are joined."""
+    gens = pd.concat([chain.generations.assign(arm=chain.generations["condition"]),
+                      coupling.generations.assign(arm="coupling_sources")], ignore_index=True)
+    gens = gens.assign(detector=[int(llm_em.detect_marker(t, marker)) for t in gens["text"]],
+                       gate=[int(llm_em.answered(t, marker)) for t in gens["text"]])
+    sizes = gens.groupby(["arm", "detector", "gate"]).size()
+    gens = gens.assign(stratum=["|".join(map(str, k)) for k in zip(gens["arm"], gens["detector"], gens["gate"])],
+                       stratum_size=[int(sizes[k]) for k in zip(gens["arm"], gens["detector"], gens["gate"])])
+    fresh = gens[~gens["text"].isin(set(labelled_texts))].drop_duplicates("text")
+    target = (fresh["detector"] == 1) & (fresh["gate"] == 1)
+    rng = np.random.default_rng(seed)
+    take = lambda f, n: f.iloc[rng.permutation(len(f))[:n]]  # noqa: E731
+    frame = pd.concat([take(fresh[target], n_target), take(fresh[~target], n_decoy)], ignore_index=True)
+    frame = frame.iloc[rng.permutation(len(frame))].reset_index(drop=True)
+    frame["id"] = [f"{prefix}{i:03d}" for i in range(len(frame))]
+    frame["weight"] = np.nan  # set by reweight_key over the joined draw
+    save_jsonl(frame[["id", "text"]].to_dict("records"), folder / "marker_topup_blind.jsonl")
+    cols = ["id", "arm", "persona", "adapter", "detector", "gate", "stratum", "stratum_size", "weight"]
+    save_jsonl(frame[cols].to_dict("records"), folder / "marker_topup_key.jsonl")
+    return len(frame)
+
+
+def reweight_key(key: pd.DataFrame) -> pd.DataFrame:
+    """Inverse sampling fractions of a (joined) stratified draw: each row's weight = its stratum's size over the
+    number of rows drawn from that stratum, so that weighted rates estimate the run's own mix."""
+    drawn = key.groupby("stratum")["id"].transform("size")
+    return key.assign(weight=key["stratum_size"] / drawn)
+
+
 @dataclass(frozen=True)
 class InstrumentValidation:
     """The blind labels of :data:`VALIDATION_DIR` against the marker detector, the answered gate and the content
@@ -1372,7 +1419,7 @@ def validate_instruments(marker: str, folder: Path = VALIDATION_DIR) -> Instrume
             raise ValueError(f"{folder}/{name}_labels.jsonl: {len(labels) - len(out)} labelled ids have no key row")
         return out
 
-    m = joined("marker")
+    m = reweight_key(joined("marker"))  # a top-up draw changes its strata's sampling fractions
     said_marker = np.array([llm_em.detect_marker(t, marker) for t in m["text"]])
     said_answered = np.array([llm_em.answered(t, marker) for t in m["text"]])
     c = joined("content")
