@@ -1,21 +1,12 @@
-# Sourced by scripts/device_*.sh on the GPU machine: install carried wheels and set up the environment.
+# Sourced by scripts/offline_bundle.sh.
 #
-# device_setup WHEEL...   installs the wheels into $SITE (no index, no dependency resolution: the wheel
-#                         sets were resolved on the workstation against the GPU image's packages), puts
-#                         $SITE, the package (lib/) and the checkout first on PYTHONPATH, and registers a
-#                         python3 kernelspec that runs this very interpreter (so papermill's kernel sees
-#                         $SITE too, whatever kernelspec the image ships).
+# offline_env        puts $SITE (where the bundle's wheels are installed), the package (lib/) and the checkout first
+#                    on PYTHONPATH, sets the offline switches and registers a python3 kernelspec that runs this very
+#                    interpreter (so papermill's kernel sees $SITE too, whatever kernelspec the image ships).
+# offline_download   (machine with internet) python 3.12 x86-64 wheels of a list into a folder.
 SITE=${SITE:-/tmp/site}
 
-device_setup() {
-    (( $# )) || { echo "device_setup: no wheels given" >&2; return 1; }
-    PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$SITE" "$@"
-    device_env_only
-}
-
-# device_env_only: the environment of an earlier device_setup on this machine (no install).
-device_env_only() {
+offline_env() {
     export PYTHONPATH="$SITE:$PWD/lib:$PWD${PYTHONPATH:+:$PYTHONPATH}"
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
     export JUPYTER_PLATFORM_DIRS=1   # jupyter_core 5: use platformdirs, no migration warning
@@ -34,8 +25,8 @@ PYEOF
     python3 -c 'import sys, torch; print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.cuda.is_available())'
 }
 
-# device_download LIST DIR: python 3.12 x86-64 wheels of LIST (name==version per line) into DIR (workstation side).
-device_download() {
+# offline_download LIST DIR: python 3.12 x86-64 wheels of LIST (name==version per line) into DIR (workstation side).
+offline_download() {
     local list=$1 dir=$2 platforms=() n
     for n in 28 27 26 17 5; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
     platforms+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64)
