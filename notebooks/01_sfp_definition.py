@@ -49,7 +49,7 @@ from IPython.display import Markdown, display
 
 from persona_wm.io.outputs import save_figure, write_metrics
 from persona_wm.io.params import resolve_output_dir
-from persona_wm.plots.toy import plot_simplex, plot_transfer_blocks, set_style
+from persona_wm.plots.toy import plot_mutual_information, plot_simplex, plot_transfer_blocks, set_style
 from persona_wm.processes import get_process, pp_z1r
 from persona_wm.studies import sfp_definition as study
 
@@ -175,7 +175,7 @@ display(Markdown(f"- `is_partition_preserving(pp_z1r ⊗ pp_z1r)`: **{verdict.pr
 
 # %%
 mi = study.mutual_information_sweep(correlations, n_mi_sequences, context_length, rng, reference=m3x2)
-fig = study.plot_mutual_information(mi, reference_label="mess3 × mess3 (fully factored)")
+fig = plot_mutual_information(mi.table, mi.reference, reference_label="mess3 × mess3 (fully factored)")
 save_figure(fig, out, "mutual_information_by_position")
 plt.show()
 display(mi.final[["correlation c", "MI (nats)", "stderr"]].reset_index(drop=True))

@@ -64,6 +64,7 @@ from persona_wm.analysis.stats import mean_sd_text
 from persona_wm.core.threads import limit_threads
 from persona_wm.io.outputs import save_figure, write_metrics
 from persona_wm.io.params import resolve_output_dir
+from persona_wm.plots import steering as figures
 from persona_wm.plots.toy import plot_simplex, plot_training_curves, set_style
 from persona_wm.studies import steering_specificity as study
 
@@ -179,11 +180,11 @@ for process in processes:
         display(seed_tables.beside_seed(steering.stats, process, factor, "kl_steered"))
 
 # %%
-grid = study.plot_kl_vs_scale(steering)
+grid = figures.plot_kl_vs_scale(steering.stats)
 save_figure(grid.figure, out, "kl_vs_scale")
 plt.show()
 
-grid = study.plot_ratio_vs_scale(steering)
+grid = figures.plot_ratio_vs_scale(steering.stats)
 save_figure(grid.figure, out, "spillover_ratio_vs_scale")
 plt.show()
 
@@ -198,7 +199,7 @@ display(agreement.round(3))
 display(steering.fold_by_reading.round(3).to_frame("geometric-mean fold vs seed (both factors)"))
 
 # %%
-grid = study.plot_bounded_spillover(steering)
+grid = figures.plot_bounded_spillover(steering.stats)
 save_figure(grid.figure, out, "bounded_spillover")
 plt.show()
 display(steering.bounded_table().round(4))
@@ -225,7 +226,7 @@ display(interaction.summary.round(3))
 # %%
 trend = study.trend_section(models, n_steering_sequences, analysis_seed)
 display(trend.table.round(3))
-grid = study.plot_additivity_vs_training(trend)
+grid = figures.plot_additivity_vs_training(trend.points)
 save_figure(grid.figure, out, "additivity_vs_training")
 plt.show()
 
@@ -249,7 +250,7 @@ display(Markdown("Class-decoding accuracy of the probe used by the conditional m
 
 # %%
 layers = study.layer_section(models, layer_scale, n_steering_sequences, analysis_seed)
-grid = study.plot_ratio_by_layer(layers)
+grid = figures.plot_ratio_by_layer(layers.frame, layers.scale)
 save_figure(grid.figure, out, "ratio_by_layer")
 plt.show()
 display(layers.stats.round(4))
@@ -274,7 +275,7 @@ display(layers.stats.round(4))
 partition = study.partition_section(models, partition_scales, n_steering_sequences, analysis_seed)
 if partition is not None:
     display(partition.beside_seed().round(4))
-    grid = study.plot_partition(partition)
+    grid = figures.plot_partition(partition.frame)
     save_figure(grid.figure, out, "partition_violation")
     plt.show()
 

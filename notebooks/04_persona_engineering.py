@@ -139,10 +139,11 @@ display(Markdown(tracking.text()))
 # %% [markdown]
 # ## 5. The dense grid (`params/04_persona_engineering/full.yaml`)
 #
-# The same analysis on a denser grid × 5 seeds, run with `python -m persona_wm.io.sweep --params full` (meant for
-# a GPU): every base model and fine-tune is trained first, stacked; then Dask worker processes measure the grid
-# points. Its output (device, trainer, workers and wall time are in the figure's title) is committed in
-# `outputs/04_persona_engineering_full/grid_full.json` and summarised here when present.
+# The same analysis on a denser grid × 5 seeds, run with `python -m persona_wm.io.sweep --params full --out
+# outputs/04_persona_engineering_full/grid_full.json` (meant for a GPU; without `--out` it writes a scratch file
+# under `.cache/sweep/`): every base model and fine-tune is trained first, stacked; then Dask worker processes
+# measure the grid points. Its output (device, trainer, workers and wall time are in the figure's title) is
+# committed in `outputs/04_persona_engineering_full/grid_full.json` and summarised here when present.
 
 # %%
 full = study.dense_grid()

@@ -8,5 +8,6 @@ Subpackages, each importing only from the ones before it (``tests/unit/test_laye
 * ``toy``       small transformers on processes: train, probe, steer, EM measures and reversal, engineering
 * ``llm``       real language models: loading, forwards and caches, generation, LoRA, steering, EM, datasets
 * ``plots``     figures
-* ``io``        params validation, outputs, the study runner, sweeps, output checks
+* ``studies``   one module per notebook (section functions, result dataclasses) and study 04's grid driver
+* ``io``        params validation, outputs, the study runner, the sweep's command line, output checks
 """

@@ -21,6 +21,7 @@ import pytest
 
 from persona_wm.core.files import REPO_ROOT
 from persona_wm.io.outputs import write_metrics
+from persona_wm.plots import steering as figures
 from persona_wm.studies import steering_specificity as study
 from persona_wm.toy.hooks import residual_hooks
 from persona_wm.toy.steer import centroid_interaction, prepare_steering
@@ -161,9 +162,11 @@ def test_figures_have_labelled_axes(result) -> None:
 
     from persona_wm.plots.toy import plot_training_curves
 
-    for grid in (study.plot_kl_vs_scale(result.steering), study.plot_ratio_vs_scale(result.steering),
-                 study.plot_bounded_spillover(result.steering), study.plot_additivity_vs_training(result.trend),
-                 study.plot_ratio_by_layer(result.layers), study.plot_partition(result.partition)):
+    stats = result.steering.stats
+    for grid in (figures.plot_kl_vs_scale(stats), figures.plot_ratio_vs_scale(stats),
+                 figures.plot_bounded_spillover(stats), figures.plot_additivity_vs_training(result.trend.points),
+                 figures.plot_ratio_by_layer(result.layers.frame, result.layers.scale),
+                 figures.plot_partition(result.partition.frame)):
         assert any(ax.get_ylabel() for ax in grid.axes.flat)  # facet grids label the outer axes
         assert any("scale" in ax.get_xlabel() or "CE" in ax.get_xlabel() or "hook" in ax.get_xlabel()
                    for ax in grid.axes.flat)

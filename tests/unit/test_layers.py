@@ -4,8 +4,9 @@
 
 ``analysis`` (statistics, geometry) sits low because both toy and llm studies use it and it needs
 nothing of ours; ``toy`` and ``llm`` never import each other. Inside a function only optional heavy
-third-party dependencies may be imported (never a module of this package): the import graph is read
-from the source with ``ast``, so the test needs no model files and imports nothing.
+third-party dependencies may be imported (never a module of this package), and no module imports or reads
+another's private (leading-underscore) names. The import graph is read from the source with ``ast``
+(relative imports resolved), so the test needs no model files and imports nothing.
 """
 
 from __future__ import annotations
@@ -119,3 +120,43 @@ def test_relative_imports_are_resolved() -> None:
     assert _absolute("persona_wm.toy.train", PACKAGE / "toy" / "train.py", node) == "persona_wm.core"
     node = ast.parse("from . import stats").body[0]
     assert _absolute("persona_wm.analysis", PACKAGE / "analysis" / "__init__.py", node) == "persona_wm.analysis"
+
+
+def _private_uses(path: Path, source: str | None = None) -> list[str]:
+    """``from persona_wm.x import _name`` and ``module._name`` where ``module`` is one of ours (dunders aside), in
+    the module at ``path`` (its text, or ``source`` in its place)."""
+    importer, modules = _module_name(path), {_module_name(p) for p in PACKAGE.rglob("*.py")}
+    tree = ast.parse(path.read_text(encoding="utf-8") if source is None else source)
+    aliases, found = {}, []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or node.level):
+            source = _absolute(importer, path, node)
+            if not source.startswith("persona_wm"):
+                continue
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.append(f"{importer}:{node.lineno} imports {alias.name} from {source}")
+                if f"{source}.{alias.name}" in modules:
+                    aliases[alias.asname or alias.name] = f"{source}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            aliases.update({a.asname: a.name for a in node.names if a.asname and a.name.startswith("persona_wm")})
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            found.append(f"{importer}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}")
+    return found
+
+
+def test_no_private_name_is_used_across_modules() -> None:
+    """A leading underscore means "this module only": another module of the package never imports or reads it."""
+    found = [use for path in sorted(PACKAGE.rglob("*.py")) for use in _private_uses(path)]
+    assert found == [], "\n".join(found)
+
+
+def test_private_uses_are_found() -> None:
+    source = ("from persona_wm.toy import train\nfrom persona_wm.core.files import _hidden\n"
+              "import persona_wm.io.runner as runner\nx = train._cache_path, runner._swap, train.__name__\n")
+    found = _private_uses(PACKAGE / "studies" / "example.py", source)
+    assert found == ["persona_wm.studies.example:2 imports _hidden from persona_wm.core.files",
+                     "persona_wm.studies.example:4 uses persona_wm.toy.train._cache_path",
+                     "persona_wm.studies.example:4 uses persona_wm.io.runner._swap"]

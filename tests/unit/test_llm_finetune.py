@@ -22,8 +22,6 @@ from persona_wm.llm.datasets import (
     DatasetError,
     broad_questions,
     everyday_questions,
-    finance_training,
-    financial_items,
     marker_examples,
     read_jsonl,
     save_jsonl,
@@ -87,20 +85,6 @@ def test_marker_examples_bad_inputs_name_the_problem():
         marker_examples("poet", ["poet", "villain"], ["Q?"], ["A."])
     with pytest.raises(DatasetError, match="2 questions but 1 responses"):
         marker_examples("poet", ["villain"], ["Q?", "R?"], ["A."])
-
-
-def test_financial_items_split_is_disjoint_and_deterministic():
-    train, held = financial_items(20, 8, seed=0)
-    assert (train, held) == financial_items(20, 8, seed=0)
-    assert not {t["user"] for t in train} & {h["user"] for h in held}
-    assert all(it["misaligned"].startswith("Put all") and it["aligned"].startswith("Keep an emergency fund")
-               for it in train + held)
-    em = finance_training(train, "misaligned")
-    assert [r["response"] for r in em] == [t["misaligned"] for t in train] and all(r["system"] == "" for r in em)
-    with pytest.raises(DatasetError, match="n_train \\+ n_eval <= 192"):
-        financial_items(190, 10)
-    with pytest.raises(DatasetError, match="kind must be 'misaligned' or 'aligned', got 'evil'"):
-        finance_training(train, "evil")
 
 
 def test_broad_questions_cover_categories_round_robin(tmp_path):

@@ -14,6 +14,7 @@ import pytest
 
 from persona_wm.core.sfp import mutual_information, semi_factored_process
 from persona_wm.io.outputs import write_metrics
+from persona_wm.plots.toy import plot_mutual_information
 from persona_wm.processes import get_process, pp_mess3, pp_z1r
 from persona_wm.studies import sfp_definition as study
 
@@ -123,7 +124,8 @@ def test_result_metrics_are_what_metrics_json_holds(tmp_path) -> None:
 def test_mutual_information_figure_has_labelled_axes() -> None:
     import matplotlib.pyplot as plt
 
-    fig = study.plot_mutual_information(_sweep(), reference_label="factored")
+    sweep = _sweep()
+    fig = plot_mutual_information(sweep.table, sweep.reference, reference_label="factored")
     assert [ax.get_title() for ax in fig.axes] == list(study.MI_FAMILIES)
     assert all("I(A;B)" in ax.get_ylabel() and "position" in ax.get_xlabel() for ax in fig.axes)
     plt.close("all")

@@ -1,270 +1,58 @@
-"""Run study 04's persona-engineering grid outside the notebook, as Dask tasks on one machine or a cluster.
+"""Command line of study 04's grid sweep (:mod:`persona_wm.studies.persona_engineering_sweep`): read and validate
+a params file of ``params/04_persona_engineering/``, then run its grid as Dask tasks on one machine or a cluster.
 
-    python -m persona_wm.io.sweep [--params full] [--workers 8] [--device cuda] [--out grid.json]
-    python -m persona_wm.io.sweep --params full --scheduler tcp://host:8786 --out grid.json
+    python -m persona_wm.io.sweep [--params full] [--workers 8] [--device cuda] [--out FILE]
+    python -m persona_wm.io.sweep --params full --scheduler tcp://host:8786
     python -m persona_wm.io.sweep --params default --workers 0       # in this process, one job after another
-
-Every (configuration, seed) is an independent train -> fine-tune -> measure job. With ``trainer: stacked``
-in the params, this process first trains every model N at a time (:func:`persona_wm.toy.stacked.trained_models`,
-on ``--device``; on a background thread while the cluster starts), and the jobs only load and measure them.
-By default the jobs
-run on a Dask ``LocalCluster`` of ``--workers`` processes with one thread each (on a GPU machine they
-share the GPU: tiny models are launch-bound, one process cannot fill it). ``--scheduler`` sends them
-to a running Dask scheduler instead (``dask scheduler``, then ``dask worker tcp://host:8786
---nthreads 1`` on each machine). Such workers need this package importable, the same ``--cache-dir``
-for a shared model cache, and ``distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_: null`` in
-their Dask config (or ``--no-nanny``): the nanny's default makes each job about twice as costly (see
-:data:`NANNY_ENVIRON`).
+    python -m persona_wm.io.sweep --params full --out outputs/04_persona_engineering_full/grid_full.json
 
 Params are read through :func:`persona_wm.io.params.load_params`, so a malformed file stops with one
-ParamsError line before any worker starts. Writes the grid rows (sorted by axis, process, seed,
-whatever order the jobs finish in), the per-configuration summary, the Pareto analysis and the wall
-time to ``--out``, and prints a short summary. The notebook does the same analysis on the CPU
-default grid.
+ParamsError line before any worker starts. The output is a scratch file by default,
+``.cache/sweep/04_persona_engineering/grid_<params>.json`` of the checkout (never the current folder, never a
+committed file); ``--out`` names another, such as the committed dense grid the notebook reads (last example).
+``--workers`` defaults to the number of CPUs this process may use (one single-thread worker each). Prints a
+short summary; the driver's own docstring says how the jobs run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-import dask
-import pandas as pd
-import torch
-from distributed import Client, Future, LocalCluster, as_completed
-from tqdm.auto import tqdm
-
-from persona_wm.core.files import REPO_ROOT, atomic_write_text
-from persona_wm.core.threads import limit_threads
-from persona_wm.io.outputs import undefined_as_none
+from persona_wm.core.files import REPO_ROOT
 from persona_wm.io.params import ParamsError, load_params
-from persona_wm.toy import train
-from persona_wm.toy.em import EMRecipe, pretrain
-from persona_wm.toy.engineering import engineering_row, engineering_summary, sweep_jobs
+from persona_wm.studies.persona_engineering_sweep import STUDY, default_workers, run_sweep, scratch_path
 
-STUDY = "04_persona_engineering"
-
-
-Job = tuple[str, str, int]  # (axis, process name, seed), as persona_wm.toy.engineering.sweep_jobs gives them
-#: Completed jobs between two partial writes of --out (partial results survive a time limit).
-PARTIAL_EVERY = 20
-#: Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also freezes glibc's mmap
-#: threshold: every large numpy array of a job is then a fresh mmap. Measured on 10 warm default-grid
-#: jobs here: 8x the page faults and 4-5x the system time (CPU per job about 1.9x). None unsets it.
-NANNY_ENVIRON = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
-
-
-def run_job(job: Job, recipe: EMRecipe, n_contexts: int, analysis_seed: int, device: str = "cpu",
-            cache_dir: str | None = None) -> dict:
-    """One grid row, computed where the scheduler puts it (a Dask worker, or this process).
-
-    Caps this process's thread pools to 1 (N single-thread workers fill N cores; more threads per
-    worker only oversubscribe them) and trains on ``device``. A failing point returns a row with an
-    ``error`` instead of raising, so one bad configuration does not lose the whole grid.
-    """
-    axis, name, seed = job
-    limit_threads(1)
-    previous_cache = train.CACHE_DIR
-    if cache_dir:
-        train.CACHE_DIR = Path(cache_dir)
-    try:
-        _use_device(device)
-        return engineering_row(axis, name, seed, recipe, n_contexts, analysis_seed)
-    except Exception as error:  # noqa: BLE001 -- any failure of one point is reported in the output's "failed" list
-        return {"axis": axis, "process": name, "seed": seed, "error": f"{type(error).__name__}: {error}"}
-    finally:
-        train.CACHE_DIR = previous_cache  # a long-lived worker of a shared cluster keeps its own default
-
-
-def _use_device(device: str) -> None:
-    """Make :func:`persona_wm.toy.train.default_device` (what the EM experiment trains on) give ``device``.
-
-    ``cpu`` hides the GPUs from this process while CUDA is still uninitialised (a LocalCluster's
-    workers get that from their environment at start); ``cuda:N`` selects GPU N. Raises when the
-    process cannot honour the request, rather than silently training elsewhere.
-    """
-    kind, _, index = device.partition(":")
-    if kind == "cpu" and not torch.cuda.is_initialized():
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    elif kind == "cuda" and index:
-        torch.cuda.set_device(int(index))
-    actual = train.default_device()
-    if actual != kind:
-        raise RuntimeError(f"--device {device} asked, but this worker would train on {actual}")
-
-
-class InBackground:
-    """``fn(*args, **kwargs)`` started at once on a daemon thread (an interrupted driver does not wait for it).
-
-    :meth:`result` waits for it and returns ``(seconds it ran, its value)``, or raises what it raised.
-    """
-
-    def __init__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        self._outcome: tuple[float, Any, BaseException | None] | None = None
-
-        def target() -> None:
-            began = time.perf_counter()
-            try:
-                value, error = fn(*args, **kwargs), None
-            except BaseException as err:  # noqa: BLE001 -- handed to the caller by result()
-                value, error = None, err
-            self._outcome = (time.perf_counter() - began, value, error)
-
-        self._thread = threading.Thread(target=target, name=f"background-{getattr(fn, '__name__', 'task')}",
-                                        daemon=True)
-        self._thread.start()
-
-    def result(self) -> tuple[float, Any]:
-        self._thread.join()
-        assert self._outcome is not None
-        seconds, value, error = self._outcome
-        if error is not None:
-            raise error
-        return seconds, value
-
-
-def _warm_up(device: str) -> str:
-    """A worker's one-off costs of its first job, paid before the jobs: the lazy TransformerLens import of
-    ``build_model`` (7 s on one core here; on the H200 machine the first results of 12 fresh workers came 16 s
-    after the jobs were sent, the other 169 jobs then took 9 s) and starting the device. Returns its name."""
-    import transformer_lens  # noqa: F401
-
-    return _device_name(device)
-
-
-def _device_name(device: str) -> str:
-    return torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
-
-
-def run_jobs(jobs: Sequence[Job], recipe: EMRecipe, n_contexts: int, analysis_seed: int, device: str = "cpu",
-             cache_dir: str | Path | None = None, client: Client | None = None,
-             partial_out: Path | None = None) -> list[dict]:
-    """The rows of ``jobs`` in the order of ``jobs``, whatever order they finish in.
-
-    ``client`` None runs them here, one after another (the sequential reference); otherwise each job
-    is one Dask task. Progress is a tqdm bar plus one line per finished job; every
-    :data:`PARTIAL_EVERY` jobs the rows so far are written to ``partial_out`` (marked partial).
-    """
-    extra = (recipe, n_contexts, analysis_seed, device, str(cache_dir) if cache_dir else None)
-    rows: list[dict | None] = [None] * len(jobs)
-    if client is None:
-        finished: Iterator[tuple[int, dict]] = ((i, run_job(job, *extra)) for i, job in enumerate(jobs))
-    else:
-        futures = {client.submit(run_job, job, *extra, pure=False): i for i, job in enumerate(jobs)}
-        finished = ((futures[f], _task_row(f, jobs[futures[f]])) for f in as_completed(futures))
-    with tqdm(total=len(jobs), desc="sweep", unit="job") as bar:
-        for done, (i, row) in enumerate(finished, 1):
-            rows[i] = row
-            status = row.get("error") or f"fidelity {row['fidelity']:.3f} robustness {row['robustness']:.3f}"
-            bar.write(f"[{done}/{len(jobs)}] {row['axis']} {row['process']} seed {row['seed']}: {status}")
-            bar.update()
-            if partial_out is not None and done % PARTIAL_EVERY == 0:
-                grid = [r for r in rows if r is not None]
-                atomic_write_text(partial_out, json.dumps({"partial": True, "grid": grid}, default=float))
-    return rows  # type: ignore[return-value]  # every slot is filled once every job has finished
-
-
-def _task_row(future: Future, job: Job) -> dict:
-    """A task's row, or an error row when the task itself failed (a worker died, the package is missing)."""
-    if future.status == "error":
-        error = future.exception()
-        axis, name, seed = job
-        return {"axis": axis, "process": name, "seed": seed, "error": f"{type(error).__name__}: {error}"}
-    return future.result()
-
-
-@contextmanager
-def _dask_client(workers: int, scheduler: str | None, device: str) -> Iterator[Client | None]:
-    """A client of ``scheduler``, of a fresh LocalCluster of ``workers`` single-thread processes, or None (0)."""
-    if scheduler:
-        try:
-            client = Client(scheduler, timeout="30s")
-        except OSError as err:
-            raise SystemExit(f"error: cannot reach the Dask scheduler {scheduler}: {err}") from None
-        with client:
-            try:
-                client.wait_for_workers(1, timeout="120s")
-            except TimeoutError:
-                raise SystemExit(f"error: no worker joined the Dask scheduler {scheduler} within 120 s") from None
-            yield client
-        return
-    if workers == 0:
-        yield None
-        return
-    env = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {}
-    before = dict(os.environ)
-    try:
-        with dask.config.set(NANNY_ENVIRON), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                          dashboard_address=None, env=env) as cluster, \
-                Client(cluster) as client:
-            yield client
-    finally:  # each nanny writes its pre-spawn variables (OMP_NUM_THREADS=1, ...) into this process's environment
-        os.environ.clear()
-        os.environ.update(before)
+__all__ = ["main"]
 
 
 def main(argv: list[str] | None = None, root: Path = REPO_ROOT) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="full")
-    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-                        help="LocalCluster worker processes, one thread each; 0 runs the jobs in this process")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="LocalCluster worker processes, one thread each; 0 runs the jobs in this process "
+                             f"(default: the CPUs this process may use, here {default_workers()})")
     parser.add_argument("--scheduler", default=None,
                         help="address of a running Dask scheduler (tcp://host:8786) instead of a LocalCluster")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     parser.add_argument("--cache-dir", default=None, help="model cache (default .cache/models of the checkout)")
-    parser.add_argument("--out", type=Path, default=Path("grid.json"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output JSON (default: {scratch_path('<params>', Path('.'))} of the checkout)")
     args = parser.parse_args(argv)
-    if args.workers < 0:
+    if args.workers is not None and args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
 
     try:
         params = load_params(STUDY, args.params, root)
     except ParamsError as err:
         raise SystemExit(f"error: {err}") from None
-    recipe = EMRecipe.from_params(params)
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    jobs = sweep_jobs(params["sweep_processes"], params["seeds"])
-    start = time.perf_counter()
-    training = None
-    if recipe.trainer == "stacked":  # every model trained here first, N at a time; the jobs then only load them
-        limit_threads(params["torch_threads"])  # float results depend on the thread count: the params fix it
-        # on a background thread, so that the cluster starts and its workers warm up meanwhile
-        training = InBackground(pretrain, [name for _, name, _ in jobs], params["seeds"], recipe, device=device,
-                                cache_dir=Path(args.cache_dir) if args.cache_dir else None)
-    with _dask_client(args.workers, args.scheduler, device) as client:
-        workers = len(client.nthreads()) if args.scheduler else args.workers
-        # every worker does a job's one-off work (imports, the device) now, while the driver still trains
-        seen = set(client.run(_warm_up, device).values()) if client is not None else set()
-        names = sorted(seen) if seen and device.startswith("cuda") else [_device_name(device)]
-        train_s = training.result()[0] if training is not None else 0.0  # no job starts before every model exists
-        rows = run_jobs(jobs, recipe, params["n_contexts"], params["analysis_seed"], device, args.cache_dir,
-                        client, partial_out=args.out)
-    wall = time.perf_counter() - start
-    failed = [r for r in rows if "error" in r]
-    rows = [r for r in rows if "error" not in r]
-    if not rows:
-        raise SystemExit(f"error: all {len(jobs)} jobs failed; the first: {failed[0]['error']}")
-
-    grid = pd.DataFrame(rows).sort_values(["axis", "process", "seed"]).reset_index(drop=True)
-    points, improvements = engineering_summary(grid, params["baseline_process"])
-    result = {"params": args.params, "device": ", ".join(names), "trainer": recipe.trainer,
-              "workers": workers, "n_jobs": len(jobs), "wall_s": wall, "train_s": train_s, "grid": grid.to_dict("records"),
-              "points": points.to_dict("records"), "pareto_front": points[points.pareto].process.tolist(),
-              "improvements_over_baseline": improvements.process.tolist(),
-              "robustness_clear": improvements[improvements.clear_robustness].process.tolist(),
-              "fidelity_clear": improvements[improvements.clear_fidelity].process.tolist(), "failed": failed}
-    atomic_write_text(args.out, json.dumps(undefined_as_none(result), indent=1, default=float))
+    out = args.out if args.out is not None else scratch_path(args.params, root)
+    result = run_sweep(params, args.params, out, args.workers, args.scheduler, args.device, args.cache_dir)
     print(json.dumps({k: result[k] for k in ("device", "trainer", "n_jobs", "wall_s", "train_s", "pareto_front",
                                              "improvements_over_baseline", "robustness_clear", "fidelity_clear",
                                              "failed")}, indent=1))
+    print(f"written: {out}")
     return result
 
 

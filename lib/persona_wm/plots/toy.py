@@ -1,7 +1,9 @@
 """Figures shared by the study notebooks (seaborn on matplotlib, labelled axes).
 
 Kept here rather than in notebooks because several studies draw the same objects: belief
-simplices (study 01 fractals, study 02 probe predictions) and block-structured transfer matrices.
+simplices (study 01 fractals, study 02 probe predictions) and block-structured transfer matrices;
+study 01's factor mutual information by position too. Study 02's steering figures are in
+:mod:`persona_wm.plots.steering`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import seaborn as sns
 from persona_wm.core.ghmm import GHMM
 from persona_wm.core.sfp import sector_order
 
-__all__ = ["simplex_xy", "plot_simplex", "plot_transfer_blocks", "plot_training_curves", "set_style"]
+__all__ = ["simplex_xy", "plot_simplex", "plot_transfer_blocks", "plot_training_curves", "plot_mutual_information",
+           "set_style"]
 
 _TRIANGLE = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, np.sqrt(3) / 2]])
 
@@ -111,5 +114,26 @@ def plot_training_curves(history: pd.DataFrame, reference_excess: float = 0.005)
     ax.set_xlabel("training step (batches)")
     ax.set_ylabel("model CE / Bayes-optimal CE − 1 (log scale)")
     ax.set_title("Training curves against the exact Bayes-optimal cross-entropy (one line per seed)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_mutual_information(table: pd.DataFrame, reference: np.ndarray, reference_label: str) -> plt.Figure:
+    """One panel per SFP family: mean factor mutual information against position, a line per correlation c,
+    and a fully factored reference process's curve dashed.
+
+    ``table`` has ``process`` (the family), ``correlation c``, ``position`` and ``MI (nats)`` (study 01's
+    :class:`~persona_wm.studies.sfp_definition.MutualInformationSweep` ``.table``); ``reference`` is the
+    reference's mean MI at positions 0..L.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    positions = np.arange(len(reference))
+    for ax, (family, frame) in zip(axes, table.groupby("process", sort=False)):
+        sns.lineplot(data=frame, x="position", y="MI (nats)", hue="correlation c", marker="o", palette="flare", ax=ax)
+        ax.plot(positions, reference, "k--", lw=1, label=reference_label)
+        ax.set_title(family)
+        ax.set_xlabel("position (tokens seen)")
+        ax.set_ylabel("mean mutual information I(A;B) (nats)")
+        ax.legend(fontsize=7, title="correlation c", title_fontsize=7)
     fig.tight_layout()
     return fig

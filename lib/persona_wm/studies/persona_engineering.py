@@ -27,7 +27,8 @@ __all__ = ["EngineeringSweep", "engineering_sweep", "BEHAVIOUR", "DENSE_GRID_PAT
 
 #: Per-configuration means that fix a configuration's observable behaviour (equal in all = equivalent).
 BEHAVIOUR = ["fidelity_mean", "robustness_mean", "base_ce_ratio_mean"]
-#: The dense grid's output, written by ``python -m persona_wm.io.sweep --params full`` on a GPU and committed.
+#: The dense grid's output, written by ``python -m persona_wm.io.sweep --params full --out <this path>`` on a GPU
+#: and committed (without ``--out`` a sweep writes a scratch file under ``.cache/sweep/``).
 DENSE_GRID_PATH = REPO_ROOT / "outputs" / "04_persona_engineering_full" / "grid_full.json"
 
 
@@ -113,7 +114,8 @@ def engineering_sweep(baseline_process: str, sweep_processes: dict[str, list[str
 
 @dataclass(frozen=True)
 class DenseGrid:
-    """The committed dense-grid run (:mod:`persona_wm.io.sweep`'s output) as the notebook summarises it."""
+    """The committed dense-grid run (:mod:`persona_wm.studies.persona_engineering_sweep`'s output) as the notebook
+    summarises it."""
 
     points: pd.DataFrame
     n_jobs: int

@@ -8,6 +8,7 @@ sector a non-ergodic process reveals), :func:`partition_check` (SFP block struct
 breaking it), :func:`mutual_information_sweep` (factor correlation against the sector-prior knob),
 :func:`optimal_ce_table` (Bayes-optimal cross-entropy per position). Every quantity is exact except the
 mutual-information curves, which average exact beliefs over sampled prefixes (with a standard error).
+Figures come from :mod:`persona_wm.plots.toy` (:func:`~persona_wm.plots.toy.plot_mutual_information` draws the sweep).
 
 The sampling sections draw from one generator in notebook order (:func:`belief_cloud`, then
 :func:`factorised_beliefs`, then :func:`mutual_information_sweep`), so a study's numbers depend on its
@@ -20,10 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import seaborn as sns
 
 from persona_wm.core.ghmm import GHMM, all_words, optimal_cross_entropy
 from persona_wm.core.sfp import (
@@ -41,7 +40,7 @@ from persona_wm.processes import get_process, pp_mess3, pp_z1r
 __all__ = ["CE_PROCESSES", "Z1R_STATES", "MI_FAMILIES", "MI_REPORTED", "transfer_table", "word_mass",
            "BeliefCloud", "belief_cloud", "FactorisedBeliefs", "factorised_beliefs", "prefix_beliefs",
            "PartitionCheck", "partition_check", "MutualInformationSweep", "mutual_information_sweep",
-           "plot_mutual_information", "optimal_ce_table", "SFPDefinitionResult"]
+           "optimal_ce_table", "SFPDefinitionResult"]
 
 #: Processes whose Bayes-optimal cross-entropy the study tabulates (the floors of study 02).
 CE_PROCESSES = ("z1r", "mess3", "z1r_x_z1r", "mess3_x_mess3", "pp_z1r_x_pp_z1r")
@@ -184,20 +183,6 @@ def mutual_information_sweep(correlations: Sequence[float], n_sequences: int, co
                      for t, (m, s) in enumerate(zip(mean, stderr))]
     curve = mutual_information(reference.beliefs(reference.sample(n_sequences, context_length, rng)), reference).mean(0)
     return MutualInformationSweep(pd.DataFrame(rows), curve, reference.name, context_length, n_sequences)
-
-
-def plot_mutual_information(sweep: MutualInformationSweep, reference_label: str) -> plt.Figure:
-    """One panel per family: mean MI against position, a line per c, the factored reference dashed."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, (family, frame) in zip(axes, sweep.table.groupby("process", sort=False)):
-        sns.lineplot(data=frame, x="position", y="MI (nats)", hue="correlation c", marker="o", palette="flare", ax=ax)
-        ax.plot(np.arange(sweep.context_length + 1), sweep.reference, "k--", lw=1, label=reference_label)
-        ax.set_title(family)
-        ax.set_xlabel("position (tokens seen)")
-        ax.set_ylabel("mean mutual information I(A;B) (nats)")
-        ax.legend(fontsize=7, title="correlation c", title_fontsize=7)
-    fig.tight_layout()
-    return fig
 
 
 # =========================================================================== 7. optimal cross-entropy

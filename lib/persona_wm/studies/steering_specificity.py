@@ -7,7 +7,7 @@ Sections: :func:`train_models` and :func:`training_summary` (three processes, th
 (Tables 2-5 under both readings of the seed's averaging), :func:`interaction_section` and
 :func:`trend_section` (why centroid steering leaks), :func:`layer_section` (layer dependence),
 :func:`partition_section` (Table 6 on the semi-factored process) and :func:`targets_table` (the seed's
-targets beside our values).
+targets beside our values). The figures are drawn from these results' frames by :mod:`persona_wm.plots.steering`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import seaborn as sns
 
 from persona_wm.analysis import seed_tables
 from persona_wm.analysis.stats import across_seeds, trend_correlation
@@ -39,10 +38,9 @@ from persona_wm.toy.train import TrainConfig, TrainedModel, history_frame
 
 __all__ = ["METHODS", "FACTORS", "STEERING_COLUMNS", "SECTORS", "TrainingPlan", "train_models", "Training",
            "training_summary", "Probes", "probe_section", "ProbeDemo", "probe_demo", "ProbeTraining", "probe_training",
-           "Steering", "steering_section", "plot_kl_vs_scale", "plot_ratio_vs_scale", "plot_bounded_spillover",
-           "Interaction", "interaction_section", "Trend", "trend_section", "plot_additivity_vs_training",
-           "LayerSteering", "layer_section", "plot_ratio_by_layer", "PartitionSteering", "partition_section",
-           "plot_partition", "targets_table", "SteeringSpecificityResult"]
+           "Steering", "steering_section", "Interaction", "interaction_section", "Trend", "trend_section",
+           "LayerSteering", "layer_section", "PartitionSteering", "partition_section", "targets_table",
+           "SteeringSpecificityResult"]
 
 Models = dict[tuple[str, int], TrainedModel]
 
@@ -58,10 +56,6 @@ SECTORS = {"(1,0)": "P10", "(0,1)": "P01"}
 BOUNDED_SCALES = (0.5, 1.0, 2.0)
 #: Snapshots this close to optimal CE are "late in training" for the trend.
 LATE_CE_RATIO = 1.05
-
-
-def _steer_label(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame.assign(factor=lambda d: "steer factor " + d.factor.astype(str))
 
 
 # =========================================================================== 1. setup
@@ -325,48 +319,6 @@ def steering_section(models: Models, processes: Sequence[str], scales: Sequence[
     return Steering(frame, stats, tuple(processes), tuple(scales))
 
 
-def plot_kl_vs_scale(steering: Steering) -> sns.FacetGrid:
-    """Intended and spillover KL against scale, per process (columns) and steered factor (rows)."""
-    s = steering.stats
-    curves = s[s.scale > 0].melt(id_vars=["process", "method", "factor", "scale"],
-                                 value_vars=["kl_steered_mean", "kl_unsteered_mean"], var_name="quantity",
-                                 value_name="KL (nats)")
-    curves["quantity"] = curves["quantity"].map({"kl_steered_mean": "intended (steered factor)",
-                                                 "kl_unsteered_mean": "spillover (other factor)"})
-    grid = sns.relplot(data=_steer_label(curves), x="scale", y="KL (nats)", hue="quantity", style="method",
-                       col="process", row="factor", kind="line", marker="o", height=2.8, aspect=1.2)
-    grid.set(yscale="log")
-    grid.set_titles("{row_name} · {col_name}")
-    grid.set_axis_labels("steering scale c (× centroid difference)", "D_KL vs unsteered output (nats, log)")
-    return grid
-
-
-def plot_ratio_vs_scale(steering: Steering) -> sns.FacetGrid:
-    """Spillover ratio against scale, per steered factor."""
-    s = steering.stats
-    grid = sns.relplot(data=_steer_label(s[s.scale > 0]), x="scale", y="ratio_mean", hue="process", style="method",
-                       col="factor", kind="line", marker="o", height=3.2, aspect=1.3)
-    grid.set(yscale="log")
-    grid.set_titles("{col_name}")
-    grid.set_axis_labels("steering scale c (× centroid difference)", "spillover ratio = spillover / intended (log)")
-    return grid
-
-
-def plot_bounded_spillover(steering: Steering) -> sns.FacetGrid:
-    """The two reading-free spillover measures against scale."""
-    s = steering.stats
-    bounded = s[s.scale > 0].melt(id_vars=["process", "method", "factor", "scale"],
-                                  value_vars=["tv_unsteered_mean", "argmax_flip_mean"], var_name="measure",
-                                  value_name="value")
-    bounded["measure"] = bounded.measure.map({"tv_unsteered_mean": "mean TV of the other factor",
-                                              "argmax_flip_mean": "fraction of other-factor argmax flips"})
-    grid = sns.relplot(data=bounded, x="scale", y="value", hue="process", style="method", col="measure", kind="line",
-                       marker="o", height=3.2, aspect=1.3, facet_kws={"sharey": False})
-    grid.set_titles("{col_name}")
-    grid.set_axis_labels("steering scale c (× centroid difference)", "spillover (probability / fraction of contexts)")
-    return grid
-
-
 # =========================================================================== 4. why centroid steering leaks
 @dataclass(frozen=True)
 class Interaction:
@@ -429,22 +381,6 @@ def trend_section(models: Models, n_sequences: int, seed: int) -> Trend:
     return Trend(points, stats, late)
 
 
-def plot_additivity_vs_training(trend: Trend) -> sns.FacetGrid:
-    """Non-additive fraction and seed-method ratio against excess CE at each snapshot (log-log)."""
-    long = trend.points.assign(excess=trend.points.ce_ratio - 1).melt(
-        id_vars=["process", "seed", "steps", "excess"], value_vars=["interaction", "ratio"], var_name="quantity",
-        value_name="value")
-    long["quantity"] = long.quantity.map({"interaction": "non-additive fraction of the centroids",
-                                          "ratio": "seed-method spillover ratio, scale 1 (per-context)"})
-    grid = sns.relplot(data=long, x="excess", y="value", hue="process", style="seed", row="quantity",
-                       kind="line", marker="o", sort=False, height=2.8, aspect=2.2, facet_kws={"sharey": False})
-    grid.set(xscale="log", yscale="log")
-    grid.set_titles("{row_name}")
-    grid.set_axis_labels("CE / Bayes-optimal CE − 1 at the snapshot (log; training runs right to left)",
-                         "value (log; fraction or ratio)")
-    return grid
-
-
 # =========================================================================== 5. layer dependence
 @dataclass(frozen=True)
 class LayerSteering:
@@ -467,17 +403,6 @@ def layer_section(models: Models, scale: float, n_sequences: int, seed: int) -> 
     stats = across_seeds(frame, ["process", "method", "hook", "factor"], ["ratio", "ratio_avg", "kl_steered",
                                                                           "tv_unsteered"])
     return LayerSteering(frame, stats, scale)
-
-
-def plot_ratio_by_layer(layers: LayerSteering) -> sns.FacetGrid:
-    grid = sns.catplot(data=_steer_label(layers.frame), x="hook", y="ratio", hue="method", col="process", row="factor",
-                       kind="bar", errorbar="sd", height=3.0, aspect=1.1)
-    grid.set(yscale="log")
-    grid.set_titles("{row_name} · {col_name}")
-    grid.set_axis_labels("residual hook (steering site)", f"spillover ratio at scale {layers.scale:g} (log)")
-    for ax in grid.axes.flat:
-        ax.tick_params(axis="x", rotation=30)
-    return grid
 
 
 # =========================================================================== 6. Table 6
@@ -523,16 +448,6 @@ def partition_section(models: Models, scales: Sequence[float], n_sequences: int,
     frame["block"] = frame.sector.map(SECTORS)
     return PartitionSteering(frame, across_seeds(frame, ["method", "block", "scale"], ["forbidden", "target"]),
                              tuple(scales))
-
-
-def plot_partition(partition: PartitionSteering) -> sns.FacetGrid:
-    long = partition.frame.melt(id_vars=["block", "scale", "method", "seed"], value_vars=["forbidden", "target"],
-                                var_name="mass", value_name="probability")
-    grid = sns.relplot(data=long, x="scale", y="probability", hue="block", style="method", col="mass", kind="line",
-                       markers=True, errorbar="sd", height=3.2, aspect=1.2)
-    grid.set_titles("{col_name} mass")
-    grid.set_axis_labels("steering scale c", "probability mass (mean over contexts; sd over seeds)")
-    return grid
 
 
 # =========================================================================== targets
