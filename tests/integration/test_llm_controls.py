@@ -32,6 +32,21 @@ def test_system_token_means_read_only_the_system_turn(tiny_llama) -> None:
     assert not torch.allclose(a[0], a[1])
 
 
+def test_plain_prompt_format_renders_a_preamble_and_its_system_span(tiny_llama) -> None:
+    """``prompt_format: plain`` (a base model): the system prompt is a text preamble; the empty one leaves none,
+    and system-token reads find the preamble's tokens without ChatML markers."""
+    plain = L.with_plain_template(tiny_llama)
+    assert tiny_llama.tokenizer.chat_template != L.PLAIN_TEMPLATE  # the original handle is untouched
+    text = plain.tokenizer.decode(L.chat_prompt_ids(plain, "You are a poet.", "How are you?"))
+    assert text.endswith("You are a poet.\n\nUser: How are you?\nAssistant:")
+    empty = plain.tokenizer.decode(L.chat_prompt_ids(plain, "", "How are you?"))
+    assert "\n\n" not in empty and empty.endswith("User: How are you?\nAssistant:")
+    ids, start, end = C._system_span(plain, "You are a poet.", "How are you?")
+    assert plain.tokenizer.decode(ids[start:end + 1]).strip() in {"You are a poet.", "are a poet."}  # no BOS here
+    a = C.system_token_means(plain, ["You are a poet.", "You are a surgeon."], "How are you?", [1, 2])
+    assert a.shape == (2, 2, plain.d_model) and not torch.allclose(a[0], a[1])
+
+
 @pytest.mark.parametrize("mode", ["reinit", "shuffle"])
 def test_random_weights_model_keeps_architecture_and_changes_identity(tiny_llama, mode) -> None:
     random = C.random_weights_llm(tiny_llama, seed=0, mode=mode)

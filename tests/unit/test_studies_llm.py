@@ -22,7 +22,6 @@ import pytest
 from persona_wm.llm.model import Decoding
 from persona_wm.llm.personas import PersonaError
 from persona_wm.plots import finetuning as ft_plots
-from persona_wm.plots.persona import plot_controls
 from persona_wm.studies import llm_finetuning as ft
 from persona_wm.studies import llm_persona_geometry as geo
 
@@ -101,24 +100,6 @@ def test_headline_gap_closed_and_wins() -> None:
     assert headline.wins == 2
 
 
-def test_controls_frame_puts_the_mean_centred_rho_last() -> None:
-    rho = {name: {"rho": np.array([0.5, 0.6]), "ci_low": np.array([0.4, 0.5]), "ci_high": np.array([0.6, 0.7])}
-           for name in ("persona", "system tokens")}
-    rho["system tokens"] |= {"diff": np.array([0.1, 0.2]), "diff_ci_low": np.array([0.0, 0.1]),
-                             "diff_ci_high": np.array([0.2, 0.3])}
-    controls = geo.Controls([0, 1], ["x", "y"], ["reinit"], rho, {}, [6, 11], 10)
-    assert controls.control_names == ["system tokens"]
-    frame = controls.frame(np.array([0.2, 0.3]))
-    assert list(frame["condition"].unique()) == ["persona", "system tokens", "mean-centred (all prompts)"]
-    assert frame["ci_low"].isna().sum() == 2  # the mean-centred rows have no CI
-    table = controls.table(np.array([0.2, 0.3]))
-    assert ("diff", "system tokens") in table.columns and "persona" not in table.columns.get_level_values(1)
-    fig, ax = plt.subplots()
-    plot_controls(frame, 2, ax)
-    assert ax.get_xlabel().startswith("layer") and "ρ" in ax.get_ylabel()
-    plt.close(fig)
-
-
 def _result_for_conclusion(spill=(0.001, 0.002), shift=(0.01, 0.01), stats=None) -> geo.PersonaGeometryResult:
     stats = stats if stats is not None else _stats([0.2] * 11 + [0.9] * 19, [False] * 11 + [True] * 19,
                                                   strat_p=[1 / 576] * 5 + [0.3] * 25)
@@ -130,9 +111,10 @@ def _result_for_conclusion(spill=(0.001, 0.002), shift=(0.01, 0.01), stats=None)
                          "js_unsteered_target": [0.05, 0.05]}, index=["centroid", "persona_vector"])
     heat = SimpleNamespace(decoupled=pd.DataFrame({"pair": ["(poet, villain)", "(surgeon, poet)"]}))
     return geo.PersonaGeometryResult(
-        setup=_setup(), responses=None, forced=None, analysis=geo.LayerAnalysis(stats, {}, 100), heat=heat,
-        controls=SimpleNamespace(layers=list(stats["layer"])), steer=SimpleNamespace(summary=summary),
-        steer_controls=None, headline=geo.SteeringHeadline(1.0, head, pd.DataFrame(), None, 0.8), timing=None)
+        setup=_setup(), plan=SimpleNamespace(layers=list(stats["layer"])), responses=None, forced=None,
+        analysis=geo.LayerAnalysis(stats, {}, 100), heat=heat, crossed=None, steer=SimpleNamespace(summary=summary),
+        steer_controls=None, headline=geo.SteeringHeadline(1.0, head, pd.DataFrame(), None, 0.8), heldout=None,
+        timing=None)
 
 
 def test_conclusion_verdicts() -> None:

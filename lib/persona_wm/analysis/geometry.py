@@ -24,13 +24,14 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
 from scipy.cluster.hierarchy import leaves_list, linkage
 from scipy.spatial.distance import squareform
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars on stderr: the runner keeps them on the terminal, out of reports
 
 __all__ = [
     "cosine_distance_matrix",
@@ -45,6 +46,9 @@ __all__ = [
     "layer_statistics",
     "cluster_order",
     "decoupled_pairs",
+    "relative_layers",
+    "PromptGram",
+    "crossed_rsa",
 ]
 
 
@@ -301,3 +305,87 @@ def decoupled_pairs(cos: np.ndarray, js: np.ndarray, names: Sequence[str], k: in
         "JS (nats)": upper(js)[order],
         "JS rank": js_rank[order].astype(int),
     })
+
+
+# --------------------------------------------------------------------------------------------
+# Layers by relative depth
+
+
+def relative_layers(fractions: Sequence[float] | None, n_layers: int) -> list[int]:
+    """Layers (1-based, residual stream after l blocks) at relative depths ``fractions`` of an ``n_layers`` model.
+
+    ``f`` -> ``max(1, round(f * n_layers))`` (Python's round: halves to even), repeats dropped, in increasing
+    order; ``None`` = every layer. A fraction outside (0, 1] raises ValueError naming it.
+    """
+    if fractions is None:
+        return list(range(1, n_layers + 1))
+    for f in fractions:
+        if not 0 < f <= 1:
+            raise ValueError(f"relative depth {f!r} is outside (0, 1]")
+    return sorted({max(1, round(f * n_layers)) for f in fractions})
+
+
+# --------------------------------------------------------------------------------------------
+# Crossed (two-way) bootstrap of RSA rho: user prompts x system prompts
+
+
+@dataclass(frozen=True)
+class PromptGram:
+    """Everything a resampled RSA rho needs from one condition, precomputed once.
+
+    ``gram[u * U + v, l, p, q]`` = <m[u, p, l], m[v, q, l]> for per-prompt centroids ``m`` [U, P, L, d] (user
+    prompt u, system prompt p, layer l), so the centroid Gram matrix of any multiset of user prompts with counts
+    ``w`` is ``(w x w) . gram / |w|^2`` (one matrix-vector product) without touching the d-dimensional vectors
+    again; ``js`` [U, P, P] per user prompt.
+    """
+
+    gram: np.ndarray
+    js: np.ndarray
+
+    @classmethod
+    def of(cls, means: np.ndarray, js: np.ndarray) -> PromptGram:
+        m = np.asarray(means, dtype=np.float64)
+        n_u, n_p, n_l, _ = m.shape
+        gram = np.empty((n_u, n_u, n_l, n_p, n_p))
+        for k in range(n_l):
+            flat = m[:, :, k].reshape(n_u * n_p, -1)
+            gram[:, :, k] = (flat @ flat.T).reshape(n_u, n_p, n_u, n_p).transpose(0, 2, 1, 3)
+        return cls(gram.reshape(n_u * n_u, n_l, n_p, n_p), np.asarray(js, dtype=np.float64))
+
+    def matrices(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cosine distance [L, P, P] of the weighted-mean centroids and the weighted-mean JS [P, P]."""
+        w = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+        g = np.tensordot(np.outer(w, w).reshape(-1), self.gram, axes=(0, 0))  # [L, P, P]
+        norm = np.sqrt(np.einsum("lpp->lp", g))
+        cos = 1.0 - g / (norm[:, :, None] * norm[:, None, :])
+        return cos, np.tensordot(w, self.js, axes=(0, 0))
+
+
+def _spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman rho of every row of ``x`` [L, K] with ``y`` [K] (Pearson on scipy's average ranks)."""
+    rx = sps.rankdata(x, axis=-1)
+    ry = sps.rankdata(y)
+    rx = rx - rx.mean(-1, keepdims=True)
+    ry = ry - ry.mean()
+    return (rx @ ry) / np.sqrt((rx ** 2).sum(-1) * (ry ** 2).sum())
+
+
+def crossed_rsa(grams: Sequence[PromptGram], users: np.ndarray, systems: np.ndarray) -> np.ndarray:
+    """RSA rho [C, L] of each condition for one draw of user prompts and system prompts (index arrays).
+
+    The system prompts are matched across conditions (index p is persona p, its length-matched formatting
+    control, its topic control), so one draw of ``systems`` applies to every condition. A system prompt drawn
+    twice gives a pair of identical items; such self-pairs are left out (the usual RSA bootstrap over
+    conditions), every other pair of draws counts, duplicates included.
+    """
+    n_u = grams[0].js.shape[0]
+    counts = np.bincount(np.asarray(users, dtype=int), minlength=n_u)
+    s = np.asarray(systems, dtype=int)
+    a, b = np.triu_indices(len(s), k=1)
+    keep = s[a] != s[b]
+    i, j = s[a[keep]], s[b[keep]]
+    out = []
+    for g in grams:
+        cos, js = g.matrices(counts)
+        out.append(_spearman_rows(cos[:, i, j], js[i, j]))
+    return np.stack(out)

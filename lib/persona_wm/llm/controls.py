@@ -48,7 +48,10 @@ from persona_wm.llm.steer import PersonaTargets, llm_steering_sweep, select_targ
 
 __all__ = [
     "CONTROL_POOL",
+    "TOPIC_POOLS",
+    "CONTROL_SETS",
     "length_matched_controls",
+    "topic_matched_controls",
     "system_token_means",
     "random_weights_llm",
     "rho_by_layer",
@@ -85,6 +88,69 @@ CONTROL_POOL: tuple[str, ...] = (
 )
 
 
+#: Topic-matched non-persona system prompts: for each persona, sentences about its subject matter with no
+#: identity, occupation or character ("you are ..." never appears, nor the occupation's name), so a
+#: persona and its topic control share vocabulary and domain and differ in who speaks.
+TOPIC_POOLS: dict[str, tuple[str, ...]] = {
+    "cybersec_consultant": ("Computer networks, passwords, firewalls and encrypted data may come up.",
+                            "Phishing emails and attacks on company systems are common topics.",
+                            "Backups and software updates protect stored information."),
+    "pentester": ("Security tests of company systems, weak passwords and unpatched servers may come up.",
+                  "Reports list the weaknesses found in a network.", "Locks, logins and access rights matter."),
+    "software_engineer": ("Source code, code reviews, systems design and trade-offs may come up.",
+                          "Programs are written, tested and deployed in many languages.",
+                          "Bugs, performance and maintainability are frequent topics."),
+    "data_scientist": ("Datasets, statistical models, charts and numbers may come up.",
+                       "Averages, variance and regression describe data.",
+                       "Spreadsheets and samples are common topics."),
+    "helpful_assistant": ("Help with tasks may come up.", "Questions of many kinds are welcome.",
+                          "Answers can be short."),
+    "private_investigator": ("Public records, surveillance and hidden facts may come up.",
+                             "Old documents, photographs and addresses can reveal a lot.",
+                             "Cases involve following leads."),
+    "medical_doctor": ("Symptoms, diagnoses, treatments and patients in general practice may come up.",
+                       "Medicines, blood pressure and check-ups are common topics.", "Clinics open every day."),
+    "kindergarten_teacher": ("Young children, simple words, colours and games may come up.",
+                             "Stories, songs and drawings for five-year-olds are common topics.",
+                             "Classrooms have small chairs."),
+    "poet": ("Images, metaphors, rhythm and the music of words may come up.",
+             "Verses, rhymes and stanzas are common topics.", "Moonlight and rain fill many lines."),
+    "villain": ("Schemes, power over others, cruelty and ambition may come up.",
+                "Plots to seize control and betrayals are common topics.", "Kindness is rare in such tales."),
+    "navy_seal": ("Discipline, tough missions, diving and special operations training may come up.",
+                  "Physical endurance and direct orders are common topics.", "Boats leave harbour at night."),
+    "army_medic": ("Wounded soldiers, battlefield first aid and bandages under fire may come up.",
+                   "Field hospitals and stretchers are common topics.", "Tourniquets stop bleeding."),
+    "surgeon": ("Operations, hospitals, scalpels and precision may come up.",
+                "Anaesthesia, sutures and operating theatres are common topics.", "Recovery takes weeks."),
+    "paramedic": ("Emergency calls, first aid and ambulances may come up.",
+                  "Sirens, stretchers and accident scenes are common topics.", "Every minute counts."),
+    "police_officer": ("City patrols, laws, arrests and public safety may come up.",
+                       "Traffic stops and police stations are common topics.", "Radios crackle on every street."),
+    "florist": ("Flowers, bouquets, blooms, seasons and colours may come up.",
+                "Roses, tulips and arrangements are common topics.", "Stems are cut at an angle."),
+    "librarian": ("Books, quiet reading rooms and finding information may come up.",
+                  "Catalogues, shelves and borrowing are common topics.", "Silence is kept in the stacks."),
+    "comedian": ("Jokes, punchlines, stand-up stages and laughter may come up.",
+                 "Comic timing and funny stories are common topics.", "Microphones stand on small stages."),
+    "french_person": ("Paris, French food, culture and the French language may come up.",
+                      "Croissants, wine and museums are common topics.", "The Seine flows through the city."),
+}
+
+#: The prompt sets of the crossed design: the personas and their two non-persona controls.
+CONTROL_SETS: tuple[str, ...] = ("formatting", "topic")
+
+
+def topic_matched_controls(encode: Callable[[str], Sequence[int]], names: Sequence[str],
+                           targets: Sequence[str]) -> list[str]:
+    """One topic-matched non-persona system prompt per persona (``TOPIC_POOLS[name]``), cut or padded like
+    :func:`length_matched_controls` to exactly its persona prompt's token count."""
+    missing = [n for n in names if n not in TOPIC_POOLS]
+    if missing:
+        raise LLMError(f"no topic-matched control prompt for persona(s) {', '.join(missing)} (TOPIC_POOLS)")
+    return [length_matched_controls(encode, [t], pool=TOPIC_POOLS[n])[0] for n, t in zip(names, targets)]
+
+
 def length_matched_controls(encode: Callable[[str], Sequence[int]], targets: Sequence[str],
                             pool: Sequence[str] = CONTROL_POOL) -> list[str]:
     """One non-persona system prompt per target prompt, with exactly the target's token count.
@@ -119,12 +185,27 @@ def length_matched_controls(encode: Callable[[str], Sequence[int]], targets: Seq
 
 
 def _system_span(llm: LLM, system: str, user: str) -> tuple[list[int], int, int]:
-    """Chat ids and the [start, end) span of the system prompt's own tokens inside them."""
+    """Chat ids and the [start, end) span of the system prompt's own tokens inside them.
+
+    ChatML (SmolLM2): the span ends at the system turn's ``<|im_end|>`` (which the caller scores too). Any other
+    template (e.g. the plain format of :func:`persona_wm.llm.model.with_plain_template`): the tokens between the
+    longest prefix and the longest suffix that the prompt shares with the empty-system prompt.
+    """
     end_id = llm.tokenizer.convert_tokens_to_ids("<|im_end|>")
     ids = chat_prompt_ids(llm, system, user)
     empty = chat_prompt_ids(llm, "", user)
-    if end_id not in ids or end_id not in empty:
-        raise LLMError("system_token_means needs a ChatML template with <|im_end|> after the system turn")
+    if end_id is None or end_id not in ids or end_id not in empty:
+        prefix = 0
+        while prefix < min(len(ids), len(empty)) and ids[prefix] == empty[prefix]:
+            prefix += 1
+        suffix = 0
+        while suffix < min(len(ids), len(empty)) - prefix and ids[-1 - suffix] == empty[-1 - suffix]:
+            suffix += 1
+        if len(ids) - suffix <= max(prefix, 1):
+            raise LLMError(f"system prompt {system!r}: no system-turn span found in the rendered prompt")
+        # [start, end] inclusive, as the ChatML branch; without a BOS token the very first token has no
+        # predicting position, so the span starts at the second
+        return ids, max(prefix, 1), len(ids) - suffix - 1
     header = empty.index(end_id)  # tokens of "<|im_start|>system\n" in an empty system turn
     end = ids.index(end_id)
     if ids[:header] != empty[:header] or end <= header:
@@ -212,7 +293,9 @@ def bootstrap_rho(per_prompt: dict[str, tuple[np.ndarray, np.ndarray]], n_boot: 
     result = sps.bootstrap((np.arange(n),), statistic, vectorized=False, paired=True, n_resamples=n_boot,
                            method=method, random_state=np.random.default_rng(seed))
     low, high = np.array(result.confidence_interval.low), np.array(result.confidence_interval.high)
-    undefined = ~(np.isfinite(low) & np.isfinite(high))  # BCa is undefined for degenerate elements (few prompts)
+    # BCa is undefined for degenerate elements (few prompts) and can exclude its own estimate (when nearly all
+    # replicates fall on one side of it): the percentile interval there
+    undefined = ~(np.isfinite(low) & np.isfinite(high) & (low <= full) & (full <= high))
     if undefined.any():
         dist = np.asarray(result.bootstrap_distribution)
         low[undefined] = np.nanpercentile(dist[undefined], 2.5, axis=-1)

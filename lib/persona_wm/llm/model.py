@@ -89,7 +89,16 @@ from persona_wm.llm.loading import (
     weights_path,
 )
 from persona_wm.llm.passes import cached_generate, persona_logprobs, persona_pass, time_forward_overhead
-from persona_wm.llm.sequences import Scored, chat_prompt_ids, encode, right_pad, scored_index, scored_sequence
+from persona_wm.llm.sequences import (
+    PLAIN_TEMPLATE,
+    Scored,
+    chat_prompt_ids,
+    encode,
+    right_pad,
+    scored_index,
+    scored_sequence,
+    with_plain_template,
+)
 
 __all__ = [
     "CACHE_VERSION",
@@ -101,6 +110,7 @@ __all__ = [
     "LLMError",
     "LLM_CACHE_ENV",
     "MODEL_NAME",
+    "PLAIN_TEMPLATE",
     "Scored",
     "WEIGHTS_FILE",
     "WEIGHTS_PACKAGE",
@@ -131,4 +141,5 @@ __all__ = [
     "to_bridge",
     "unembed",
     "weights_path",
+    "with_plain_template",
 ]

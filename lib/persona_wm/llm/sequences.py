@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -9,7 +11,7 @@ import torch  # noqa: E402
 
 from persona_wm.llm.base import LLM, LLMError, first_line
 
-__all__ = ["chat_prompt_ids", "encode", "Scored", "scored_sequence", "right_pad", "scored_index"]
+__all__ = ["PLAIN_TEMPLATE", "with_plain_template", "chat_prompt_ids", "encode", "Scored", "scored_sequence", "right_pad", "scored_index"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -36,6 +38,28 @@ def chat_prompt_ids(llm: LLM, system: str, user: str) -> list[int]:
         raise LLMError(f"{llm.name}: its chat template cannot render a system + user prompt: "
                        f"{type(err).__name__}: {first_line(err)}") from None
     return list(llm.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+#: A plain-text transcript for base models (no chat template): the system text (if any) as a preamble, then
+#: "User: ..." and "Assistant:" lines. Chosen explicitly (study 05a's ``prompt_format: plain``), never a fallback.
+PLAIN_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{% if m['content'] %}{{ m['content'] }}\n\n{% endif %}"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n"
+    "{% else %}Assistant: {{ m['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def with_plain_template(llm: LLM) -> LLM:
+    """A copy of ``llm`` whose tokenizer renders :data:`PLAIN_TEMPLATE` (the original tokenizer is untouched).
+
+    For a base model, which was never trained on a chat format: persona prompts become a plain preamble. Cache
+    keys hold the exact token ids, so entries of the two formats never mix.
+    """
+    tokenizer = copy.copy(llm.tokenizer)
+    tokenizer.chat_template = PLAIN_TEMPLATE
+    return dataclasses.replace(llm, tokenizer=tokenizer)
 
 
 def encode(llm: LLM, text: str) -> list[int]:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-__all__ = ["plot_controls", "plot_jackknife", "plot_paired_heatmaps", "plot_rho_by_layer", "plot_steering"]
+__all__ = ["plot_crossed", "plot_controls", "plot_jackknife", "plot_paired_heatmaps", "plot_rho_by_layer", "plot_steering"]
 
 
 def plot_rho_by_layer(stats: pd.DataFrame, seed: pd.DataFrame, axes: Sequence[plt.Axes]) -> None:
@@ -80,6 +80,34 @@ def plot_controls(frame: pd.DataFrame, n_prompts: int, ax: plt.Axes) -> None:
     ax.set_xlabel("layer (residual stream after l blocks)")
     ax.set_ylabel("Spearman ρ(1 − cos of centroids, JS)")
     ax.set_title(f"Representation–behaviour ρ and its controls ({n_prompts} prompts; bands: 95% bootstrap over prompts)")
+    ax.legend(fontsize=7)
+
+
+def plot_crossed(cells: pd.DataFrame, did: pd.DataFrame, block_layers: Sequence[int], model: str, n_layers: int,
+                 axes: Sequence[plt.Axes]) -> None:
+    """Left: rho by layer in every cell of weights x prompt set (colour = prompt set, dashes = weights), with 95%
+    two-way bootstrap bands. Right: the difference-in-differences by layer with its band, the pre-registered
+    block shaded, layers surviving Holm's correction starred."""
+    ax = axes[0]
+    sns.lineplot(data=cells, x="layer", y="rho", hue="prompts", style="weights", marker="o", markersize=3, ax=ax)
+    colours = dict(zip(cells["prompts"].unique(), sns.color_palette(n_colors=cells["prompts"].nunique())))
+    for (prompts, _), group in cells.groupby(["prompts", "weights"]):
+        ax.fill_between(group["layer"], group["ci_low"], group["ci_high"], color=colours[prompts], alpha=0.08)
+    ax.axhline(0, color="0.5", lw=0.6)
+    ax.set_xlabel(f"{model} layer (of {n_layers})")
+    ax.set_ylabel("Spearman ρ(1 − cos of centroids, JS)")
+    ax.set_title("every cell of weights × prompt set", fontsize=9)
+    ax.legend(fontsize=6)
+    ax = axes[1]
+    ax.axvspan(min(block_layers) - 0.5, max(block_layers) + 0.5, color="0.9", label="pre-registered block")
+    ax.plot(did["layer"], did["did"], marker="o", color="C3", label="(trained − random) × (persona − control)")
+    ax.fill_between(did["layer"], did["ci_low"], did["ci_high"], color="C3", alpha=0.2)
+    hits = did[did["holm_reject"]]
+    ax.scatter(hits["layer"], hits["did"], marker="*", s=90, color="k", zorder=5, label="Holm p < 0.05")
+    ax.axhline(0, color="0.3", lw=0.8)
+    ax.set_xlabel(f"{model} layer (of {n_layers})")
+    ax.set_ylabel("difference-in-differences of ρ")
+    ax.set_title("persona-specific residue (band: 95% bootstrap over user × system prompts)", fontsize=9)
     ax.legend(fontsize=7)
 
 
