@@ -64,7 +64,7 @@ import numpy as np
 import tokenizers
 import torch
 import yaml
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars on stderr: the runner keeps them on the terminal, out of reports
 
 from persona_wm.core.files import REPO_ROOT
 from persona_wm.core.threads import limit_threads

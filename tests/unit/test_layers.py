@@ -160,3 +160,11 @@ def test_private_uses_are_found() -> None:
     assert found == ["persona_wm.studies.example:2 imports _hidden from persona_wm.core.files",
                      "persona_wm.studies.example:4 uses persona_wm.toy.train._cache_path",
                      "persona_wm.studies.example:4 uses persona_wm.io.runner._swap"]
+
+
+def test_progress_bars_are_plain_tqdm() -> None:
+    """``tqdm.auto`` in a kernel without ipywidgets warns ("IProgress not found") on every study run; plain tqdm
+    writes text bars to stderr, which the runner shows on the terminal and keeps out of the reports."""
+    found = [f"{p.relative_to(PACKAGE)}:{i}" for p in sorted(PACKAGE.rglob("*.py"))
+             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if "tqdm.auto" in line]
+    assert found == [], found

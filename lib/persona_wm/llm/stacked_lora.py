@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars on stderr: the runner keeps them on the terminal, out of reports
 
 from persona_wm.llm import lora
 from persona_wm.llm.generation import Decoding, generate_batch, hash_seed

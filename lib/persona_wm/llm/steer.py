@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars on stderr: the runner keeps them on the terminal, out of reports
 
 from persona_wm.analysis.stats import bootstrap_mean_ci
 from persona_wm.llm.divergence import js_divergence

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from statsmodels.stats.multitest import multipletests
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars on stderr: the runner keeps them on the terminal, out of reports
 
 from persona_wm.analysis.stats import mean_t_ci, spearman_with_ci, welch_difference
 from persona_wm.core.ghmm import optimal_cross_entropy

@@ -35,7 +35,7 @@ import dask
 import pandas as pd
 import torch
 from distributed import Client, Future, LocalCluster, as_completed
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars on stderr: the runner keeps them on the terminal, out of reports
 
 from persona_wm.core.files import REPO_ROOT, atomic_write_text
 from persona_wm.core.threads import limit_threads, usable_cores

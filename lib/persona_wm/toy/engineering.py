@@ -12,7 +12,7 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars on stderr: the runner keeps them on the terminal, out of reports
 
 from persona_wm.analysis.stats import across_seeds
 from persona_wm.core.ghmm import GHMM

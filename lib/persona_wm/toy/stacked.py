@@ -71,7 +71,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars on stderr: the runner keeps them on the terminal, out of reports
 
 from persona_wm.core.ghmm import GHMM, entropy
 from persona_wm.core.sfp import restrict_to_sector

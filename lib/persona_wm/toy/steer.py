@@ -52,7 +52,7 @@ from itertools import permutations
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars on stderr: the runner keeps them on the terminal, out of reports
 
 from persona_wm.core.ghmm import GHMM, ProcessError, marginals
 from persona_wm.toy.hooks import add_at_final_position, batched_forward, final_hook, residual_hooks

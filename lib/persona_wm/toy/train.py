@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars on stderr: the runner keeps them on the terminal, out of reports
 
 from persona_wm.core.files import REPO_ROOT, atomic_write
 from persona_wm.core.ghmm import GHMM, entropy
