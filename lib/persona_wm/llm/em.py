@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -282,8 +283,10 @@ def pair_correlation(frame: pd.DataFrame, x: str, y: str, cluster: str = "source
     groups = [g[[x, y]].to_numpy(float) for _, g in data.groupby(cluster, sort=True)]
     if len(data) < 4 or len(groups) < 2 or data[x].nunique() < 2 or data[y].nunique() < 2:
         return _nan_correlation(len(data), len(groups))
-    pear = pg.corr(data[x], data[y], method="pearson").iloc[0]
-    spear = pg.corr(data[x], data[y], method="spearman").iloc[0]
+    with warnings.catch_warnings():  # pingouin's power column warns below 5 pairs; power is not used
+        warnings.filterwarnings("ignore", message="Sample size is too small to estimate power")
+        pear = pg.corr(data[x], data[y], method="pearson").iloc[0]
+        spear = pg.corr(data[x], data[y], method="spearman").iloc[0]
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(groups), size=(n_boot, len(groups)))
     boot = np.array([_pearson_spearman(*np.concatenate([groups[i] for i in d]).T) for d in draws])
@@ -312,8 +315,10 @@ def unit_correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
         raise ValueError(f"unit_correlation: {len(x)} x values but {len(y)} y values")
     if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return _nan_correlation(len(x), len(x))
-    pear = pg.corr(x, y, method="pearson").iloc[0]
-    spear = pg.corr(x, y, method="spearman").iloc[0]
+    with warnings.catch_warnings():  # pingouin's power column warns below 5 points; power is not used
+        warnings.filterwarnings("ignore", message="Sample size is too small to estimate power")
+        pear = pg.corr(x, y, method="pearson").iloc[0]
+        spear = pg.corr(x, y, method="spearman").iloc[0]
     return {"n": len(x), "n_clusters": len(x), "r": float(pear["r"]), "p": float(pear["p_val"]),
             "ci": _ci95(pear), "spearman": float(spear["r"]), "spearman_p": float(spear["p_val"]),
             "spearman_ci": [float("nan")] * 2, "within_r": float("nan"), "within_p": float("nan"),
