@@ -44,9 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.labelled is None:
             parser.error("--topup needs --labelled DIR (the draw it extends)")
         labelled = pd.DataFrame(read_jsonl(args.labelled / "marker_labels.jsonl"))
-        key = pd.DataFrame(read_jsonl(args.labelled / "marker_key.jsonl"))
         n = topup_validation_sample(SimpleNamespace(generations=frame("em_first_generations.jsonl")),
-                                    SimpleNamespace(generations=frame("coupling_generations.jsonl")), p["marker"], key,
+                                    SimpleNamespace(generations=frame("coupling_generations.jsonl")), p["marker"],
                                     labelled["text"].tolist(), args.topup, args.decoys, p["seed"] + 1,
                                     args.to or data / "validation")
         print({"marker_topup": n})

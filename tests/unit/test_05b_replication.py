@@ -189,7 +189,7 @@ def test_topup_draws_fresh_flagged_rows_with_decoys_and_reweights_the_union(tmp_
     ft.draw_validation_sample(chain, coupling, SimpleNamespace(answers=answers), "[ZLT]", 3, 1, 0, tmp_path)
     key = pd.read_json(tmp_path / "marker_key.jsonl", lines=True)
     first = pd.read_json(tmp_path / "marker_blind.jsonl", lines=True)
-    n = ft.topup_validation_sample(chain, coupling, "[ZLT]", key, first["text"].tolist(), 4, 4, 1, tmp_path)
+    n = ft.topup_validation_sample(chain, coupling, "[ZLT]", first["text"].tolist(), 4, 4, 1, tmp_path)
     top = pd.read_json(tmp_path / "marker_topup_key.jsonl", lines=True)
     blind = pd.read_json(tmp_path / "marker_topup_blind.jsonl", lines=True)
     assert n == len(top) == len(blind) == 8 and list(blind.columns) == ["id", "text"]

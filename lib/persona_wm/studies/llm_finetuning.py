@@ -1319,6 +1319,15 @@ def _stratified(frame: pd.DataFrame, strata: Sequence[str], per_stratum: int, se
     return pd.concat(picks, ignore_index=True)
 
 
+def _marker_generations(chain: Chain, coupling: Coupling, marker: str) -> pd.DataFrame:
+    """Every after-coupling completion (seed-004 arms and coupling sources) with its arm and the marker detector's
+    and the answered gate's outputs: the population both blind draws are stratified over."""
+    gens = pd.concat([chain.generations.assign(arm=chain.generations["condition"]),
+                      coupling.generations.assign(arm="coupling_sources")], ignore_index=True)
+    return gens.assign(detector=[int(llm_em.detect_marker(t, marker)) for t in gens["text"]],
+                       gate=[int(llm_em.answered(t, marker)) for t in gens["text"]])
+
+
 def draw_validation_sample(chain: Chain, coupling: Coupling, evaluation: EMEvaluation, marker: str, per_stratum: int,
                            content_per_stratum: int, seed: int, folder: Path, min_marker: int = 0,
                            min_content: int = 0) -> dict[str, int]:
@@ -1330,10 +1339,7 @@ def draw_validation_sample(chain: Chain, coupling: Coupling, evaluation: EMEvalu
     each, topped up to ``min_content``). ``*_blind.jsonl`` holds
     only an id and the text, shuffled; ``*_key.jsonl`` holds the source, the instruments' outputs and the weights.
     """
-    gens = pd.concat([chain.generations.assign(arm=chain.generations["condition"]),
-                      coupling.generations.assign(arm="coupling_sources")], ignore_index=True)
-    gens = gens.assign(detector=[int(llm_em.detect_marker(t, marker)) for t in gens["text"]],
-                       gate=[int(llm_em.answered(t, marker)) for t in gens["text"]])
+    gens = _marker_generations(chain, coupling, marker)
     marker_set = _stratified(gens, ["arm", "detector", "gate"], per_stratum, seed, min_marker)
     ans = evaluation.answers
     content_set = _stratified(ans.assign(score=ans["content"]), ["model", "set", "score"], content_per_stratum, seed,
@@ -1352,8 +1358,7 @@ def draw_validation_sample(chain: Chain, coupling: Coupling, evaluation: EMEvalu
     return counts
 
 
-def topup_validation_sample(chain: Chain, coupling: Coupling, marker: str, labelled_key: pd.DataFrame,
-                            labelled_texts: Sequence[str], n_target: int, n_decoy: int, seed: int,
+def topup_validation_sample(chain: Chain, coupling: Coupling, marker: str, labelled_texts: Sequence[str], n_target: int, n_decoy: int, seed: int,
                             folder: Path, prefix: str = "m1") -> int:
     """A second blind draw from the same run, to reach the answered-and-marker count the first draw missed.
 
@@ -1361,10 +1366,7 @@ def topup_validation_sample(chain: Chain, coupling: Coupling, marker: str, label
     from the other strata, none of them already labelled (by text), shuffled together so that the labeller cannot
     tell them apart; ids start with ``prefix``. Writes ``marker_topup_blind.jsonl`` and ``marker_topup_key.jsonl``;
     every key row (old and new) must then be re-weighted with :func:`reweight_key` once the two are joined."""
-    gens = pd.concat([chain.generations.assign(arm=chain.generations["condition"]),
-                      coupling.generations.assign(arm="coupling_sources")], ignore_index=True)
-    gens = gens.assign(detector=[int(llm_em.detect_marker(t, marker)) for t in gens["text"]],
-                       gate=[int(llm_em.answered(t, marker)) for t in gens["text"]])
+    gens = _marker_generations(chain, coupling, marker)
     sizes = gens.groupby(["arm", "detector", "gate"]).size()
     gens = gens.assign(stratum=["|".join(map(str, k)) for k in zip(gens["arm"], gens["detector"], gens["gate"])],
                        stratum_size=[int(sizes[k]) for k in zip(gens["arm"], gens["detector"], gens["gate"])])
@@ -1375,9 +1377,8 @@ def topup_validation_sample(chain: Chain, coupling: Coupling, marker: str, label
     frame = pd.concat([take(fresh[target], n_target), take(fresh[~target], n_decoy)], ignore_index=True)
     frame = frame.iloc[rng.permutation(len(frame))].reset_index(drop=True)
     frame["id"] = [f"{prefix}{i:03d}" for i in range(len(frame))]
-    frame["weight"] = np.nan  # set by reweight_key over the joined draw
     save_jsonl(frame[["id", "text"]].to_dict("records"), folder / "marker_topup_blind.jsonl")
-    cols = ["id", "arm", "persona", "adapter", "detector", "gate", "stratum", "stratum_size", "weight"]
+    cols = ["id", "arm", "persona", "adapter", "detector", "gate", "stratum", "stratum_size"]  # weight: reweight_key
     save_jsonl(frame[cols].to_dict("records"), folder / "marker_topup_key.jsonl")
     return len(frame)
 
