@@ -9,14 +9,16 @@
 #         into parts of at most PART_MIB MiB (default 40) under .bundle/NAME/NN/, each folder with the manifest
 #         (SHA256SUMS: the whole tar's and every part's sha256).
 #   on the host, in a checkout of this repository (uploaded without .venv/.cache):
-#     bash scripts/offline_bundle.sh stage DIR
-#         copies an uploaded part folder to $BUNDLE_STAGE (default /tmp/bundle-stage), for hosts whose upload limit
-#         cannot take every part with the checkout at once: upload one part folder at a time and stage each.
-#     bash scripts/offline_bundle.sh run NAME CMD...
-#         joins the parts (staged, or present under .bundle/NAME/), checks every sha256, installs the wheels into
-#         $SITE (default /tmp/site) unless that folder already holds this very bundle (same sha256: a second run
-#         on the same host reuses it), sets up the environment (scripts/offline_env.sh) and runs CMD, e.g.
+#     bash scripts/offline_bundle.sh stage .bundle/NAME/NN
+#         copies an uploaded part folder to $BUNDLE_STAGE/NAME (default /tmp/bundle-stage/NAME), for hosts whose
+#         upload limit cannot take every part with the checkout at once: upload one part folder at a time, stage each.
+#     bash scripts/offline_bundle.sh run NAME[,NAME...] CMD...
+#         for each NAME: joins its parts (staged, or present under .bundle/NAME/), checks every sha256 and installs
+#         the wheels into $SITE_ROOT/NAME (default /tmp/site/NAME) unless that folder already holds this very
+#         bundle (same sha256: a second run on the same host reuses it); then sets up the environment
+#         (scripts/offline_env.sh; the first NAME's packages first on the path) and runs CMD, e.g.
 #         bash scripts/offline_bundle.sh run llm python3 -m persona_wm.io.runner --study 05b_llm_finetuning --params gpu --device cuda
+#         bash scripts/offline_bundle.sh run llm,toy python3 -m persona_wm.bench --device cuda   (the bench needs both)
 #
 # A host with internet needs none of this: make reports STUDY=... PARAMS=... DEVICE=cuda (make creates .venv).
 set -euo pipefail
@@ -67,9 +69,9 @@ join_parts() {
     bundle_sha "$manifest"
 }
 
-# install_bundle NAME: join, check and install once per bundle sha256 into $SITE.
+# install_bundle NAME SITE: join, check and install once per bundle sha256 into SITE.
 install_bundle() {
-    local name=$1 dirs=("$STAGE") sha tmp
+    local name=$1 SITE=$2 dirs=("$STAGE/$1") sha tmp
     shopt -s nullglob
     dirs+=(.bundle/"$name"/*/)
     tmp=$(mktemp -d)
@@ -99,12 +101,20 @@ case "${1:-}" in
     stage)
         dir=${2:?usage: stage DIR}
         [[ -d "$dir" ]] || die "no folder $dir here: upload it with the checkout"
-        mkdir -p "$STAGE" && cp "$dir"/* "$STAGE/" && ls -l "$STAGE" ;;
+        name=$(basename "$(dirname "$(cd "$dir" && pwd)")")   # .bundle/NAME/NN -> NAME
+        mkdir -p "$STAGE/$name" && cp "$dir"/* "$STAGE/$name/" && ls -l "$STAGE/$name" ;;
     run)
-        name=${2:?usage: run NAME CMD...}; shift 2
-        (( $# )) || die "usage: run NAME CMD..."
-        install_bundle "$name"
+        names=${2:?usage: run NAME[,NAME...] CMD...}; shift 2
+        (( $# )) || die "usage: run NAME[,NAME...] CMD..."
+        sites=()
+        IFS=, read -r -a list <<<"$names"
+        for name in "${list[@]}"; do
+            [[ "$name" =~ ^[A-Za-z0-9_-]+$ ]] || die "bad bundle name '$name' (have: $(ls "$HERE/offline" | sed 's/.txt//'))"
+            install_bundle "$name" "$SITE_ROOT/$name"
+            sites+=("$SITE_ROOT/$name")
+        done
+        SITE=$(IFS=:; echo "${sites[*]}")
         offline_env
         "$@" ;;
-    *) die "usage: bash scripts/offline_bundle.sh pack NAME [PART_MIB] | stage DIR | run NAME CMD..." ;;
+    *) die "usage: bash scripts/offline_bundle.sh pack NAME [PART_MIB] | stage .bundle/NAME/NN | run NAME[,NAME...] CMD..." ;;
 esac

@@ -1,12 +1,12 @@
 # Sourced by scripts/offline_bundle.sh.
 #
-# offline_env        puts $SITE (where the bundle's wheels are installed), the package (lib/) and the checkout first
+# offline_env        puts $SITE (where the bundles' wheels are installed), the package (lib/) and the checkout first
 #                    on PYTHONPATH, sets the offline switches and registers a python3 kernelspec that runs this very
 #                    interpreter (so papermill's kernel sees $SITE too, whatever kernelspec the image ships).
 # offline_download   (machine with internet) python 3.12 x86-64 wheels of a list into a folder.
-SITE=${SITE:-/tmp/site}
+SITE_ROOT=${SITE_ROOT:-/tmp/site}
 
-offline_env() {
+offline_env() {  # $SITE: the installed bundles' folders, ':'-separated (offline_bundle.sh run sets it)
     export PYTHONPATH="$SITE:$PWD/lib:$PWD${PYTHONPATH:+:$PYTHONPATH}"
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
     export JUPYTER_PLATFORM_DIRS=1   # jupyter_core 5: use platformdirs, no migration warning
@@ -21,7 +21,9 @@ with open(sys.argv[1], "w") as handle:
     json.dump(spec, handle, indent=1)
 PYEOF
     # $SITE/share/jupyter holds the wheels' data files, e.g. nbconvert's HTML templates (report.html).
-    export JUPYTER_PATH="/tmp/jupyter:$SITE/share/jupyter${JUPYTER_PATH:+:$JUPYTER_PATH}"
+    local share="" s
+    for s in ${SITE//:/ }; do share+=":$s/share/jupyter"; done
+    export JUPYTER_PATH="/tmp/jupyter$share${JUPYTER_PATH:+:$JUPYTER_PATH}"
     python3 -c 'import sys, torch; print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.cuda.is_available())'
 }
 

@@ -260,6 +260,20 @@ def test_threads_are_injected_only_where_declared(repo: Path) -> None:
     assert "torch_threads" not in params["91_other"]
 
 
+def test_device_sets_the_llm_studies_device_parameter(repo: Path) -> None:
+    """``--device cuda`` must reach a study that reads a ``device`` parameter (05a/05b), not only the toy studies'
+    environment variable; ``--set device=...`` wins over it, and a study without the parameter is untouched."""
+    (repo / "notebooks" / "91_other.py").write_text('# %% tags=["parameters"]\nseed: int = 0  # >= 0\n'
+                                                    'device: str = "cpu"  # non-empty\n')
+    (repo / "params" / "91_other").mkdir(parents=True)
+    (repo / "params" / "91_other" / "default.yaml").write_text("seed: 1\ndevice: cpu\n")
+    params = runner.validate_all(["90_demo", "91_other"], "default", repo, device="cuda")
+    assert params["91_other"]["device"] == "cuda" and "device" not in params["90_demo"]
+    assert runner.validate_all(["91_other"], "default", repo)["91_other"]["device"] == "cpu"
+    both = runner.validate_all(["91_other"], "default", repo, overrides={"device": "cuda:1"}, device="cuda")
+    assert both["91_other"]["device"] == "cuda:1"
+
+
 def test_set_overrides_are_validated_and_go_only_where_declared(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (repo / "notebooks" / "91_other.py").write_text('# %% tags=["parameters"]\nseed: int = 0  # >= 0\n'
                                                     'mode: str = "a"  # one of: a, b\n')

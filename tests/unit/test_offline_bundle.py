@@ -14,15 +14,15 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "offline_bundle.sh"
 
 
-def _wheel(folder: Path) -> None:
-    """A minimal pure-python wheel (importable package ``tinybundle``)."""
-    with zipfile.ZipFile(folder / "tinybundle-1.0-py3-none-any.whl", "w") as z:
-        z.writestr("tinybundle/__init__.py", "VALUE = 42\n")
-        z.writestr("tinybundle-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: tinybundle\nVersion: 1.0\n")
-        z.writestr("tinybundle-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
-                                                      "Tag: py3-none-any\n")
-        z.writestr("tinybundle-1.0.dist-info/RECORD", "")
-    (folder / "padding.whl.txt").write_bytes(os.urandom(3 * 1024 * 1024))  # forces several 1-MiB parts
+def _wheel(folder: Path, name: str = "tinybundle", value: int = 42, padding_mib: int = 3) -> None:
+    """A minimal pure-python wheel (importable package ``name`` with ``VALUE = value``)."""
+    with zipfile.ZipFile(folder / f"{name}-1.0-py3-none-any.whl", "w") as z:
+        z.writestr(f"{name}/__init__.py", f"VALUE = {value}\n")
+        z.writestr(f"{name}-1.0.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+        z.writestr(f"{name}-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                  "Tag: py3-none-any\n")
+        z.writestr(f"{name}-1.0.dist-info/RECORD", "")
+    (folder / "padding.whl.txt").write_bytes(os.urandom(padding_mib * 1024 * 1024))  # forces several 1-MiB parts
 
 
 def _sh(*args: str, cwd: Path, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -62,7 +62,7 @@ def test_a_corrupt_or_missing_part_is_named(bundle: Path) -> None:
 
 
 def test_run_installs_once_and_reuses_the_install(bundle: Path) -> None:
-    env = {"SITE": str(bundle / "site"), "BUNDLE_STAGE": str(bundle / "stage")}
+    env = {"SITE_ROOT": str(bundle / "site"), "BUNDLE_STAGE": str(bundle / "stage")}
     # parts uploaded one at a time: stage two of them, the rest stay under .bundle/toy/
     for n in ("00", "01"):
         _sh("stage", f".bundle/toy/{n}", cwd=bundle, env=env)
@@ -73,3 +73,27 @@ def test_run_installs_once_and_reuses_the_install(bundle: Path) -> None:
     assert "value 42" in first.stdout and "reusing" not in first.stdout
     second = _sh("run", "toy", *cmd, cwd=bundle, env=env)
     assert "value 42" in second.stdout and "reusing it" in second.stdout
+
+
+def test_two_bundles_staged_side_by_side_stay_apart(bundle: Path) -> None:
+    """Parts of two bundles staged on one host go to their own folders, install into their own sites, and
+    ``run toy,other`` puts both on the path (the bench needs the toy and the LLM bundles together)."""
+    src = bundle / "src-other"
+    src.mkdir()
+    _wheel(src, name="tinyother", value=7, padding_mib=1)
+    _sh("pack-dir", str(src), str(bundle / ".bundle" / "other"), "1", cwd=bundle)
+    env = {"SITE_ROOT": str(bundle / "site"), "BUNDLE_STAGE": str(bundle / "stage")}
+    for name in ("toy", "other"):
+        for part in sorted((bundle / ".bundle" / name).iterdir()):
+            _sh("stage", str(part.relative_to(bundle)), cwd=bundle, env=env)
+            for p in part.glob("part-*"):
+                p.unlink()
+    assert sorted(d.name for d in (bundle / "stage").iterdir()) == ["other", "toy"]
+    cmd = ("python3", "-c", "import tinybundle, tinyother; print('values', tinybundle.VALUE, tinyother.VALUE)")
+    both = _sh("run", "toy,other", *cmd, cwd=bundle, env=env)
+    assert "values 42 7" in both.stdout
+    assert (bundle / "site" / "toy").is_dir() and (bundle / "site" / "other").is_dir()
+    again = _sh("run", "other", "python3", "-c", "import tinyother", cwd=bundle, env=env)
+    assert "reusing it" in again.stdout
+    bad = _sh("run", "toy,../x", "true", cwd=bundle, env=env, check=False)
+    assert bad.returncode != 0 and "bad bundle name" in bad.stderr

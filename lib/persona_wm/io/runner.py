@@ -66,6 +66,7 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 THREADS_PARAM = "torch_threads"
 #: Read by persona_wm.toy.train.default_device in the kernel; set by --device (make reports DEVICE=cuda).
 DEVICE_ENV = "PERSONA_WM_DEVICE"
+DEVICE_PARAM = "device"  # the LLM studies' parameter that --device sets
 DEVICES = ("cpu", "cuda", "auto")
 #: Exit status after Ctrl-C (128 + SIGINT), as a shell reports it.
 INTERRUPTED_EXIT = 130
@@ -141,13 +142,15 @@ def patched_environ(env: Mapping[str, str]) -> Iterator[None]:
 
 def validate_all(
     studies: Sequence[str], params_name: str, root: Path = REPO_ROOT, threads: int | None = None,
-    overrides: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None, device: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Load every study's params before running any, so one typo cannot waste a long batch.
 
     ``overrides`` (``--set KEY=VALUE``) replace a parameter's value in every study whose parameters cell
     declares it, and are validated like the file's values; a key that no requested study declares is an
-    error. Raises ParamsError whose message lists every invalid file (one line each).
+    error. ``device`` (``--device``) sets the ``device`` parameter of every study that declares one (the LLM
+    studies; the toy studies read ``$PERSONA_WM_DEVICE`` instead), unless ``--set device=...`` names it.
+    Raises ParamsError whose message lists every invalid file (one line each).
     """
     overrides = dict(overrides or {})
     declared = {k for study in studies for k in parameter_schema(study, root)} if overrides else set()
@@ -159,8 +162,10 @@ def validate_all(
     errors: list[str] = []
     for study in studies:
         try:
-            schema = parameter_schema(study, root) if overrides else {}
+            schema = parameter_schema(study, root) if overrides or device is not None else {}
             mine = {k: v for k, v in overrides.items() if k in schema}
+            if device is not None and DEVICE_PARAM in schema:
+                mine.setdefault(DEVICE_PARAM, device)
             params = load_params(study, params_name, root, mine)
             if threads is not None and THREADS_PARAM in parameter_schema(study, root):
                 params[THREADS_PARAM] = threads
@@ -539,7 +544,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--threads", type=positive_int, metavar="N", help="OMP/MKL threads (and torch_threads, if declared)")
     add("--output-root", type=Path, metavar="DIR", help="write DIR/<study> instead of outputs/<study>")
     add("--device", choices=DEVICES, help="where toy models train and run: cpu, cuda, or auto (cuda when present; "
-        "the default); exported to the kernel as " + DEVICE_ENV)
+        "the default); exported to the kernel as " + DEVICE_ENV + " and set as the LLM studies' device "
+        "parameter (unless --set device=... names it)")
     add("--set", action="append", default=[], type=_override, metavar="KEY=VALUE", dest="overrides",
         help="replace parameter KEY (YAML VALUE) in every requested study that declares it, e.g. "
              "--set trainer=sequential; validated like the params file (repeatable)")
@@ -587,7 +593,7 @@ def main(argv: Sequence[str] | None = None, root: Path = REPO_ROOT) -> int:
             raise StudyError("no studies found in notebooks/")
         if args.baseline:
             return _run_baselines(studies, root)
-        params = validate_all(studies, args.params, root, args.threads, dict(args.overrides))
+        params = validate_all(studies, args.params, root, args.threads, dict(args.overrides), args.device)
     except (ParamsError, StudyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
