@@ -260,6 +260,41 @@ def test_threads_are_injected_only_where_declared(repo: Path) -> None:
     assert "torch_threads" not in params["91_other"]
 
 
+QUIET_LLM_NOTEBOOK = '''\
+# %% tags=["parameters"]
+model_dir: str = "none"  # non-empty
+output_dir: str | None = None
+
+# %%
+import copy
+import tempfile
+
+from persona_wm.io.outputs import write_metrics
+from persona_wm.io.params import resolve_output_dir
+from persona_wm.llm import lora
+from persona_wm.llm import model as L
+
+out = resolve_output_dir(output_dir, "92_quiet_llm")
+llm = L.load_llm(model=model_dir, device="cpu", root=tempfile.mkdtemp())
+spec = lora.LoraSpec(rank=2, alpha=4.0, targets=("q_proj",), first_layer=0, steps=1, batch_size=1)
+peft_model = lora.peft_model_for(copy.deepcopy(llm.model), spec, llm.n_layers)
+write_metrics({"n_layers": llm.n_layers}, out)
+'''
+
+
+def test_an_llm_study_prints_no_third_party_warning(repo: Path, tiny_llama, capsys: pytest.CaptureFixture[str]) -> None:
+    """A valid LLM run shows no warning on the terminal: importing peft/transformers in a kernel without ipywidgets
+    (tqdm.auto's "IProgress not found") and wrapping a model in LoRA (peft reading transformers' deprecated
+    ``is_gradient_checkpointing``) each warned on every 05a/05b run."""
+    (repo / "notebooks" / "92_quiet_llm.py").write_text(QUIET_LLM_NOTEBOOK)
+    (repo / "params" / "92_quiet_llm").mkdir(parents=True)
+    (repo / "params" / "92_quiet_llm" / "default.yaml").write_text(f"model_dir: {tiny_llama.weights}\n")
+    assert runner.main(["--study", "92_quiet_llm"], root=repo) == 0
+    err = capsys.readouterr().err
+    assert json.loads((repo / "outputs" / "92_quiet_llm" / "metrics.json").read_text())["n_layers"] >= 1
+    assert not [line for line in err.splitlines() if "Warning" in line or "warnings.warn" in line], err
+
+
 def test_device_sets_the_llm_studies_device_parameter(repo: Path) -> None:
     """``--device cuda`` must reach a study that reads a ``device`` parameter (05a/05b), not only the toy studies'
     environment variable; ``--set device=...`` wins over it, and a study without the parameter is untouched."""

@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,7 +267,11 @@ def peft_model_for(model: Any, spec: LoraSpec, n_layers: int) -> Any:
                         layers_to_transform=list(range(spec.first_layer, n_layers)), lora_dropout=0.0,
                         bias="none")
     torch.manual_seed(spec.seed)  # LoRA A matrices are initialised from the global generator
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers 5's deprecated alias model.is_gradient_checkpointing (we never checkpoint);
+        # the warning is theirs and would print on the terminal of every valid 05b run
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def top_loss(causal_lm: Any, resid: torch.Tensor, first_layer: int, mask: torch.Tensor,
