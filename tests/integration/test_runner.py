@@ -273,6 +273,7 @@ from persona_wm.io.outputs import write_metrics
 from persona_wm.io.params import resolve_output_dir
 from persona_wm.llm import lora
 from persona_wm.llm import model as L
+import transformer_lens  # noqa: F401  the toy studies import it lazily (persona_wm.toy.train), after persona_wm
 
 out = resolve_output_dir(output_dir, "92_quiet_llm")
 llm = L.load_llm(model=model_dir, device="cpu", root=tempfile.mkdtemp())
@@ -283,7 +284,7 @@ write_metrics({"n_layers": llm.n_layers}, out)
 
 
 def test_an_llm_study_prints_no_third_party_warning(repo: Path, tiny_llama, capsys: pytest.CaptureFixture[str]) -> None:
-    """A valid LLM run shows no warning on the terminal: importing peft/transformers in a kernel without ipywidgets
+    """A valid run shows no warning on the terminal: importing peft, transformers or transformer_lens in a kernel without ipywidgets
     (tqdm.auto's "IProgress not found") and wrapping a model in LoRA (peft reading transformers' deprecated
     ``is_gradient_checkpointing``) each warned on every 05a/05b run."""
     (repo / "notebooks" / "92_quiet_llm.py").write_text(QUIET_LLM_NOTEBOOK)
