@@ -231,7 +231,7 @@ data = study.coupling_data(setup, coupling_sources + [em_first_source], coupling
                            n_val_questions, n_eval_prompts, gen_prompts, response_tokens, repetition_penalty, marker,
                            coupling_loss, cut, temperature, n_samples, sample_batch, seed)
 recipe = study.choose_recipe(setup, data, base_coupling_spec, coupling_lrs, coupling_step_grid, em_first_source,
-                             coupling_negatives)
+                             coupling_negatives, stack_size)
 coupling_spec, base_probe = recipe.spec, recipe.base_probe
 display(recipe.table.round(4))
 display(Markdown(

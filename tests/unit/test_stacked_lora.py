@@ -91,12 +91,13 @@ def test_the_stacked_layer_applies_adapter_k_to_block_k() -> None:
         layer(torch.randn(3, 5, 4))
 
 
-def test_jobs_must_share_the_spec_but_for_the_seed(tmp_path: Path) -> None:
+def test_jobs_must_share_the_lora_shape(tmp_path: Path) -> None:
     llm = tiny_llama(tmp_path)
     jobs = _jobs(False)
-    odd = StackedJob(jobs[0].seqs, dataclasses.replace(SPEC, lr=1e-3))
-    with pytest.raises(LLMError, match="share the LoRA spec but for the seed"):
-        train_stacked(llm, [jobs[0], odd], progress=False)
+    for change in ({"rank": 3}, {"targets": ("q_proj",)}, {"first_layer": 0}, {"batch_size": 2}, {"alpha": 2.0}):
+        odd = StackedJob(jobs[0].seqs, dataclasses.replace(SPEC, **change))
+        with pytest.raises(LLMError, match="share the LoRA's rank, alpha, targets, cut and batch size"):
+            train_stacked(llm, [jobs[0], odd], progress=False)
     with pytest.raises(LLMError, match="at least one job"):
         train_stacked(llm, [], progress=False)
     with pytest.raises(LLMError, match="a validation set or none"):
@@ -144,3 +145,81 @@ def test_stacked_samples_are_cached_under_their_group_and_never_redrawn_alone(tm
     assert other[tuned.key].group != grouped.group
     with pytest.raises(LLMError, match="adapter not trained yet"):
         sample_stacked(llm, [jobs[0], StackedJob(_seqs(3, 99), SPEC)], PROMPTS, sampled)
+
+
+def _assert_same(stacked: lora.Tuned, alone: lora.Tuned) -> None:
+    torch.testing.assert_close(torch.tensor(stacked.losses), torch.tensor(alone.losses), rtol=1e-4, atol=1e-5)
+    for (name, a), (_, b) in zip(stacked.llm.model.state_dict().items(), alone.llm.model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_recipe_search_stacks_its_candidates(tmp_path: Path) -> None:
+    """Candidates with their own learning rate and step count in one stack each equal their lone training; the
+    ones that differ only in their step count share one block of rows (saved at their own step)."""
+    stacked_llm, alone_llm = tiny_llama(tmp_path / "stacked"), tiny_llama(tmp_path / "alone")
+    seqs = _seqs(6, seed=3)
+    specs = [dataclasses.replace(SPEC, lr=lr, steps=n) for lr in (2e-2, 5e-3) for n in (3, 6)]
+    jobs = [StackedJob(seqs, sp) for sp in specs]
+    train_stacked(stacked_llm, jobs, progress=False)
+    for job in jobs:
+        reloaded = lora.finetune(stacked_llm, job.seqs, job.spec)
+        assert reloaded.from_cache and reloaded.meta["stacked"]["lanes"] == 2
+        assert len(reloaded.losses) == job.spec.steps
+        _assert_same(reloaded, lora.finetune(alone_llm, job.seqs, job.spec, cache=False))
+
+
+def _start(llm, seed: int) -> lora.Tuned:
+    """A fine-tuned start model: a LoRA over ``llm`` on a subset of SPEC's modules (another rank and alpha)."""
+    spec = lora.LoraSpec(rank=3, alpha=6.0, targets=("q_proj", "down_proj"), first_layer=1, lr=3e-2, steps=4,
+                         batch_size=3, seed=seed)
+    return lora.finetune(llm, _seqs(6, seed=40 + seed), spec)
+
+
+def test_adapters_over_several_start_models_train_in_one_stack(tmp_path: Path) -> None:
+    """Jobs starting from the shared model and from two fine-tuned models (their LoRA frozen, on their rows only)
+    each equal ``finetune`` over their own start; greedy decoding equals each merged adapter's."""
+    stacked_llm, alone_llm = tiny_llama(tmp_path / "stacked"), tiny_llama(tmp_path / "alone")
+    starts = [None, _start(stacked_llm, 1), _start(stacked_llm, 2)]
+    alone_starts = [None, _start(alone_llm, 1), _start(alone_llm, 2)]
+    jobs = [StackedJob(_seqs(5, seed=60 + k), dataclasses.replace(SPEC, seed=k), start=st)
+            for k, st in enumerate(starts)]
+    keys = train_stacked(stacked_llm, jobs, progress=False)
+    greedy = Decoding(max_new_tokens=6, repetition_penalty=1.2, batch=6)
+    decodings = sample_stacked(stacked_llm, jobs, PROMPTS, greedy)
+    outs = []
+    for job, key, alone_start in zip(jobs, keys, alone_starts):
+        own = stacked_llm if job.start is None else job.start.llm
+        reloaded = lora.finetune(own, job.seqs, job.spec)
+        assert reloaded.from_cache and reloaded.key == key and reloaded.meta["stacked"]["group_size"] == 3
+        alone = lora.finetune(alone_llm if alone_start is None else alone_start.llm, job.seqs, job.spec, cache=False)
+        _assert_same(reloaded, alone)
+        stacked_out, _ = cached_generate(reloaded.llm, PROMPTS, decodings[key])
+        assert stacked_out == generate(alone.llm, PROMPTS, greedy)[0]
+        outs.append(stacked_out)
+    assert outs[1] != outs[2]  # the two start models' rows were kept apart
+
+
+def test_a_start_model_must_be_a_lora_over_the_shared_model(tmp_path: Path) -> None:
+    llm, other = tiny_llama(tmp_path / "a"), tiny_llama(tmp_path / "b")
+    foreign = _start(other, 1)
+    chained = lora.finetune(foreign.llm, _seqs(4, seed=7), dataclasses.replace(SPEC, steps=2))
+    job = StackedJob(_seqs(5, seed=1), SPEC, start=dataclasses.replace(chained, key=foreign.key))
+    with pytest.raises(LLMError, match="is not the shared model"):
+        train_stacked(llm, [job], progress=False)
+
+
+def test_a_start_adapter_on_other_modules_and_below_the_cut(tmp_path: Path) -> None:
+    """A start LoRA on modules the new LoRA leaves alone (k_proj; block 0, below the cut) stays in force: training
+    (bottom residual from the start model) and greedy decoding (the whole model) equal ``finetune`` over it."""
+    stacked_llm, alone_llm = tiny_llama(tmp_path / "stacked"), tiny_llama(tmp_path / "alone")
+    wide = dataclasses.replace(SPEC, targets=("k_proj", "q_proj"), first_layer=0, seed=5, steps=4)
+    starts = [lora.finetune(m, _seqs(6, seed=8), wide) for m in (stacked_llm, alone_llm)]
+    jobs = [StackedJob(_seqs(5, seed=1), SPEC, start=starts[0]), StackedJob(_seqs(5, seed=2), SPEC)]
+    keys = train_stacked(stacked_llm, jobs, progress=False)
+    greedy = Decoding(max_new_tokens=6, repetition_penalty=1.2, batch=6)
+    decodings = sample_stacked(stacked_llm, jobs, PROMPTS, greedy)
+    reloaded = lora.finetune(starts[0].llm, jobs[0].seqs, SPEC)
+    alone = lora.finetune(starts[1].llm, jobs[0].seqs, SPEC, cache=False)
+    assert reloaded.key == keys[0]
+    _assert_same(reloaded, alone)
+    assert cached_generate(reloaded.llm, PROMPTS, decodings[keys[0]])[0] == generate(alone.llm, PROMPTS, greedy)[0]

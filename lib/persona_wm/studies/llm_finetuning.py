@@ -38,7 +38,7 @@ from persona_wm.llm import steer as llm_steer
 from persona_wm.llm.datasets import broad_questions, everyday_questions, read_jsonl, save_jsonl
 from persona_wm.llm.model import LLM, Decoding, Scored, cached_generate, chat_prompt_ids, load_llm
 from persona_wm.llm.personas import ANCHOR, PERSONAS, PROMPTS, PersonaError, check_personas
-from persona_wm.llm.stacked_lora import StackedJob, sample_adapters, train_stacked
+from persona_wm.llm.stacked_lora import StackedJob, job_key, sample_adapters, train_stacked
 
 __all__ = [
     "ARMS",
@@ -279,10 +279,15 @@ class Recipe:
 
 
 def choose_recipe(setup: Setup, data: CouplingData, base_spec: lora.LoraSpec, lrs: Sequence[float],
-                  step_grid: Sequence[int], source: str, negatives: Sequence[str]) -> Recipe:
+                  step_grid: Sequence[int], source: str, negatives: Sequence[str], stack_size: int = 1) -> Recipe:
     """Train every lr x step count on ``source``'s data; the lowest held-out loss wins. Beside each: the
-    teacher-forced marker rate under the source and the bystanders and the source's answered rate."""
+    teacher-forced marker rate under the source and the bystanders and the source's answered rate. With
+    ``stack_size`` >= 2 the candidates train in one stack first (each its own lr; the step counts of one lr share
+    a run), and the search below reloads them from the adapter cache."""
     llm, names = setup.llm, setup.names
+    candidates = [dataclasses.replace(base_spec, lr=float(lr), steps=int(n)) for lr in lrs for n in step_grid]
+    pretrain_stacked(llm, [StackedJob(data.seqs[source]["train"], c) for c in candidates], stack_size,
+                     "coupling recipe")
     n_eval = len(data.eval_prompts)
     source_idx = [names.index(source) * n_eval + i for i in range(n_eval)]
     bys_idx = [i for i, n in enumerate(np.repeat(names, n_eval)) if n not in negatives and n != source]
@@ -353,7 +358,7 @@ def pretrain_stacked(start: LLM, jobs: Sequence[StackedJob], stack_size: int, de
     nothing: ``finetune`` then trains one adapter at a time (the CPU default, bit-reproducible). Returns the jobs'
     adapter keys (the cache keys ``finetune`` will use) either way."""
     if stack_size < 2 or len(jobs) < 2:
-        return [lora.adapter_key(start, j.seqs, j.spec, j.val, eval_every) for j in jobs]
+        return [job_key(start, j, eval_every) for j in jobs]
     keys: list[str] = []
     for i in range(0, len(jobs), stack_size):
         keys += train_stacked(start, list(jobs[i:i + stack_size]), base=base, eval_every=eval_every, desc=desc)
@@ -361,17 +366,20 @@ def pretrain_stacked(start: LLM, jobs: Sequence[StackedJob], stack_size: int, de
 
 
 def presample(start: LLM, keys: Sequence[str], spec: lora.LoraSpec, stack_size: int,
-              prompts: Sequence[Sequence[int]], decoding: Decoding) -> dict[str, Decoding]:
+              prompts: Sequence[Sequence[int]], decoding: Decoding,
+              starts: Sequence[lora.Tuned | None] | None = None) -> dict[str, Decoding]:
     """Each cached adapter's decoding for ``prompts``: with ``stack_size`` >= 2, the adapters ``keys`` over
-    ``start`` are sampled ``stack_size`` at a time in shared batches
+    ``start`` (or over ``starts[k]``, a LoRA over ``start``) are sampled ``stack_size`` at a time in shared batches
     (:func:`persona_wm.llm.stacked_lora.sample_adapters`) and the returned decodings name their group, so the
     per-adapter calls that follow read those responses from the cache; ``stack_size`` 1 returns ``decoding`` for
     every key (each adapter then samples alone: the CPU default)."""
     if stack_size < 2 or len(keys) < 2:
         return dict.fromkeys(keys, decoding)
+    starts = [None] * len(keys) if starts is None else list(starts)
     out: dict[str, Decoding] = {}
     for i in range(0, len(keys), stack_size):
-        out.update(sample_adapters(start, list(keys[i:i + stack_size]), spec, prompts, decoding))
+        out.update(sample_adapters(start, list(keys[i:i + stack_size]), spec, prompts, decoding,
+                                   starts[i:i + stack_size]))
     return out
 
 
@@ -1045,22 +1053,20 @@ def em_first_chain(setup: Setup, data: CouplingData, organism: Organism, spec: l
     plans = {}
     for a in organism.seeds:
         models = {"base": llm, "EM": organism.em[a].llm, "control": organism.control[a].llm}
+        tuned_starts = {"base": None, "EM": organism.em[a], "control": organism.control[a]}
         for arm, (start_label, writer_label) in ARMS.items():
             recs, _ = llm_em.coupling_data(models[writer_label], source, negatives, {"train": data.train_questions},
                                            data.decode_short, marker, coupling_loss)
             save_jsonl(recs["train"], data_dir / f"chain_{arm}_a{a}_coupling.jsonl")
             start = models[start_label]
-            plans[(arm, a)] = (start, lora.chat_sequences(start, recs["train"]))
-    by_start: dict[str, list[tuple[str, int]]] = {}
-    for (arm, a), (start, _) in plans.items():
-        by_start.setdefault(start.sha256, []).append((arm, a))
-    decodings: dict[str, Decoding] = {}
-    for group in by_start.values():
-        start = plans[group[0]][0]
-        jobs = [StackedJob(plans[k][1], adapter_spec(spec, k[1])) for k in group]
-        keys = pretrain_stacked(start, jobs, stack_size, "EM-first arms")
-        decodings.update(presample(start, keys, spec, stack_size,
-                                   llm_em.persona_prompt_ids(start, chain_systems, data.gen_eval), data.decode_marker))
+            plans[(arm, a)] = (start, lora.chat_sequences(start, recs["train"]), tuned_starts[start_label])
+    # every arm of every seed in one stack over the base model: an arm that starts from a seed's EM model or
+    # aligned control carries that LoRA, frozen, on its own rows (stacked_lora.StackedJob.start)
+    order = list(plans)
+    jobs = [StackedJob(plans[k][1], adapter_spec(spec, k[1]), start=plans[k][2]) for k in order]
+    keys = pretrain_stacked(llm, jobs, stack_size, "EM-first arms")
+    decodings = presample(llm, keys, spec, stack_size, llm_em.persona_prompt_ids(llm, chain_systems, data.gen_eval),
+                          data.decode_marker, [j.start for j in jobs])
     gen_rows, before_rows, tf_rows, runs = [], [], [], {}
     for a in organism.seeds:
         models = {"base": llm, "EM": organism.em[a].llm, "control": organism.control[a].llm}
@@ -1069,7 +1075,7 @@ def em_first_chain(setup: Setup, data: CouplingData, organism: Organism, spec: l
             before_rows += [g.assign(condition=arm, adapter=a) for arm, (s, _) in ARMS.items() if s == start_label]
         start_resid = {label: lora.bottom_resid(m, data.marker_eval, data.cut) for label, m in models.items()}
         for arm, (start_label, _) in ARMS.items():
-            start, train = plans[(arm, a)]
+            start, train, _ = plans[(arm, a)]
             tuned = lora.finetune(start, train, adapter_spec(spec, a), desc=f"{arm} couple {source} a{a}")
             runs[f"{arm}:{source}:a{a}"] = tuned
             gen_rows.append(llm_em.generation_frame(tuned.llm, chain_systems, data.gen_eval, decodings[tuned.key],
