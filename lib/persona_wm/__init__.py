@@ -14,7 +14,7 @@ Subpackages, each importing only from the ones before it (``tests/unit/test_laye
 
 import warnings
 
-# transformers, peft and transformer_lens import tqdm's notebook-aware bars, which in a Jupyter kernel without ipywidgets warns
-# "IProgress not found" on stderr (the runner prints kernel stderr on the terminal) and falls back to text bars.
-# Our bars are plain tqdm already; this keeps the third-party import quiet for every valid run of every study.
+# transformers, peft and transformer_lens import tqdm's notebook-aware bars, which in a Jupyter kernel without
+# ipywidgets warn "IProgress not found" on stderr (the runner prints kernel stderr on the terminal) and fall back to
+# text bars. Ours are plain tqdm already; this keeps the third-party import quiet for every valid run of every study.
 warnings.filterwarnings("ignore", message="IProgress not found")
