@@ -70,3 +70,19 @@ def test_within_cluster_permutation_detects_an_effect_and_not_a_null() -> None:
     assert none["p"] > 0.05
     with pytest.raises(ValueError, match="both"):
         within_cluster_permutation(_crossed_data(0.0), "y", "arm", "B", "C", "source")
+
+
+def test_spearman_with_ci_on_a_handful_of_points_is_quiet_and_says_nan() -> None:
+    """A smoke run's few points: rho where defined, no interval (resampled pairs are constant), no warning; a
+    constant input: everything NaN, no warning."""
+    import warnings
+
+    from persona_wm.analysis.stats import MIN_BOOT_PAIRS, spearman_with_ci
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        few = spearman_with_ci([1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0], n_boot=200)
+        flat = spearman_with_ci([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], [2.0] * 7, n_boot=200)
+    assert few["n"] == 4 < MIN_BOOT_PAIRS and few["spearman_rho"] == pytest.approx(0.8)
+    assert np.isnan(few["ci_low"]) and np.isnan(few["ci_high"])
+    assert all(np.isnan(flat[k]) for k in ("spearman_rho", "p", "ci_low", "ci_high"))

@@ -50,15 +50,26 @@ def across_seeds(frame: pd.DataFrame, by: Sequence[str], values: Sequence[str], 
     return out.reset_index()
 
 
+MIN_BOOT_PAIRS = 6  # spearman_with_ci's bootstrap CI needs this many pairs (else NaN)
+
+
 def spearman_with_ci(x: Sequence[float], y: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
     """Spearman rho and its p value (pingouin.corr) with a percentile bootstrap 95% CI over pairs
-    (pingouin.compute_bootci, seeded)."""
+    (pingouin.compute_bootci, seeded; NaN below :data:`MIN_BOOT_PAIRS` pairs or for a constant input)."""
     import pingouin as pg
 
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    result = pg.corr(x, y, method="spearman").iloc[0]
-    low, high = pg.compute_bootci(x, y, func="spearman", paired=True, n_boot=n_boot, seed=seed, method="per",
-                                  decimals=6)
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:  # rho is undefined (a smoke run's handful of points)
+        return {"n": int(len(x)), "spearman_rho": float("nan"), "p": float("nan"), "ci_low": float("nan"),
+                "ci_high": float("nan")}
+    with warnings.catch_warnings():  # pingouin's power column warns below 5 pairs; power is not used
+        warnings.filterwarnings("ignore", message="Sample size is too small to estimate power")
+        result = pg.corr(x, y, method="spearman").iloc[0]
+    if len(x) < MIN_BOOT_PAIRS:  # resampling a handful of pairs gives constant draws, not an interval
+        low = high = float("nan")
+    else:
+        low, high = pg.compute_bootci(x, y, func="spearman", paired=True, n_boot=n_boot, seed=seed, method="per",
+                                      decimals=6)
     return {"n": int(len(x)), "spearman_rho": float(result["r"]), "p": float(result["p_val"]),
             "ci_low": float(low), "ci_high": float(high)}
 
@@ -104,7 +115,9 @@ def trend_correlation(frame: pd.DataFrame, x: str, y: str, subject: str = "seed"
     out = {"n": int(len(data)), "spearman_rho": float("nan"), "p": float("nan"),
            "rm_r": float("nan"), "rm_p": float("nan"), "rm_ci_low": float("nan"), "rm_ci_high": float("nan")}
     if len(data) >= 3 and data[x].nunique() > 1 and data[y].nunique() > 1:
-        result = pg.corr(data[x], data[y], method="spearman").iloc[0]
+        with warnings.catch_warnings():  # pingouin's power column warns below 5 points; power is not used
+            warnings.filterwarnings("ignore", message="Sample size is too small to estimate power")
+            result = pg.corr(data[x], data[y], method="spearman").iloc[0]
         out.update(spearman_rho=float(result["r"]), p=float(result["p_val"]))
     if data[subject].nunique() >= 3 and len(data) > data[subject].nunique() + 1:
         rm = pg.rm_corr(data=data, x=x, y=y, subject=subject).iloc[0]

@@ -229,7 +229,7 @@ class _Adam:
         self.lr = torch.tensor(lrs, dtype=self.params[0].dtype, device=self.params[0].device)
         self.betas, self.eps, self.t = betas, eps, 0
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:  # torch.optim's signature; grads are always dropped
         for p in self.params:
             p.grad = None
 
@@ -293,7 +293,10 @@ def train_stacked(start: LLM, jobs: Sequence[StackedJob], base: LLM | None = Non
     modules = _wrap(model, inits, spec, [start_lora(start, j.start) for j in lead])
     params = [p for m in modules.values() for p in (m.lora_a, m.lora_b)]
     n_trainable = sum(p[0].numel() for p in params)  # one adapter's
-    optimiser = _Adam(params, [j.spec.lr for j in lead])
+    lrs = [j.spec.lr for j in lead]
+    # one lr (every stack but a recipe search): torch's AdamW, as lora.finetune uses it (its multi-tensor kernels
+    # are faster on a GPU than the written-out update); several: the per-adapter update
+    optimiser = (torch.optim.AdamW(params, lr=lrs[0], weight_decay=0.0) if len(set(lrs)) == 1 else _Adam(params, lrs))
     device = next(model.parameters()).device
 
     def bottom_of(j: StackedJob) -> LLM:
@@ -359,7 +362,7 @@ def train_stacked(start: LLM, jobs: Sequence[StackedJob], base: LLM | None = Non
             owner = (torch.arange(n_lanes * batch, device=device) // batch)[:, None].expand_as(mask)[mask]
             per_lane = torch.zeros(n_lanes, device=device).index_add_(0, owner, token_loss) / torch.bincount(
                 owner, minlength=n_lanes)
-            optimiser.zero_grad()
+            optimiser.zero_grad(set_to_none=True)
             per_lane.sum().backward()
             optimiser.step()
             for k, value in enumerate(per_lane.detach().cpu().tolist()):
