@@ -27,8 +27,9 @@ def test_hmmlearn_reference_refuses_a_process_that_emits_on_edges() -> None:
 
 
 def test_bench_hmm_reports_agreement_and_speedup() -> None:
-    result = bench.bench_hmm(n_sequences=200, length=5)
+    result = bench.bench_hmm(n_sequences=200, length=5, repeats=3)
     assert result["max_abs_loglik_diff"] < 1e-10 and result["speedup"] > 0 and result["n_sequences"] == 200
+    assert result["repeats"] == 3 and result["speedup_min"] <= result["speedup"] <= result["speedup_max"]
 
 
 def test_cold_section_refuses_unknown_arms_and_studies() -> None:
@@ -85,7 +86,8 @@ def test_bench_writes_scratch_by_default_and_the_committed_file_only_with_update
     committed, scratch = tmp_path / "outputs" / "metrics.json", tmp_path / "scratch" / "metrics.json"
     monkeypatch.setattr(bench, "OUTPUT", committed)
     monkeypatch.setattr(bench, "SCRATCH", scratch)
-    monkeypatch.setattr(bench, "bench_hmm", lambda: {"speedup": 2.0, "speedup_vs_lengths": 1.5})
+    monkeypatch.setattr(bench, "bench_hmm", lambda repeats: {"speedup": 2.0, "speedup_min": 1.0, "speedup_max": 3.0,
+                                                             "speedup_vs_lengths": 1.5})
     bench.main(["--sections", "hmm", "--device", "cpu"])
     assert scratch.is_file() and not committed.exists()
     bench.main(["--sections", "hmm", "--device", "cpu", "--update"])
