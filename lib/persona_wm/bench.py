@@ -444,7 +444,22 @@ def cold_keys(device: torch.device, arm: str, threads: int | None = None, jobs: 
 
 
 def bench_cold(device: torch.device, studies: list[str], arms: list[str], params: str = "default",
-               root: Path = COLD_ROOT, threads: int | None = None, jobs: int = 1) -> dict:
+               root: Path = COLD_ROOT, threads: int | None = None, jobs: int = 1, repeats: int = 1) -> dict:
+    """:func:`cold_once` ``repeats`` times, each from empty caches: minutes are medians over the repeats; the
+    speed-ups (per study and total) are medians of the per-repeat ratios, with ``<key>_min`` / ``<key>_max``
+    beside them and ``<key>_repeats``."""
+    runs = [cold_once(device, studies, arms, params, root, threads, jobs) for _ in range(repeats)]
+    out = {key: {k: statistics.median(r[key][k] for r in runs) for k in runs[0][key]} for key in runs[0]}
+    speedup = cold_keys(device, "speedup", threads, jobs)
+    if speedup in out:
+        for bound, fn in (("min", min), ("max", max)):
+            out[f"{speedup}_{bound}"] = {k: fn(r[speedup][k] for r in runs) for k in runs[0][speedup]}
+        out[f"{speedup}_repeats"] = {"repeats": repeats}
+    return out
+
+
+def cold_once(device: torch.device, studies: list[str], arms: list[str], params: str = "default",
+              root: Path = COLD_ROOT, threads: int | None = None, jobs: int = 1) -> dict:
     """Cold ``make reports`` of each study once per trainer, side by side, each arm with its own empty model cache.
 
     Study by study, the arms one after the other (so a change of machine load hits both), each a fresh
@@ -537,7 +552,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "them together, key suffix _jobs<N>")
     parser.add_argument("--lora-ks", type=_ints, default=[8], help="lora_stacked section: adapters per stacked run")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="hmm, stacked and lora_stacked sections: runs per ratio (median, with min and max)")
+                        help="hmm, stacked, lora_stacked and cold sections: runs per ratio (median, with min and max)")
     parser.add_argument("--update", action="store_true",
                         help="write the committed outputs/bench/metrics.json (default: .cache/bench/metrics.json)")
     parser.add_argument("--output", type=Path, default=None, help="write FILE instead")
@@ -609,6 +624,7 @@ def main(argv: list[str] | None = None) -> dict:
         metrics.update(current)
     if "cold" in args.sections:
         result = bench_cold(device, studies, arms, args.params, threads=args.threads[0] if args.threads else None,
+                            repeats=args.repeats,
                             jobs=args.jobs)
         current = read_metrics(args.output)
         for key, value in result.items():
@@ -617,7 +633,7 @@ def main(argv: list[str] | None = None) -> dict:
                  + (f"_jobs{args.jobs}" if args.jobs > 1 else ""))
         current.setdefault("meta", {})[label] = {**machine(device, args.threads[0] if args.threads else None),
                                                  "studies": studies, "arms": arms, "params": args.params,
-                                                 "jobs": args.jobs}
+                                                 "jobs": args.jobs, "repeats": args.repeats}
         write_metrics(current, args.output)
         metrics.clear()
         metrics.update(current)

@@ -55,7 +55,8 @@ def test_cold_runs_time_each_arm_with_its_own_empty_cache(monkeypatch, tmp_path)
         ("03_em_reversal", "trainer=stacked"), ("03_em_reversal", "trainer=sequential")]
     assert [env[bench.MODEL_CACHE_ENV] for _, env in calls] == [str(tmp_path / a / "models") for a in
                                                           ("stacked", "sequential") * 2]
-    assert set(out) == {"cold_minutes", "cold_minutes_sequential", "cold_speedup"}
+    assert set(out) == {"cold_minutes", "cold_minutes_sequential", "cold_speedup", "cold_speedup_min",
+                        "cold_speedup_max", "cold_speedup_repeats"}
     assert set(out["cold_minutes"]) == {"01_sfp_definition", "03_em_reversal", "total"}
     assert out["cold_minutes"]["total"] == pytest.approx(sum(v for k, v in out["cold_minutes"].items()
                                                              if k != "total"))
@@ -64,7 +65,7 @@ def test_cold_runs_time_each_arm_with_its_own_empty_cache(monkeypatch, tmp_path)
     calls.clear()
     out = bench.bench_cold(torch.device("cpu"), ["03_em_reversal"], ["stacked", "sequential"], root=tmp_path, threads=2)
     assert all(c[-2:] == ["--threads", "2"] for c, _ in calls)
-    assert set(out) == {"cold_minutes_t2", "cold_minutes_sequential_t2", "cold_speedup_t2"}
+    assert {"cold_minutes_t2", "cold_minutes_sequential_t2", "cold_speedup_t2"} <= set(out)
     calls.clear()  # studies at once: one runner per arm over every study
     out = bench.bench_cold(torch.device("cpu"), ["01_sfp_definition", "03_em_reversal"], ["stacked", "sequential"],
                            root=tmp_path, jobs=2)
@@ -72,8 +73,17 @@ def test_cold_runs_time_each_arm_with_its_own_empty_cache(monkeypatch, tmp_path)
         ["01_sfp_definition", "03_em_reversal"]] * 2
     assert [c[c.index("--jobs") + 1] for c, _ in calls] == ["2", "2"]
     assert [c[-1] for c, _ in calls] == ["trainer=stacked", "trainer=sequential"]
-    assert set(out) == {"cold_minutes_jobs2", "cold_minutes_sequential_jobs2", "cold_speedup_jobs2"}
+    assert {"cold_minutes_jobs2", "cold_minutes_sequential_jobs2", "cold_speedup_jobs2"} <= set(out)
     assert set(out["cold_minutes_jobs2"]) == {"total"}
+    calls.clear()  # repeated: every repeat from empty caches, the ratio a median with its range
+    (tmp_path / "stale").mkdir(parents=True)
+    minutes = iter([1.0, 2.0, 1.0, 4.0, 1.0, 3.0])  # stacked, sequential per repeat: ratios 2, 4, 3
+    monkeypatch.setattr(bench, "_runner_minutes", lambda *a, **k: next(minutes))
+    out = bench.bench_cold(torch.device("cpu"), ["03_em_reversal"], ["stacked", "sequential"], root=tmp_path,
+                           repeats=3)
+    assert out["cold_speedup"]["03_em_reversal"] == 3.0 and out["cold_speedup_min"]["total"] == 2.0
+    assert out["cold_speedup_max"]["total"] == 4.0 and out["cold_speedup_repeats"] == {"repeats": 3}
+    assert out["cold_minutes_sequential"]["total"] == 3.0 and not (tmp_path / "stale").exists()
 
 
 @pytest.mark.parametrize("text", ["0", "1,x", "", "-2"])
