@@ -62,6 +62,17 @@ def test_js_of_identical_distributions_is_zero_and_mask_zeroes_positions():
     assert float(pair[..., 1].abs().max()) == 0.0 and float(pair[0, 1, 0]) > 0
 
 
+def test_pairwise_js_in_one_vocabulary_chunk_equals_the_chunked_cpu_sums():
+    """A GPU runs pairwise_js one position at a time over the whole vocabulary (chunk = V): that order of the sums
+    gives the chunked CPU result to float64 rounding; ``device`` moves the work and returns the result on the CPU."""
+    lp = _random_logprobs((5, 6, 700), seed=2)
+    mask = torch.tensor([True, True, False, True, True, False])
+    chunked = divergence.pairwise_js(lp, mask, chunk=128)
+    whole = divergence.pairwise_js(lp, mask, chunk=700, device="cpu")
+    assert whole.device.type == "cpu" and whole.dtype == torch.float64
+    np.testing.assert_allclose(whole.numpy(), chunked.numpy(), rtol=1e-9, atol=1e-12)
+
+
 def test_js_disjoint_supports_is_ln2():
     logp = torch.log(torch.tensor([[1.0, 0.0], [0.0, 1.0]]).clamp_min(1e-45))
     assert abs(float(divergence.js_divergence(logp[0], logp[1])) - math.log(2)) < 1e-6

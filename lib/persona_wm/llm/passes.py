@@ -65,7 +65,7 @@ def persona_pass(
         res = forward(llm, seqs, layers=layers)
         means = torch.stack([res.scored_mean(layer, seqs) for layer in layers], dim=1)
         mask = res.mask[0]  # one shared response: every row has the same scored span
-        by_position = pairwise_js(res.logprobs, mask)
+        by_position = pairwise_js(res.logprobs, mask, device=llm.device)  # on the GPU when the model is there
         t = int(mask.sum())
         out = {
             "means": means,
