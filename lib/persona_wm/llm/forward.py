@@ -125,11 +125,14 @@ def capture_residuals(llm: LLM, layers: Sequence[int], store: dict[int, Any], ap
             handle.remove()
 
 
-def _logprobs_at(llm: LLM, final_hidden: torch.Tensor, seqs: Sequence[Scored], max_scored: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unembed only the scored positions (the 49k-wide unembedding is ~20% of a full forward); on CPU."""
+def _logprobs_at(llm: LLM, final_hidden: torch.Tensor, seqs: Sequence[Scored], max_scored: int | None,
+                 on_device: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unembed only the scored positions (the 49k-wide unembedding is ~20% of a full forward); on CPU unless
+    ``on_device`` (then where the model is)."""
     index, mask = scored_index(seqs, max_scored)
     gathered = torch.take_along_dim(final_hidden, index.to(final_hidden.device)[..., None], dim=1)
-    return torch.log_softmax(unembed(llm.model, gathered).float(), dim=-1).cpu(), mask
+    lp = torch.log_softmax(unembed(llm.model, gathered).float(), dim=-1)
+    return (lp if on_device else lp.cpu()), mask
 
 
 @torch.inference_mode()
@@ -139,10 +142,12 @@ def forward(
     layers: Sequence[int] = (),
     logprobs: bool = True,
     max_scored: int | None = None,
+    logprobs_on_device: bool = False,
 ) -> ForwardResult:
     """One teacher-forced pass: every requested layer's residual at once, log-probs at scored positions.
 
-    Runs on ``llm.device``; the residuals and log-probs come back on CPU.
+    Runs on ``llm.device``; the residuals and log-probs come back on CPU (the log-probs stay on the model's device
+    with ``logprobs_on_device``, for a caller that reduces them there).
     """
     if not seqs:
         raise LLMError("forward needs at least one sequence")
@@ -151,7 +156,7 @@ def forward(
     with capture_residuals(llm, layers, store):
         hidden = decoder(llm.model)(input_ids=ids, use_cache=False).last_hidden_state
     if logprobs:
-        lp, mask = _logprobs_at(llm, hidden, seqs, max_scored)
+        lp, mask = _logprobs_at(llm, hidden, seqs, max_scored, logprobs_on_device)
     else:
         lp, mask = None, scored_index(seqs, max_scored)[1]
     return ForwardResult(resid={k: v.cpu() for k, v in store.items()}, logprobs=lp, mask=mask)

@@ -62,10 +62,10 @@ def persona_pass(
            "anchor": anchor, "anchor_layers": kept, "anchor_tokens": anchor_tokens if kept else None}
 
     def compute() -> dict[str, torch.Tensor]:
-        res = forward(llm, seqs, layers=layers)
+        res = forward(llm, seqs, layers=layers, logprobs_on_device=True)  # reduced to JS where they are
         means = torch.stack([res.scored_mean(layer, seqs) for layer in layers], dim=1)
         mask = res.mask[0]  # one shared response: every row has the same scored span
-        by_position = pairwise_js(res.logprobs, mask, device=llm.device)  # on the GPU when the model is there
+        by_position = pairwise_js(res.logprobs, mask)  # on the GPU when the model is there; [P, P, T] on the CPU
         t = int(mask.sum())
         out = {
             "means": means,
