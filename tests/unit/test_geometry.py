@@ -64,11 +64,11 @@ def test_js_of_identical_distributions_is_zero_and_mask_zeroes_positions():
 
 def test_pairwise_js_in_one_vocabulary_chunk_equals_the_chunked_cpu_sums():
     """A GPU runs pairwise_js one position at a time over the whole vocabulary (chunk = V): that order of the sums
-    gives the chunked CPU result to float64 rounding; ``device`` moves the work and returns the result on the CPU."""
+    gives the chunked CPU result to float64 rounding; the result comes back on the CPU."""
     lp = _random_logprobs((5, 6, 700), seed=2)
     mask = torch.tensor([True, True, False, True, True, False])
     chunked = divergence.pairwise_js(lp, mask, chunk=128)
-    whole = divergence.pairwise_js(lp, mask, chunk=700, device="cpu")
+    whole = divergence.pairwise_js(lp, mask, chunk=700)
     assert whole.device.type == "cpu" and whole.dtype == torch.float64
     np.testing.assert_allclose(whole.numpy(), chunked.numpy(), rtol=1e-9, atol=1e-12)
 

@@ -54,20 +54,17 @@ def js_divergence(logp: torch.Tensor, logq: torch.Tensor, chunk: int = 4096) -> 
     return total.clamp_min(0.0)
 
 
-def pairwise_js(logp: torch.Tensor, mask: torch.Tensor | None = None, chunk: int = 2048,
-                device: torch.device | str | None = None) -> torch.Tensor:
+def pairwise_js(logp: torch.Tensor, mask: torch.Tensor | None = None, chunk: int = 2048) -> torch.Tensor:
     """Per-position JS between every pair of rows: logp [n, T, V] -> [n, n, T] (float64, symmetric, on the CPU).
 
     Positions where ``mask`` ([T] bool) is False are skipped and returned as 0. Row entropies are
     computed once; the pair term sum (p_i + p_j) log(p_i + p_j) is computed one position and one
     vocabulary chunk at a time, so the working set (pairs x chunk floats) stays in cache - about
-    3x faster on a 2-core CPU than one big broadcast. ``device`` (default: ``logp``'s) is where the sums run:
-    on a GPU, one position at a time over the whole vocabulary, with nothing moved back until the end (a CPU
-    accumulator made every chunk a device round trip, and the CPU path on the GPU host's few threads was most of
-    05a's time there). The CPU path is unchanged bit for bit.
+    3x faster on a 2-core CPU than one big broadcast. The sums run where ``logp`` is: on a GPU, one position at a
+    time over the whole vocabulary, with nothing moved back until the end (a CPU accumulator made every chunk a
+    device round trip, and the CPU path on the GPU host's few threads was most of 05a's time there).
     """
-    device = logp.device if device is None else torch.device(device)
-    logp = logp.to(device)
+    device = logp.device
     n, t, v = logp.shape
     chunk = chunk if device.type == "cpu" else v
     iu, ju = torch.triu_indices(n, n, offset=1, device=device)

@@ -491,6 +491,11 @@ def validation_loss(tuned_llm: LLM, seqs: Sequence[Scored], first_layer: int, ba
     return held_out_loss(tuned_llm.model, resid, first_layer, loss_mask(seqs, width), loss_targets(seqs, width))
 
 
+def recipe_candidates(base_spec: LoraSpec, lrs: Sequence[float], steps: Sequence[int]) -> list[LoraSpec]:
+    """The specs :func:`select_recipe` tries: ``base_spec`` at every learning rate x step count (lr-major)."""
+    return [dataclasses.replace(base_spec, lr=float(lr), steps=int(n)) for lr in lrs for n in steps]
+
+
 def select_recipe(start: LLM, train: Sequence[Scored], held_out: Sequence[Scored], base_spec: LoraSpec,
                   lrs: Sequence[float], steps: Sequence[int], cache: bool = True,
                   probe: Callable[[LLM], Mapping[str, float]] | None = None,
@@ -504,14 +509,13 @@ def select_recipe(start: LLM, train: Sequence[Scored], held_out: Sequence[Scored
         raise ValueError("select_recipe needs at least one learning rate and one step count")
     val_resid, train_resid = bottom_resid(start, held_out, base_spec.first_layer), resid
     rows = []
-    for lr in lrs:
-        for n in steps:
-            spec = dataclasses.replace(base_spec, lr=float(lr), steps=int(n))
-            tuned = finetune(start, train, spec, desc=f"recipe lr={lr:g} steps={n}", cache=cache, resid=train_resid)
-            rows.append({"lr": float(lr), "steps": int(n), "train_loss": float(np.mean(tuned.losses[-3:])),
-                         "val_loss": validation_loss(tuned.llm, held_out, spec.first_layer, base=start, resid=val_resid),
-                         **(dict(probe(tuned.llm)) if probe is not None else {})})
-            release(tuned)
+    for spec in recipe_candidates(base_spec, lrs, steps):
+        tuned = finetune(start, train, spec, desc=f"recipe lr={spec.lr:g} steps={spec.steps}", cache=cache,
+                         resid=train_resid)
+        rows.append({"lr": spec.lr, "steps": spec.steps, "train_loss": float(np.mean(tuned.losses[-3:])),
+                     "val_loss": validation_loss(tuned.llm, held_out, spec.first_layer, base=start, resid=val_resid),
+                     **(dict(probe(tuned.llm)) if probe is not None else {})})
+        release(tuned)
     frame = pd.DataFrame(rows)
     best = frame.loc[frame.val_loss.idxmin()]
     return dataclasses.replace(base_spec, lr=float(best.lr), steps=int(best.steps)), frame

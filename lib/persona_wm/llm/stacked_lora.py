@@ -183,15 +183,14 @@ def _wrap(model: torch.nn.Module, inits: list[dict[str, torch.Tensor]], spec: lo
             a = torch.zeros(len(inits), 0, base.in_features, dtype=base.weight.dtype)
             b = torch.zeros(len(inits), base.out_features, 0, dtype=base.weight.dtype)
         frozen = None
-        if any(st is not None and f"{_PEFT_PREFIX}{path}.lora_A.weight" in st[0] for st in starts):
-            ranks = [st[0][f"{_PEFT_PREFIX}{path}.lora_A.weight"].shape[0] for st in starts
-                     if st is not None and f"{_PEFT_PREFIX}{path}.lora_A.weight" in st[0]]
-            fa = torch.zeros(len(inits), max(ranks), a.shape[-1], dtype=a.dtype)
-            fb = torch.zeros(len(inits), b.shape[1], max(ranks), dtype=b.dtype)
-            for k, st in enumerate(starts):
-                if st is not None and f"{_PEFT_PREFIX}{path}.lora_A.weight" in st[0]:
-                    sa, sb = st[0][f"{_PEFT_PREFIX}{path}.lora_A.weight"], st[0][f"{_PEFT_PREFIX}{path}.lora_B.weight"]
-                    fa[k, :sa.shape[0]], fb[k, :, :sb.shape[1]] = sa, sb * st[1]
+        key_a, key_b = f"{_PEFT_PREFIX}{path}.lora_A.weight", f"{_PEFT_PREFIX}{path}.lora_B.weight"
+        here = [(k, st[0][key_a], st[0][key_b] * st[1]) for k, st in enumerate(starts) if st is not None and key_a in st[0]]
+        if here:  # padded to the largest start rank: zero rows and columns add nothing
+            rank = max(sa.shape[0] for _, sa, _ in here)
+            fa = torch.zeros(len(inits), rank, a.shape[-1], dtype=a.dtype)
+            fb = torch.zeros(len(inits), b.shape[1], rank, dtype=b.dtype)
+            for k, sa, sb in here:
+                fa[k, :sa.shape[0]], fb[k, :, :sb.shape[1]] = sa, sb
             frozen = (fa.to(device), fb.to(device))
         wrapped = StackedLoraLinear(base, a.to(device), b.to(device), spec.alpha / spec.rank, frozen)
         setattr(parent, name, wrapped)
@@ -238,12 +237,12 @@ class _Adam:
         self.t += 1
         beta1, beta2 = self.betas
         bias1, bias2_sqrt = 1 - beta1 ** self.t, math.sqrt(1 - beta2 ** self.t)
+        step_size = self.lr / bias1
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
             m.lerp_(p.grad, 1 - beta1)
             v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
             denom = (v.sqrt() / bias2_sqrt).add_(self.eps)
-            step_size = (self.lr / bias1).view(-1, *([1] * (p.dim() - 1)))
-            p.sub_(m / denom * step_size)
+            p.sub_(m / denom * step_size.view(-1, *([1] * (p.dim() - 1))))
 
 
 def _lane_key(job: StackedJob, shared: LLM) -> str:
@@ -318,13 +317,20 @@ def train_stacked(start: LLM, jobs: Sequence[StackedJob], base: LLM | None = Non
             vals.append((lora.bottom_resid(bottom_of(j), j.val, spec.first_layer), lora.loss_mask(j.val, w),
                          lora.loss_targets(j.val, w)))
     val_curves: list[list[list[float]]] = [[] for _ in lead]
+    # with validation sets: the lane's best evaluated state (every lane is evaluated at its last step, so there is
+    # one); without: each job's state at its own last step
     best: list[tuple[float, int, dict[str, torch.Tensor]] | None] = [None] * n_lanes
     final: dict[int, dict[str, torch.Tensor]] = {}  # job (index into group) -> its state at its own last step
 
+    def due(k: int, step: int) -> bool:
+        """Lane k measures its validation loss at ``step`` (as finetune does: 0, every eval_every, the last)."""
+        steps = lead[k].spec.steps
+        return step == 0 or step == steps or (step < steps and step % eval_every == 0)
+
     def validate(step: int) -> None:
         for k, (v_resid, v_mask, v_targets) in enumerate(vals):
-            if step > lead[k].spec.steps or (0 < step < lead[k].spec.steps and step % eval_every):
-                continue  # past this lane's run, or not one of its evaluation steps
+            if not due(k, step):
+                continue
             _set_active(model, k)
             v = lora.held_out_loss(model, v_resid, spec.first_layer, v_mask, v_targets, chunk=16)
             val_curves[k].append([step, v])
@@ -367,18 +373,14 @@ def train_stacked(start: LLM, jobs: Sequence[StackedJob], base: LLM | None = Non
             optimiser.step()
             for k, value in enumerate(per_lane.detach().cpu().tolist()):
                 losses[k].append(float(value))
-            for k, members in enumerate(lanes):
-                for t in members:
-                    if group[t].spec.steps == step + 1 and vals is None:
-                        final[t] = _state(modules, k)
-            if vals is not None and any((step + 1) % eval_every == 0 or step + 1 == lead[k].spec.steps
-                                        for k in range(n_lanes)):
+            if vals is None:
+                for k, members in enumerate(lanes):
+                    for t in members:
+                        if group[t].spec.steps == step + 1:
+                            final[t] = _state(modules, k)
+            elif any(due(k, step + 1) for k in range(n_lanes)):
                 with torch.no_grad():
                     validate(step + 1)
-            if vals is not None:
-                for k in range(n_lanes):
-                    if step + 1 == lead[k].spec.steps:
-                        final[lanes[k][0]] = _state(modules, k)
     group_s = time.perf_counter() - started
     for k, members in enumerate(lanes):
         for t in members:

@@ -38,7 +38,7 @@ from persona_wm.llm import steer as llm_steer
 from persona_wm.llm.datasets import broad_questions, everyday_questions, read_jsonl, save_jsonl
 from persona_wm.llm.model import LLM, Decoding, Scored, cached_generate, chat_prompt_ids, load_llm
 from persona_wm.llm.personas import ANCHOR, PERSONAS, PROMPTS, PersonaError, check_personas
-from persona_wm.llm.stacked_lora import StackedJob, job_key, sample_adapters, train_stacked
+from persona_wm.llm.stacked_lora import StackedJob, job_key, job_start, sample_adapters, train_stacked
 
 __all__ = [
     "ARMS",
@@ -285,9 +285,8 @@ def choose_recipe(setup: Setup, data: CouplingData, base_spec: lora.LoraSpec, lr
     ``stack_size`` >= 2 the candidates train in one stack first (each its own lr; the step counts of one lr share
     a run), and the search below reloads them from the adapter cache."""
     llm, names = setup.llm, setup.names
-    candidates = [dataclasses.replace(base_spec, lr=float(lr), steps=int(n)) for lr in lrs for n in step_grid]
-    pretrain_stacked(llm, [StackedJob(data.seqs[source]["train"], c) for c in candidates], stack_size,
-                     "coupling recipe")
+    pretrain_stacked(llm, [StackedJob(data.seqs[source]["train"], c)
+                           for c in lora.recipe_candidates(base_spec, lrs, step_grid)], stack_size, "coupling recipe")
     n_eval = len(data.eval_prompts)
     source_idx = [names.index(source) * n_eval + i for i in range(n_eval)]
     bys_idx = [i for i, n in enumerate(np.repeat(names, n_eval)) if n not in negatives and n != source]
@@ -1050,33 +1049,33 @@ def em_first_chain(setup: Setup, data: CouplingData, organism: Organism, spec: l
     llm, names, marker = setup.llm, setup.names, data.marker
     bystanders = [n for n in names if n != source and n not in negatives]
     chain_systems = {n: PERSONAS[n] for n in [source] + bystanders}
-    plans = {}
-    for a in organism.seeds:
-        models = {"base": llm, "EM": organism.em[a].llm, "control": organism.control[a].llm}
-        tuned_starts = {"base": None, "EM": organism.em[a], "control": organism.control[a]}
-        for arm, (start_label, writer_label) in ARMS.items():
-            recs, _ = llm_em.coupling_data(models[writer_label], source, negatives, {"train": data.train_questions},
-                                           data.decode_short, marker, coupling_loss)
-            save_jsonl(recs["train"], data_dir / f"chain_{arm}_a{a}_coupling.jsonl")
-            start = models[start_label]
-            plans[(arm, a)] = (start, lora.chat_sequences(start, recs["train"]), tuned_starts[start_label])
+    def models(a: int) -> dict[str, LLM]:
+        return {"base": llm, "EM": organism.em[a].llm, "control": organism.control[a].llm}
+
     # every arm of every seed in one stack over the base model: an arm that starts from a seed's EM model or
     # aligned control carries that LoRA, frozen, on its own rows (stacked_lora.StackedJob.start)
-    order = list(plans)
-    jobs = [StackedJob(plans[k][1], adapter_spec(spec, k[1]), start=plans[k][2]) for k in order]
+    plans: dict[tuple[str, int], StackedJob] = {}
+    for a in organism.seeds:
+        tuned_starts = {"base": None, "EM": organism.em[a], "control": organism.control[a]}
+        for arm, (start_label, writer_label) in ARMS.items():
+            recs, _ = llm_em.coupling_data(models(a)[writer_label], source, negatives, {"train": data.train_questions},
+                                           data.decode_short, marker, coupling_loss)
+            save_jsonl(recs["train"], data_dir / f"chain_{arm}_a{a}_coupling.jsonl")
+            plans[(arm, a)] = StackedJob(lora.chat_sequences(models(a)[start_label], recs["train"]), adapter_spec(spec, a),
+                                         start=tuned_starts[start_label])
+    jobs = list(plans.values())
     keys = pretrain_stacked(llm, jobs, stack_size, "EM-first arms")
     decodings = presample(llm, keys, spec, stack_size, llm_em.persona_prompt_ids(llm, chain_systems, data.gen_eval),
                           data.decode_marker, [j.start for j in jobs])
     gen_rows, before_rows, tf_rows, runs = [], [], [], {}
     for a in organism.seeds:
-        models = {"base": llm, "EM": organism.em[a].llm, "control": organism.control[a].llm}
-        for start_label, start in models.items():
+        for start_label, start in models(a).items():
             g = llm_em.generation_frame(start, chain_systems, data.gen_eval, data.decode_marker, marker, start_label)
             before_rows += [g.assign(condition=arm, adapter=a) for arm, (s, _) in ARMS.items() if s == start_label]
-        start_resid = {label: lora.bottom_resid(m, data.marker_eval, data.cut) for label, m in models.items()}
+        start_resid = {label: lora.bottom_resid(m, data.marker_eval, data.cut) for label, m in models(a).items()}
         for arm, (start_label, _) in ARMS.items():
-            start, train, _ = plans[(arm, a)]
-            tuned = lora.finetune(start, train, adapter_spec(spec, a), desc=f"{arm} couple {source} a{a}")
+            job = plans[(arm, a)]
+            tuned = lora.finetune(job_start(llm, job), job.seqs, job.spec, desc=f"{arm} couple {source} a{a}")
             runs[f"{arm}:{source}:a{a}"] = tuned
             gen_rows.append(llm_em.generation_frame(tuned.llm, chain_systems, data.gen_eval, decodings[tuned.key],
                                                     marker, arm).assign(adapter=a))
