@@ -35,7 +35,9 @@ and a run merges into the existing file, so a GPU run adds its keys next to the 
   :func:`persona_wm.llm.stacked_lora.train_stacked` with K adapters (``--lora-ks``) against
   :func:`persona_wm.llm.lora.finetune` training one adapter alone, same spec (05b's GPU shape: rank 32 on every
   projection of every block, batch 16 sequences of 64 tokens), model as ``--llm``; each ratio is the median of
-  ``--repeats`` runs side by side, with its min and max (``speedup_k<K>``, ``speedup_k<K>_min``, ``..._max``).
+  ``--repeats`` runs side by side, with its min and max (``speedup_k<K>``, ``speedup_k<K>_min``, ``..._max``), of
+  whole calls (copying the model, the bottom residual, saving or merging included) and, as ``loop_speedup_k<K>``,
+  of the training loops alone (what a run of many more steps approaches).
 
 * ``cold`` (not run by default; about 20 minutes on the 2-core CPU) -> ``cold_minutes.<study>`` (trainer
   stacked) and ``cold_minutes_sequential.<study>`` (trainer sequential), minutes of a cold ``make reports``
@@ -70,7 +72,7 @@ from persona_wm.core.files import REPO_ROOT
 from persona_wm.core.threads import limit_threads
 from persona_wm.io.params import notebook_path, parameter_schema
 from persona_wm.llm import model as L
-from persona_wm.llm.lora import LoraSpec, finetune
+from persona_wm.llm.lora import LoraSpec, adapter_dir, finetune
 from persona_wm.llm.stacked_lora import StackedJob, train_stacked
 from persona_wm.processes import get_process
 from persona_wm.toy.probe import residual_hooks
@@ -347,7 +349,8 @@ def _lora_jobs(llm: L.LLM, k: int, steps: int, length: int = 64, n_seqs: int = 3
 
 def bench_lora_stacked(device: torch.device, threads: int, ks: list[int], steps: int, repeats: int,
                        which: str = "auto") -> dict:
-    """Stacked LoRA (K adapters a step) against one adapter alone: adapter-steps/s, median of ``repeats``."""
+    """Stacked LoRA (K adapters a step) against one adapter alone: adapter-steps/s, median of ``repeats``, of
+    whole calls (``speedup_k<K>``) and of the training loops alone (``loop_speedup_k<K>``)."""
     limit_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         if which == "smollm2" or (which == "auto" and _packaged()):
@@ -365,22 +368,28 @@ def bench_lora_stacked(device: torch.device, threads: int, ks: list[int], steps:
         warm = _lora_jobs(llm, 1, 1)[0]
         finetune(llm, warm.seqs, warm.spec, cache=False)  # imports and first-call costs, untimed
         for k in ks:
-            ratios, stacked_rates, alone_rates = [], [], []
+            # two readings: whole calls (setup, bottom residual, saving / merging included) and the training
+            # loops alone (train_stacked's group_seconds, finetune's train_s), which a longer run approaches
+            rates: dict[str, list[float]] = {n: [] for n in ("stacked", "alone", "loop_stacked", "loop_alone")}
             for rep in range(repeats):
                 jobs = _lora_jobs(llm, k, steps)
                 llm_rep = replace(llm, cache_dir=Path(tmp) / f"k{k}_r{rep}")  # an empty adapter cache each run
-                _, stacked_s, _ = _timed(lambda r=llm_rep, j=jobs: train_stacked(r, j, progress=False), device)
-                _, alone_s, _ = _timed(lambda j=jobs: finetune(llm, j[0].seqs, j[0].spec, cache=False), device)
-                stacked_rates.append(k * steps / stacked_s)
-                alone_rates.append(steps / alone_s)
-                ratios.append(stacked_rates[-1] / alone_rates[-1])
-            entry.update({f"speedup_k{k}": statistics.median(ratios), f"speedup_k{k}_min": min(ratios),
-                          f"speedup_k{k}_max": max(ratios),
-                          f"adapter_steps_per_s_stacked_k{k}": statistics.median(stacked_rates),
-                          f"adapter_steps_per_s_alone_k{k}": statistics.median(alone_rates)})
-            print(f"stacked LoRA {device.type} K={k}: x{entry[f'speedup_k{k}']:.2f} "
-                  f"[{min(ratios):.2f}, {max(ratios):.2f}] adapter-steps/s over one adapter alone ({label})",
-                  flush=True)
+                keys, stacked_s, _ = _timed(lambda r=llm_rep, j=jobs: train_stacked(r, j, progress=False), device)
+                tuned, alone_s, _ = _timed(lambda j=jobs: finetune(llm, j[0].seqs, j[0].spec, cache=False), device)
+                meta = json.loads((adapter_dir(llm_rep, keys[0]) / "meta.json").read_text())
+                rates["stacked"].append(k * steps / stacked_s)
+                rates["alone"].append(steps / alone_s)
+                rates["loop_stacked"].append(k * steps / meta["stacked"]["group_seconds"])
+                rates["loop_alone"].append(steps / tuned.train_s)
+            for prefix, fast, slow in (("", "stacked", "alone"), ("loop_", "loop_stacked", "loop_alone")):
+                ratios = [a / b for a, b in zip(rates[fast], rates[slow])]
+                entry.update({f"{prefix}speedup_k{k}": statistics.median(ratios),
+                              f"{prefix}speedup_k{k}_min": min(ratios), f"{prefix}speedup_k{k}_max": max(ratios),
+                              f"{prefix}adapter_steps_per_s_stacked_k{k}": statistics.median(rates[fast]),
+                              f"{prefix}adapter_steps_per_s_alone_k{k}": statistics.median(rates[slow])})
+                print(f"stacked LoRA {device.type} K={k}, {'training loops' if prefix else 'whole calls'}: "
+                      f"x{entry[f'{prefix}speedup_k{k}']:.2f} [{min(ratios):.2f}, {max(ratios):.2f}] "
+                      f"adapter-steps/s over one adapter alone ({label})", flush=True)
     return entry
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 
 from persona_wm import bench
@@ -105,3 +106,15 @@ def test_bench_writes_scratch_by_default_and_the_committed_file_only_with_update
     assert bench.DEFAULT_STEPS == {"cpu": 50, "cuda": 300}  # the settings the committed GPU ratios used
     with pytest.raises(SystemExit):
         bench.main(["--sections", "hmm", "--repeats", "0"])
+
+
+def test_lora_stacked_reports_whole_call_and_training_loop_ratios() -> None:
+    result = bench.bench_lora_stacked(torch.device("cpu"), 1, [2], steps=2, repeats=2, which="tiny")
+    for prefix in ("", "loop_"):
+        ratio = result[f"{prefix}speedup_k2"]
+        assert result[f"{prefix}speedup_k2_min"] <= ratio <= result[f"{prefix}speedup_k2_max"]
+        assert ratio == pytest.approx(result[f"{prefix}adapter_steps_per_s_stacked_k2"]
+                                      / result[f"{prefix}adapter_steps_per_s_alone_k2"], rel=0.5)
+    # a training loop is part of its call: its rate is the higher one
+    assert result["loop_adapter_steps_per_s_stacked_k2"] > result["adapter_steps_per_s_stacked_k2"]
+    assert result["loop_adapter_steps_per_s_alone_k2"] > result["adapter_steps_per_s_alone_k2"]
