@@ -39,10 +39,12 @@ and a run merges into the existing file, so a GPU run adds its keys next to the 
   whole calls (copying the model, the bottom residual, saving or merging included) and, as ``loop_speedup_k<K>``,
   of the training loops alone (what a run of many more steps approaches).
 
-* ``cold`` (not run by default; about 20 minutes on the 2-core CPU) -> ``cold_minutes.<study>`` (trainer
-  stacked) and ``cold_minutes_sequential.<study>`` (trainer sequential), minutes of a cold ``make reports``
-  of studies 01-04 with empty model caches, side by side in one run (:func:`bench_cold`), their ``total``,
-  and ``cold_speedup.<study>`` = sequential / stacked; on a GPU the keys end in ``_cuda``.
+* ``cold`` (not run by default; on the 2-core CPU about 11 minutes a repeat for 01-02 with both trainers, 9 for
+  03-04 stacked; one model at a time, organism v3's 03 alone takes over an hour) -> ``cold_minutes.<study>``
+  (trainer stacked) and ``cold_minutes_sequential.<study>`` (trainer sequential), minutes of a cold ``make
+  reports`` of the studies (``--studies``, default 01-04) with empty model caches, side by side
+  (:func:`bench_cold`), their total (``total``; ``total_01_02`` for a subset), and ``cold_speedup.<study>`` =
+  sequential / stacked; on a GPU the keys end in ``_cuda``.
 """
 
 from __future__ import annotations
@@ -442,6 +444,14 @@ COLD_ARMS = ("stacked", "sequential")
 COLD_ROOT = REPO_ROOT / ".cache" / "bench" / "cold"
 
 
+def total_key(studies: list[str]) -> str:
+    """The key of a cold run's total: ``total`` over all of :data:`COLD_STUDIES`, else named by the studies'
+    numbers (``total_01_02``), so that runs over different studies merge into one file without overwriting."""
+    if sorted(studies) == sorted(COLD_STUDIES):
+        return "total"
+    return "total_" + "_".join(study.split("_")[0] for study in studies)
+
+
 def cold_keys(device: torch.device, arm: str, threads: int | None = None, jobs: int = 1) -> str:
     """``cold_minutes`` (stacked) / ``cold_minutes_sequential`` / ``cold_speedup`` on a CPU at the studies' own
     thread counts; ``_cuda`` appended on a GPU, ``_t<threads>`` when the thread count was set for the run,
@@ -478,11 +488,11 @@ def cold_once(device: torch.device, studies: list[str], arms: list[str], params:
     ``make reports``. Outputs go to ``root/<arm>/outputs`` (kept for inspection, never ``outputs/``).
     ``threads``: the runner's ``--threads`` (both arms; default: each study's ``torch_threads``), and the keys
     get ``_t<threads>`` appended.
-    Returns ``{cold_keys(device, arm): {study: minutes, ..., "total": minutes}}`` and the speed-ups
+    Returns ``{cold_keys(device, arm): {study: minutes, ..., total_key(studies): minutes}}`` and the speed-ups
     (sequential / stacked minutes) per study and in total under ``cold_speedup[_cuda]``.
 
     ``jobs`` > 1: each arm is one runner process over all ``studies`` with ``--jobs jobs`` (up to that many
-    notebooks at once, as ``make reports JOBS=``); only its wall time is measured, as ``"total"``.
+    notebooks at once, as ``make reports JOBS=``); only its wall time is measured, as the total.
     """
     shutil.rmtree(root, ignore_errors=True)
     out: dict[str, dict[str, float]] = {cold_keys(device, arm, threads, jobs): {} for arm in arms}
@@ -490,7 +500,7 @@ def cold_once(device: torch.device, studies: list[str], arms: list[str], params:
         with_trainer = any("trainer" in parameter_schema(st) for st in studies)
         for arm in tqdm(arms, desc=f"cold runs, {jobs} studies at a time", unit="arm"):
             minutes = _runner_minutes(studies, arm, device, params, root, threads, jobs, with_trainer)
-            out[cold_keys(device, arm, threads, jobs)]["total"] = minutes
+            out[cold_keys(device, arm, threads, jobs)][total_key(studies)] = minutes
             print(f"cold {', '.join(studies)} at {jobs} a time, trainer={arm}: {minutes:.2f} min (load {_load()})",
                   flush=True)
     else:
@@ -501,7 +511,7 @@ def cold_once(device: torch.device, studies: list[str], arms: list[str], params:
                 out[cold_keys(device, arm, threads)][study] = minutes
                 print(f"cold {study} trainer={arm}: {minutes:.2f} min (load {_load()})", flush=True)
         for values in out.values():
-            values["total"] = sum(values.values())
+            values[total_key(studies)] = sum(values.values())
     if set(COLD_ARMS) <= set(arms):
         fast, slow = (out[cold_keys(device, arm, threads, jobs)] for arm in ("stacked", "sequential"))
         out[cold_keys(device, "speedup", threads, jobs)] = {k: slow[k] / fast[k] for k in fast}
@@ -639,7 +649,8 @@ def main(argv: list[str] | None = None) -> dict:
         for key, value in result.items():
             current.setdefault(key, {}).update(value)
         label = (f"cold.{device.type}" + (f"_t{args.threads[0]}" if args.threads else "")
-                 + (f"_jobs{args.jobs}" if args.jobs > 1 else ""))
+                 + (f"_jobs{args.jobs}" if args.jobs > 1 else "")
+                 + ("" if total_key(studies) == "total" else "." + total_key(studies).removeprefix("total_")))
         current.setdefault("meta", {})[label] = {**machine(device, args.threads[0] if args.threads else None),
                                                  "studies": studies, "arms": arms, "params": args.params,
                                                  "jobs": args.jobs, "repeats": args.repeats}
