@@ -4,7 +4,8 @@
 #   DEADLINE_S=570 RESULTS=DIR bash scripts/gpu_measurements.sh [TASK...]
 #
 # (on an air-gapped host: bash scripts/offline_bundle.sh run llm,toy bash scripts/gpu_measurements.sh). Tasks, in
-# the order given (default, all in this order): 05a (05a default, cold: its own empty LLM cache), bench_lora (stacked LoRA, K = 8, 5 repeats),
+# the order given (default, all in this order): 05a (05a default, cold: its own empty LLM cache), bench_lora (stacked LoRA, K = 8, 5 repeats;
+# bench_lora_tf32, not in the default list: the same with TF32 matmuls in both arms),
 # toy_smoke (studies 01-04, smoke params, DEVICE=cuda), bench_stacked (stacked toy training, 3 repeats), 05b (gpu.yaml,
 # the five-seed result run). A finished task is marked in .cache/gpu_measurements/done and skipped by the next
 # invocation on the same host; a task that does not fit the time left is deferred; 05b is interrupted (SIGINT)
@@ -44,6 +45,9 @@ for TASK in "${TASKS[@]}"; do
              && tar -C "$OUTS" -czf "$RESULTS/05a_cuda.tgz" 05a_llm_persona_geometry ;;
         bench_lora) task bench_lora 90 python3 -m persona_wm.bench --device cuda --sections lora_stacked \
                  --llm smollm2-shape --lora-ks 8 --repeats 5 --output "$RESULTS/bench_lora.json" ;;
+        bench_lora_tf32) task bench_lora_tf32 90 python3 -m persona_wm.bench --device cuda --sections lora_stacked \
+                 --llm smollm2-shape --lora-ks 8 --repeats 5 --matmul-precision high \
+                 --output "$RESULTS/bench_lora_tf32.json" ;;
         toy_smoke) task toy_smoke 120 env PERSONA_WM_MODEL_CACHE="$D/cold-toy-cache" $R --study 01_sfp_definition \
                  02_steering_specificity 03_em_reversal 04_persona_engineering --params smoke --device cuda \
                  --output-root "$OUTS/smoke" \
@@ -52,7 +56,7 @@ for TASK in "${TASKS[@]}"; do
                  --ns 8,64,256 --seq-models 2 --repeats 3 --output "$RESULTS/bench_stacked.json" ;;
         05b) task 05b 60 $R --study 05b_llm_finetuning --params gpu --device cuda --output-root "$OUTS" \
              && tar -C "$OUTS" -czf "$RESULTS/05b_gpu.tgz" 05b_llm_finetuning_gpu ;;
-        *) log "unknown task '$TASK' (tasks: 05a bench_lora toy_smoke bench_stacked 05b)"; exit 2 ;;
+        *) log "unknown task '$TASK' (tasks: 05a bench_lora bench_lora_tf32 toy_smoke bench_stacked 05b)"; exit 2 ;;
     esac
 done
 log "done so far: $(ls "$D/done" | tr '\n' ' ')"

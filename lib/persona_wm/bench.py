@@ -37,7 +37,8 @@ and a run merges into the existing file, so a GPU run adds its keys next to the 
   projection of every block, batch 16 sequences of 64 tokens), model as ``--llm``; each ratio is the median of
   ``--repeats`` runs side by side, with its min and max (``speedup_k<K>``, ``speedup_k<K>_min``, ``..._max``), of
   whole calls (copying the model, the bottom residual, saving or merging included) and, as ``loop_speedup_k<K>``,
-  of the training loops alone (what a run of many more steps approaches).
+  of the training loops alone (what a run of many more steps approaches). ``--matmul-precision high`` runs both arms
+  with TF32 matmuls on a GPU (``lora_stacked.<device>_tf32``; every study keeps full fp32).
 
 * ``cold`` (not run by default; on the 2-core CPU about 11 minutes a repeat for 01-02 with both trainers, 9 for
   03-04 stacked; one model at a time, organism v3's 03 alone takes over an hour) -> ``cold_minutes.<study>``
@@ -572,6 +573,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lora-ks", type=_ints, default=[8], help="lora_stacked section: adapters per stacked run")
     parser.add_argument("--repeats", type=int, default=3,
                         help="hmm, stacked, lora_stacked and cold sections: runs per ratio (median, with min and max)")
+    parser.add_argument("--matmul-precision", choices=("highest", "high"), default="highest",
+                        help="lora_stacked only: torch.set_float32_matmul_precision for both arms (high: TF32 "
+                             "matmuls on a GPU, keys lora_stacked.<device>_tf32; the studies use highest)")
     parser.add_argument("--update", action="store_true",
                         help="write the committed outputs/bench/metrics.json (default: .cache/bench/metrics.json)")
     parser.add_argument("--output", type=Path, default=None, help="write FILE instead")
@@ -582,6 +586,9 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.matmul_precision != "highest" and set(args.sections) != {"lora_stacked"}:
+        parser.error("--matmul-precision high is for --sections lora_stacked alone (the other sections' keys do not "
+                     "record it)")
     studies, arms = _names(args.studies), _names(args.arms)
     if bad := [a for a in arms if a not in COLD_ARMS]:
         parser.error(f"--arms: unknown trainer(s) {bad}; choose from {', '.join(COLD_ARMS)}")
@@ -633,11 +640,14 @@ def main(argv: list[str] | None = None) -> dict:
     if "study02" in args.sections:
         save("study02", "study02", bench_study02(device, threads[0], args.params), threads[0])
     if "lora_stacked" in args.sections:
+        torch.set_float32_matmul_precision(args.matmul_precision)
         result = bench_lora_stacked(device, threads[0], args.lora_ks, args.steps or (3 if device.type == "cpu" else 20),
                                     args.repeats, args.llm)
         current = read_metrics(args.output)
-        current.setdefault("lora_stacked", {})[device.type] = result
-        current.setdefault("meta", {})[f"lora_stacked.{device.type}"] = machine(device, threads[0])
+        label = device.type + ("" if args.matmul_precision == "highest" else "_tf32")
+        result["matmul_precision"] = args.matmul_precision
+        current.setdefault("lora_stacked", {})[label] = result
+        current.setdefault("meta", {})[f"lora_stacked.{label}"] = machine(device, threads[0])
         write_metrics(current, args.output)
         metrics.clear()
         metrics.update(current)

@@ -120,3 +120,19 @@ def test_lora_stacked_reports_whole_call_and_training_loop_ratios() -> None:
     # a training loop is part of its call: its rate is the higher one
     assert result["loop_adapter_steps_per_s_stacked_k2"] > result["adapter_steps_per_s_stacked_k2"]
     assert result["loop_adapter_steps_per_s_alone_k2"] > result["adapter_steps_per_s_alone_k2"]
+
+
+def test_matmul_precision_is_for_the_lora_section_alone_and_labels_its_key(tmp_path, monkeypatch) -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--sections", "hmm", "--matmul-precision", "high", "--output", str(tmp_path / "never.json")])
+    assert not (tmp_path / "never.json").exists()
+    seen = []
+    monkeypatch.setattr(bench, "bench_lora_stacked",
+                        lambda *a, **k: seen.append(torch.get_float32_matmul_precision()) or {"speedup_k8": 1.0})
+    try:
+        out = bench.main(["--sections", "lora_stacked", "--device", "cpu", "--matmul-precision", "high",
+                          "--output", str(tmp_path / "m.json")])
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert seen == ["high"] and out["lora_stacked"]["cpu_tf32"]["matmul_precision"] == "high"
+    assert "lora_stacked.cpu_tf32" in out["meta"] and "cpu" not in out["lora_stacked"]
