@@ -154,6 +154,11 @@ def as_categorical_hmm(process):
     return hmm
 
 
+def _spread(key: str, values: list[float]) -> dict[str, float]:
+    """A repeated measurement as the bench writes it: the median under ``key``, its min and max beside it."""
+    return {key: float(statistics.median(values)), f"{key}_min": float(min(values)), f"{key}_max": float(max(values))}
+
+
 def bench_hmm(n_sequences: int = 20_000, length: int = 10, seed: int = 0, repeats: int = 3) -> dict:
     """Batched GHMM forward vs hmmlearn's forward algorithm on the same Mess3 sequences: the three calls timed side
     by side ``repeats`` times; ratios are medians with min and max, seconds the medians."""
@@ -178,9 +183,7 @@ def bench_hmm(n_sequences: int = 20_000, length: int = 10, seed: int = 0, repeat
         raise AssertionError(f"GHMM and hmmlearn log-likelihoods differ: max |diff| {diff:.3g}")
     per_seq = [b / a for a, b, _ in runs]
     per_len = [c / a for a, _, c in runs]
-    return {"speedup": statistics.median(per_seq), "speedup_min": min(per_seq), "speedup_max": max(per_seq),
-            "speedup_vs_lengths": statistics.median(per_len), "speedup_vs_lengths_min": min(per_len),
-            "speedup_vs_lengths_max": max(per_len), "repeats": repeats,
+    return {**_spread("speedup", per_seq), **_spread("speedup_vs_lengths", per_len), "repeats": repeats,
             "lib_seconds": statistics.median(r[0] for r in runs),
             "hmmlearn_per_sequence_seconds": statistics.median(r[1] for r in runs),
             "hmmlearn_lengths_seconds": statistics.median(r[2] for r in runs), "max_abs_loglik_diff": diff,
@@ -249,8 +252,7 @@ def bench_stacked(device: torch.device, ns: list[int], threads: int, steps: int,
         ratios = [r["stacked_rate"] / r["seq_rate"] for r in runs]
         mid = runs[int(np.argsort(ratios)[len(ratios) // 2])]  # the run whose ratio is the median (odd repeats)
         stacked_rate, seq_rate, info, wall = mid["stacked_rate"], mid["seq_rate"], mid["info"], mid["wall"]
-        entry.update({f"speedup_n{n}": float(statistics.median(ratios)), f"speedup_n{n}_min": float(min(ratios)),
-                      f"speedup_n{n}_max": float(max(ratios)), f"repeats_n{n}": repeats,
+        entry.update({**_spread(f"speedup_n{n}", ratios), f"repeats_n{n}": repeats,
                       f"model_steps_per_s_stacked_n{n}": stacked_rate,
                       f"model_steps_per_s_sequential_n{n}": seq_rate,
                       f"sequential_models_n{n}": len(sequential),
@@ -386,8 +388,7 @@ def bench_lora_stacked(device: torch.device, threads: int, ks: list[int], steps:
                 rates["loop_alone"].append(steps / tuned.train_s)
             for prefix, fast, slow in (("", "stacked", "alone"), ("loop_", "loop_stacked", "loop_alone")):
                 ratios = [a / b for a, b in zip(rates[fast], rates[slow])]
-                entry.update({f"{prefix}speedup_k{k}": statistics.median(ratios),
-                              f"{prefix}speedup_k{k}_min": min(ratios), f"{prefix}speedup_k{k}_max": max(ratios),
+                entry.update({**_spread(f"{prefix}speedup_k{k}", ratios),
                               f"{prefix}adapter_steps_per_s_stacked_k{k}": statistics.median(rates[fast]),
                               f"{prefix}adapter_steps_per_s_alone_k{k}": statistics.median(rates[slow])})
                 print(f"stacked LoRA {device.type} K={k}, {'training loops' if prefix else 'whole calls'}: "
