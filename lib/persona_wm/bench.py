@@ -14,6 +14,10 @@ and a run merges into the existing file, so a GPU run adds its keys next to the 
   one call with ``lengths`` (``speedup_vs_lengths``). Mess3 emits from the state it moves to, so it is
   hmmlearn's CategoricalHMM with start = eta P, transitions P and emissions E; the log-likelihoods of both
   are compared (``max_abs_loglik_diff``).
+* ``sampler`` -> ``sparse_sampler``: exact sampling of ``em_seq()`` (64k sequences of 9 tokens), the sparse
+  chunked path of :meth:`GHMM.sample_from_uniforms` against its dense row-by-row path on the same draws, side
+  by side ``--repeats`` times: ``speedup`` is the median ratio with ``speedup_min`` / ``_max``; the tokens must
+  be identical.
 * ``stacked`` -> ``stacked_training.<device>_t<threads>``: model-steps per second of
   :func:`persona_wm.toy.stacked.train_group` on N models against ``train()`` one model at a time,
   same config (Mess3, the studies' 2-layer d_model 64 architecture, batch 256, evaluations at step 0
@@ -27,8 +31,8 @@ and a run merges into the existing file, so a GPU run adds its keys next to the 
   ``matmul_ms_per_model_step``: the fp32 matmuls of one model-step alone (forward and both backward
   products of every linear map), the floor no trainer goes below on that device.
 * ``llm`` -> ``llm.forward_overhead``: :func:`persona_wm.llm.model.forward` capturing the residual
-  stream of every layer (forward hooks) over the same forward with no hooks, as a ratio of median
-  times (1.0 = no overhead); SmolLM2 when its weights package is installed, else (or with
+  stream of every layer (forward hooks) over the same forward with no hooks, 7 interleaved pairs: the
+  median ratio with ``forward_overhead_min`` / ``_max`` (1.0 = no overhead); SmolLM2 when its weights package is installed, else (or with
   ``--llm tiny``) a tiny random Llama; ``llm.model`` says which.
 * ``study02`` (not run by default) -> ``study02``: study 02's train-or-load and steering timings.
 * ``lora_stacked`` (not run by default) -> ``lora_stacked.<device>``: adapter-steps per second of
@@ -87,8 +91,8 @@ OUTPUT = REPO_ROOT / "outputs" / "bench" / "metrics.json"  # the committed numbe
 SCRATCH = REPO_ROOT / ".cache" / "bench" / "metrics.json"  # the default destination
 #: The settings the committed ratios were measured with, as defaults: training steps per measured run.
 DEFAULT_STEPS = {"cpu": 50, "cuda": 300}
-SECTIONS = ("hmm", "stacked", "llm", "study02", "cold", "lora_stacked")
-DEFAULT_SECTIONS = ("hmm", "stacked", "llm")
+SECTIONS = ("hmm", "sampler", "stacked", "llm", "study02", "cold", "lora_stacked")
+DEFAULT_SECTIONS = ("hmm", "sampler", "stacked", "llm")
 STUDY = "02_steering_specificity"
 
 
@@ -189,6 +193,30 @@ def bench_hmm(n_sequences: int = 20_000, length: int = 10, seed: int = 0, repeat
             "hmmlearn_lengths_seconds": statistics.median(r[2] for r in runs), "max_abs_loglik_diff": diff,
             "n_sequences": n_sequences, "length": length, "process": process.name,
             "lib_call": "GHMM.forward (token probabilities and beliefs)", "beliefs_shape": list(beliefs.shape)}
+
+
+# --------------------------------------------------------------------------------------------- sampler
+def bench_sampler(process_name: str = "em_seq()", n_sequences: int = 65_536, length: int = 9, seed: int = 0,
+                  repeats: int = 3) -> dict:
+    """Exact sampling of a large sparse HMM: :meth:`GHMM.sample_from_uniforms`' sparse chunked path against its
+    dense row-by-row path on the same uniform draws, timed side by side ``repeats`` times (the ratio per pair;
+    median with min and max, seconds the medians); the two token arrays must be identical."""
+    process = get_process(process_name)
+    uniforms = np.random.default_rng(seed).random((length, n_sequences))
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dense = process.sample_from_uniforms(uniforms, sparse=False)
+        dense_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        sparse = process.sample_from_uniforms(uniforms, sparse=True)
+        runs.append((dense_seconds, time.perf_counter() - start))
+    if not np.array_equal(dense, sparse):
+        raise AssertionError(f"{process_name}: the sparse and dense samplers gave different tokens")
+    return {**_spread("speedup", [d / s for d, s in runs]), "repeats": repeats,
+            "dense_seconds": statistics.median(d for d, _ in runs),
+            "sparse_seconds": statistics.median(s for _, s in runs), "same_tokens": True,
+            "process": process.name, "n_states": process.n_states, "n_sequences": n_sequences, "length": length}
 
 
 # --------------------------------------------------------------------------------------------- stacked training
@@ -305,7 +333,8 @@ def _tiny_llama(directory: Path, shape: dict | None = None) -> Path:
 
 
 def bench_llm(device: torch.device, threads: int, which: str = "auto", reps: int = 7) -> dict:
-    """Median time of llm.model.forward with every layer's residual hooked over the same forward without hooks."""
+    """llm.model.forward with every layer's residual hooked over the same forward without hooks: ``reps``
+    interleaved pairs after one warm-up pair; the ratio of each pair, median with min and max."""
     limit_threads(threads)
     use_smollm2 = which == "smollm2" or (which == "auto" and _packaged())
     with tempfile.TemporaryDirectory() as tmp:
@@ -334,7 +363,8 @@ def bench_llm(device: torch.device, threads: int, which: str = "auto", reps: int
                 if rep:
                     times[name].append(time.perf_counter() - t0)
         bare, hooked = statistics.median(times["bare"]), statistics.median(times["hooked"])
-        return {"forward_overhead": hooked / bare, "bare_forward_s": bare, "hooked_forward_s": hooked,
+        ratios = [h / b for h, b in zip(times["hooked"], times["bare"])]  # each pair ran back to back
+        return {**_spread("forward_overhead", ratios), "bare_forward_s": bare, "hooked_forward_s": hooked,
                 "model": label, "load_seconds": load_seconds, "n_layers_hooked": len(layers),
                 "batch": len(seqs), "tokens_per_sequence_max": max(len(s.ids) for s in seqs), "reps": reps}
 
@@ -628,6 +658,12 @@ def main(argv: list[str] | None = None) -> dict:
               f"(per-sequence score), x{result['speedup_vs_lengths']:.1f} (one call with lengths), median of "
               f"{args.repeats}", flush=True)
         save("hmm", "ghmm_vs_hmmlearn", result, threads[0])
+    if "sampler" in args.sections:
+        limit_threads(threads[0])
+        result = bench_sampler(repeats=args.repeats)
+        print(f"sparse vs dense sampler ({result['process']}): x{result['speedup']:.2f} [{result['speedup_min']:.2f}, "
+              f"{result['speedup_max']:.2f}], median of {args.repeats}", flush=True)
+        save("sampler", "sparse_sampler", result, threads[0])
     if "stacked" in args.sections:
         for count in threads:
             label = f"{device.type}_t{count}"
@@ -636,7 +672,8 @@ def main(argv: list[str] | None = None) -> dict:
     if "llm" in args.sections:
         result = bench_llm(device, threads[0], args.llm)
         print(f"LLM forward with every layer hooked / without: x{result['forward_overhead']:.3f} "
-              f"({result['model']})", flush=True)
+              f"[{result['forward_overhead_min']:.3f}, {result['forward_overhead_max']:.3f}] ({result['model']})",
+              flush=True)
         save("llm", "llm", result, threads[0])
     if "study02" in args.sections:
         save("study02", "study02", bench_study02(device, threads[0], args.params), threads[0])

@@ -33,6 +33,21 @@ def test_bench_hmm_reports_agreement_and_speedup() -> None:
     assert result["repeats"] == 3 and result["speedup_min"] <= result["speedup"] <= result["speedup_max"]
 
 
+def test_sampler_section_times_both_paths_on_the_same_tokens() -> None:
+    result = bench.bench_sampler(n_sequences=3_000, length=4, repeats=3)
+    assert result["same_tokens"] and result["process"] == "em_seq()" and result["repeats"] == 3
+    assert result["speedup_min"] <= result["speedup"] <= result["speedup_max"]
+    assert result["dense_seconds"] > 0 and result["sparse_seconds"] > 0
+    with pytest.raises(ValueError, match="sparse=True"):  # a small process has no sparse path to compare
+        bench.bench_sampler("mess3", n_sequences=10, length=3, repeats=1)
+
+
+def test_llm_section_reports_the_pairs_median_ratio_with_its_range() -> None:
+    result = bench.bench_llm(torch.device("cpu"), 1, "tiny", reps=3)
+    assert result["reps"] == 3 and result["n_layers_hooked"] == 4
+    assert 0 < result["forward_overhead_min"] <= result["forward_overhead"] <= result["forward_overhead_max"]
+
+
 def test_cold_section_refuses_unknown_arms_and_studies() -> None:
     with pytest.raises(SystemExit):
         bench.main(["--sections", "cold", "--arms", "stacked,parallel", "--output", "/nonexistent/never.json"])

@@ -209,15 +209,19 @@ def test_sparse_sampler_gives_the_dense_samplers_tokens(name: str) -> None:
     """Large sparse HMMs are sampled with T(x) as sparse matrices in chunks of rows; the tokens are those of the
     dense row-by-row path for the same uniforms (2,500 rows: across chunk boundaries, with a partial last chunk)."""
     process = get_process(name)
-    assert process._sparse_transposed is not None  # the sparse path is the one taken
-    dense = replace(process)  # a fresh object, its sparse cache switched off
-    dense.__dict__["_sparse_transposed"] = None
+    assert process._sparse_transposed is not None  # the sparse path is the one taken by default
     uniforms = np.random.default_rng(5).random((3 * 6, 2_500))
     tokens = process.sample_from_uniforms(uniforms)
+    np.testing.assert_array_equal(tokens, process.sample_from_uniforms(uniforms, sparse=True))
+    dense = replace(process)  # a fresh object, its sparse cache switched off
+    dense.__dict__["_sparse_transposed"] = None
     np.testing.assert_array_equal(tokens, dense.sample_from_uniforms(uniforms))
+    np.testing.assert_array_equal(tokens, process.sample_from_uniforms(uniforms, sparse=False))
     assert np.isfinite(process.log_likelihood(tokens)).all()  # every sampled sequence is possible
     assert process.sample_from_uniforms(uniforms[:, :0]).shape == (0, 3 * 6)
 
 
 def test_small_or_dense_processes_keep_the_dense_sampler() -> None:
     assert get_process("mess3")._sparse_transposed is None
+    with pytest.raises(ValueError, match="sparse=True"):
+        get_process("mess3").sample_from_uniforms(np.zeros((2, 3)), sparse=True)

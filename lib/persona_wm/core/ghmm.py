@@ -400,13 +400,19 @@ class GHMM:
         # rng.random((L, R)) is the same stream as L successive rng.random(R) calls, one per position
         return self.sample_from_uniforms(rng.random((length, n_sequences)))
 
-    def sample_from_uniforms(self, uniforms: np.ndarray) -> np.ndarray:
+    def sample_from_uniforms(self, uniforms: np.ndarray, *, sparse: bool | None = None) -> np.ndarray:
         """:meth:`sample` with its uniform draws given: ``uniforms [L, R]`` -> tokens ``[R, L]``.
 
         Row t holds the draws for position t, so many batches (e.g. many models' data streams, see
         :mod:`persona_wm.toy.stacked`) can be sampled in one vectorised pass without changing any tokens.
+        ``sparse``: None (default) takes the sparse chunked path for a large sparse HMM and the dense row-by-row
+        path otherwise; False forces the dense path; True requires the sparse one (ValueError where the process
+        does not qualify). Both give the same tokens (tested); the switch is for comparing them.
         """
-        if self.hmm and self._sparse_transposed is not None:
+        if sparse and not (self.hmm and self._sparse_transposed is not None):
+            raise ValueError(f"process {self.name!r}: sample_from_uniforms(sparse=True) needs an HMM with >= "
+                             f"{SPARSE_MIN_STATES} states and <= {SPARSE_MAX_DENSITY:.0%} non-zero transfer entries")
+        if sparse is not False and self.hmm and self._sparse_transposed is not None:
             emission = np.ascontiguousarray(self.emission.T)  # [X, S], once for every chunk
             return np.concatenate([self._sample_sparse(uniforms[:, start:start + SPARSE_SAMPLER_ROWS], emission)
                                    for start in range(0, max(np.shape(uniforms)[1], 1), SPARSE_SAMPLER_ROWS)])
