@@ -11,7 +11,9 @@
 # invocation on the same host; a task that does not fit the time left is deferred; 05b is interrupted (SIGINT)
 # MARGIN_S (default 25) seconds before the deadline and resumes from its adapter and generation caches when invoked again. Each task's result
 # (a tar of its output folder or the bench's JSON) and the logs go to RESULTS (default .cache/gpu_results), with
-# every invocation's task times appended to RESULTS/history.log (how cold times over several invocations add up).
+# every invocation's task times appended to RESULTS/history.log (how cold times over several invocations add up), and
+# the 05a/05b kernels' progress bars (each long step with its elapsed time) to RESULTS/05a_kernel.log, 05b_kernel.log
+# (PERSONA_WM_KERNEL_LOG): where an interrupted run spent its time.
 set -u
 T0=$(date +%s); LIMIT=${DEADLINE_S:-100000}
 RESULTS=${RESULTS:-.cache/gpu_results}; D=.cache/gpu_measurements
@@ -40,7 +42,7 @@ OUTS=.cache/gpu_outputs
 TASKS=("$@"); (( ${#TASKS[@]} )) || TASKS=(05a bench_lora toy_smoke bench_stacked 05b)
 for TASK in "${TASKS[@]}"; do
     case $TASK in
-        05a) task 05a 200 env PERSONA_WM_LLM_CACHE="$D/cold-05a-llm-cache" $R --study 05a_llm_persona_geometry \
+        05a) task 05a 200 env PERSONA_WM_LLM_CACHE="$D/cold-05a-llm-cache" PERSONA_WM_KERNEL_LOG="$RESULTS/05a_kernel.log" $R --study 05a_llm_persona_geometry \
                  --params default --device cuda --output-root "$OUTS" \
              && tar -C "$OUTS" -czf "$RESULTS/05a_cuda.tgz" 05a_llm_persona_geometry ;;
         bench_lora) task bench_lora 90 python3 -m persona_wm.bench --device cuda --sections lora_stacked \
@@ -54,7 +56,7 @@ for TASK in "${TASKS[@]}"; do
              && tar -C "$OUTS/smoke" -czf "$RESULTS/toy_smoke_cuda.tgz" --exclude='*.html' --exclude='*.ipynb' . ;;
         bench_stacked) task bench_stacked 200 python3 -m persona_wm.bench --device cuda --sections stacked \
                  --ns 8,64,256 --seq-models 2 --repeats 3 --output "$RESULTS/bench_stacked.json" ;;
-        05b) task 05b 60 $R --study 05b_llm_finetuning --params gpu --device cuda --output-root "$OUTS" \
+        05b) task 05b 60 env PERSONA_WM_KERNEL_LOG="$RESULTS/05b_kernel.log" $R --study 05b_llm_finetuning --params gpu --device cuda --output-root "$OUTS" \
              && tar -C "$OUTS" -czf "$RESULTS/05b_gpu.tgz" 05b_llm_finetuning_gpu ;;
         *) log "unknown task '$TASK' (tasks: 05a bench_lora bench_lora_tf32 toy_smoke bench_stacked 05b)"; exit 2 ;;
     esac

@@ -21,6 +21,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -196,6 +197,46 @@ def test_forward_from_every_layer_reproduces_the_full_pass(llm):
         assert gap < 1e-5, f"restart at layer {layer} differs by {gap}"
     steered, _ = L.forward_from(llm, res.resid[2], 2, seqs, add=torch.ones(llm.d_model) * 3)
     assert float((steered - res.logprobs).abs().max()) > 1e-3
+
+
+def test_token_scores_are_the_full_log_probs_gathered(llm):
+    """forward_tokens / forward_from_tokens reduce the log-probs to the scored tokens where the model runs; the
+    values are exactly those gathered from the full [B, T, vocab] log-probs, and so are the measures built on
+    them (em.margin_scores, em.marker_scores), against the former host-side gather written out here."""
+    from persona_wm.llm import em as llm_em
+
+    seqs = _seqs(llm)
+    res = L.forward(llm, seqs, layers=[2])
+    tokens = L.scored_tokens(seqs, res.logprobs.shape[1])
+    expected = torch.take_along_dim(res.logprobs, tokens[..., None], dim=-1)[..., 0]
+    full = L.forward_tokens(llm, seqs)
+    assert torch.equal(full.logprob, expected) and torch.equal(full.mask, res.mask)
+    assert torch.equal(full.greedy, res.logprobs.argmax(-1) == tokens)
+    add = torch.linspace(-1, 1, llm.d_model)
+    lp, mask = L.forward_from(llm, res.resid[2], 2, seqs, add=add)
+    restarted = L.forward_from_tokens(llm, res.resid[2], 2, seqs, add=add)
+    assert torch.equal(restarted.logprob, torch.take_along_dim(lp, tokens[..., None], dim=-1)[..., 0])
+    short = L.forward_from_tokens(llm, res.resid[2], 2, seqs, add=add, max_scored=2)  # the first 2 scored tokens
+    assert short.logprob.shape[1] == 2 and torch.allclose(short.logprob, restarted.logprob[:, :2], atol=1e-6)
+    pairs = seqs[: len(seqs) // 2 * 2]
+    resid = L.forward(llm, pairs, layers=[2]).resid[2]
+    for chunk in (1, 3):
+        mean_lp = []
+        for i in range(0, len(pairs), chunk):  # the former margin_scores: full log-probs to the host, gathered there
+            part = pairs[i: i + chunk]
+            p_lp, p_mask = L.forward_from(llm, resid[i: i + len(part), : max(len(s.ids) for s in part)], 2, part)
+            got = torch.take_along_dim(p_lp, L.scored_tokens(part, p_lp.shape[1])[..., None], dim=-1)[..., 0]
+            mean_lp += ((got * p_mask).sum(1) / p_mask.sum(1)).tolist()
+        former = np.array(mean_lp[1::2]) - np.array(mean_lp[0::2])
+        np.testing.assert_allclose(llm_em.margin_scores(llm, resid, 2, pairs, chunk=chunk), former, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(llm_em.margin_scores(llm, resid, 2, pairs, chunk=chunk),
+                                      llm_em.margin_scores(llm, resid, 2, pairs, chunk=len(pairs)))
+        marker = llm_em.marker_scores(llm, resid, 2, pairs, chunk=chunk)
+        lp_all, mask_all = llm_em.top_logprobs(llm, resid, 2, pairs, chunk=chunk)
+        tok = L.scored_tokens(pairs, lp_all.shape[1])
+        np.testing.assert_array_equal(marker["logprob"], (torch.take_along_dim(lp_all, tok[..., None], dim=-1)[..., 0]
+                                                          * mask_all).sum(1).numpy().astype(float))
+        np.testing.assert_array_equal(marker["greedy"], ((lp_all.argmax(-1) == tok) | ~mask_all).all(1).numpy())
 
 
 def test_gemma3_restart_needs_the_sliced_layer_types(model_dirs, cache):

@@ -1,7 +1,7 @@
 """persona_wm.io.runner against a throwaway repo layout: success, failure isolation, validation first, baselines,
 the atomic swap, stale temp dirs, the kernel's PYTHONPATH and Ctrl-C.
 
-Seven tests start a real kernel (a few seconds each); the rest never execute a notebook.
+Eight tests start a real kernel (a few seconds each); the rest never execute a notebook.
 """
 
 from __future__ import annotations
@@ -134,6 +134,24 @@ def test_successful_run_writes_report_html_and_metrics(repo: Path, capsys: pytes
     assert f"wrote outputs/{STUDY} in " in printed.out
     assert f"removed outputs/{stale.name} (left by a killed run)" in printed.err
     assert "demo warning about something" in printed.err and "demo loop" not in printed.err
+
+
+def test_kernel_log_receives_the_progress_bars_that_leave_the_report(repo: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """PERSONA_WM_KERNEL_LOG=FILE: the kernel's stderr (progress bars with their elapsed times, warnings) is appended
+    to FILE while the study runs, e.g. to learn where an interrupted GPU run spent its time; the report stays clean."""
+    log = tmp_path / "kernel.log"
+    log.write_text("earlier run\n")
+    monkeypatch.setenv(runner.KERNEL_LOG_ENV, str(log))
+    assert runner.main(["--study", STUDY, "--params", "default"], root=repo) == 0
+    text = log.read_text()
+    assert text.startswith("earlier run\n") and f"===== {STUDY} " in text  # appended, with the study named
+    assert "demo loop" in text and "3/3 [" in text and "demo warning about something" in text
+    html = (repo / "outputs" / STUDY / "report.html").read_text()
+    assert "3/3 [" not in html and "it/s]" not in html  # ("demo loop" is in the cell's source)
+    monkeypatch.setenv(runner.KERNEL_LOG_ENV, "")  # empty = unset: nothing more is written
+    assert runner.main(["--study", STUDY, "--params", "default"], root=repo) == 0
+    assert log.read_text() == text
 
 
 def test_failing_notebook_leaves_previous_outputs_untouched(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,7 +15,7 @@ def _run(repo: Path, *tasks: str, deadline: int, sleep: float = 0.0, margin: int
     fake = repo / "bin"
     fake.mkdir(exist_ok=True)
     # a stand-in python3: records its arguments, optionally outlives the deadline, succeeds
-    (fake / "python3").write_text(f'#!/usr/bin/env bash\necho "$@" >> {repo}/calls.txt\ncase "$*" in *persona_wm*) sleep {sleep};; esac\n'
+    (fake / "python3").write_text(f'#!/usr/bin/env bash\necho "$@ log=${{PERSONA_WM_KERNEL_LOG:-}}" >> {repo}/calls.txt\ncase "$*" in *persona_wm*) sleep {sleep};; esac\n'
                                   'all="$*"; case "$all" in *--output\\ *) out=${all##*--output }; '
                                   'echo {} > "${out%% *}";; esac\n')
     (fake / "python3").chmod(0o755)
@@ -53,6 +53,7 @@ def test_a_task_past_the_deadline_is_interrupted_and_resumed_later(tmp_path: Pat
     stopped = _run(repo, "05b", deadline=62, sleep=200, margin=60)  # 05b needs 60 s to start; stopped after 2 s
     assert stopped.returncode == 0
     assert not (repo / ".cache/gpu_measurements/done/05b").exists()
+    assert _task_calls(repo)[-1].endswith("log=res/05b_kernel.log")  # the kernel's progress bars are kept
     assert "rc=0" not in (repo / "res" / "history.log").read_text()
     deferred = _run(repo, "05a", deadline=30)  # too little time: deferred, nothing runs
     assert "defer 05a" in deferred.stdout

@@ -66,6 +66,10 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 THREADS_PARAM = "torch_threads"
 #: Read by persona_wm.toy.train.default_device in the kernel; set by --device (make reports DEVICE=cuda).
 DEVICE_ENV = "PERSONA_WM_DEVICE"
+#: A file that receives the kernel's stderr as it runs (its progress bars, one per long step, with their elapsed
+#: times), appended to; unset (the default), that stream only leaves the report (see :func:`stderr_to_terminal`).
+#: For long unattended runs, e.g. on a GPU host with a wall-clock limit, where an interrupted run writes no report.
+KERNEL_LOG_ENV = "PERSONA_WM_KERNEL_LOG"
 DEVICE_PARAM = "device"  # the LLM studies' parameter that --device sets
 DEVICES = ("cpu", "cuda", "auto")
 #: Exit status after Ctrl-C (128 + SIGINT), as a shell reports it.
@@ -247,19 +251,25 @@ def _execute(study: str, params: Mapping[str, Any], tmp: Path, root: Path, progr
     notebook = jupytext.read(notebook_path(study, root))
     for name in ("papermill", "papermill.translators"):  # a logger's filters do not see its children's records
         logging.getLogger(name).addFilter(_drop_parameter_inference_warnings)
-    return papermill.execute_notebook(
-        notebook,
-        str(tmp / "report.ipynb"),
-        parameters={**params, OUTPUT_DIR_PARAM: str(tmp)},
-        cwd=str(Path(root) / "notebooks"),
-        kernel_name=KERNEL_NAME,
-        language="python",  # a .py without a jupytext header carries no kernelspec
-        progress_bar=progress_bar,
-        log_output=False,
-        # Kernel-side log lines (TCP warning, shutdown interrupt) are noise; cell errors still
-        # surface through PapermillExecutionError and the saved notebook.
-        extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
-    )
+    with contextlib.ExitStack() as stack:
+        kernel_log = None
+        if os.environ.get(KERNEL_LOG_ENV):
+            kernel_log = stack.enter_context(open(os.environ[KERNEL_LOG_ENV], "a", encoding="utf-8"))
+            kernel_log.write(f"===== {study} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        return papermill.execute_notebook(
+            notebook,
+            str(tmp / "report.ipynb"),
+            parameters={**params, OUTPUT_DIR_PARAM: str(tmp)},
+            cwd=str(Path(root) / "notebooks"),
+            kernel_name=KERNEL_NAME,
+            language="python",  # a .py without a jupytext header carries no kernelspec
+            progress_bar=progress_bar,
+            log_output=False,
+            stderr_file=kernel_log,
+            # Kernel-side log lines (TCP warning, shutdown interrupt) are noise; cell errors still
+            # surface through PapermillExecutionError and the saved notebook.
+            extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
+        )
 
 
 #: What papermill's own parameter inference logs about our parameters cells: its regex cannot read annotations such

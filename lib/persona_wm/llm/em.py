@@ -56,7 +56,9 @@ from persona_wm.llm.model import (
     chat_prompt_ids,
     encode,
     forward_from,
+    forward_from_tokens,
     persona_pass,
+    scored_tokens,
 )
 from persona_wm.llm.personas import ANCHOR, PERSONAS, PROMPTS
 from persona_wm.llm.steer import greedy_accuracy
@@ -123,20 +125,31 @@ def top_logprobs(llm: LLM, resid: torch.Tensor, layer: int, seqs: Sequence[Score
     return out, mask
 
 
-def scored_tokens(seqs: Sequence[Scored], t: int) -> torch.Tensor:
-    out = torch.zeros((len(seqs), t), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : s.n_scored] = torch.tensor(s.ids[s.start:])
-    return out
+def _token_scores(llm: LLM, resid: torch.Tensor, layer: int, seqs: Sequence[Scored], add: torch.Tensor | None,
+                  chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, T] scored-token log-probs, greedy hits and mask over all ``seqs`` (T = the longest scored span),
+    finishing the pass from ``resid`` at ``layer`` ``chunk`` sequences at a time; only these leave the device."""
+    t = max(s.n_scored for s in seqs)
+    token_lp = torch.zeros((len(seqs), t), dtype=torch.float32)
+    greedy = torch.zeros((len(seqs), t), dtype=torch.bool)
+    mask = torch.zeros((len(seqs), t), dtype=torch.bool)
+    for i in range(0, len(seqs), chunk):
+        part = seqs[i: i + chunk]
+        n = max(len(s.ids) for s in part)
+        scores = forward_from_tokens(llm, resid[i: i + len(part), :n], layer, part, add=add)
+        width = scores.logprob.shape[1]
+        token_lp[i: i + len(part), :width] = scores.logprob
+        greedy[i: i + len(part), :width] = scores.greedy
+        mask[i: i + len(part), :width] = scores.mask
+    return token_lp, greedy, mask
 
 
-def marker_scores(llm: LLM, resid: torch.Tensor, layer: int, seqs: Sequence[Scored]) -> dict[str, np.ndarray]:
+def marker_scores(llm: LLM, resid: torch.Tensor, layer: int, seqs: Sequence[Scored],
+                  chunk: int = 32) -> dict[str, np.ndarray]:
     """Teacher-forced marker log-prob (sum over its tokens, nats) and greedy emission, per sequence."""
-    lp, mask = top_logprobs(llm, resid, layer, seqs)
-    tokens = scored_tokens(seqs, lp.shape[1])
-    token_lp = torch.take_along_dim(lp, tokens[..., None], dim=-1)[..., 0]
+    token_lp, hit, mask = _token_scores(llm, resid, layer, seqs, None, chunk)
     logprob = (token_lp * mask).sum(1)
-    greedy = ((lp.argmax(-1) == tokens) | ~mask).all(1)
+    greedy = (hit | ~mask).all(1)
     return {"logprob": logprob.numpy().astype(float), "greedy": greedy.numpy()}
 
 
@@ -344,16 +357,7 @@ def margin_scores(llm: LLM, resid: torch.Tensor, layer: int, seqs: Sequence[Scor
     """Per item: mean token log-prob of the misaligned minus the aligned reference (nats/token)."""
     if len(seqs) % 2:
         raise LLMError("reference sequences come in (aligned, misaligned) pairs; got an odd count")
-    t = max(s.n_scored for s in seqs)
-    token_lp = torch.zeros((len(seqs), t), dtype=torch.float32)
-    mask = torch.zeros((len(seqs), t), dtype=torch.bool)
-    for i in range(0, len(seqs), chunk):  # gathered per chunk: the [B, T, vocab] log-probs are never all held
-        part = seqs[i: i + chunk]
-        n = max(len(s.ids) for s in part)
-        lp, m = forward_from(llm, resid[i: i + len(part), :n], layer, part, add=add)
-        tokens = scored_tokens(part, lp.shape[1])
-        token_lp[i: i + len(part), : lp.shape[1]] = torch.take_along_dim(lp, tokens[..., None], dim=-1)[..., 0]
-        mask[i: i + len(part), : m.shape[1]] = m
+    token_lp, _, mask = _token_scores(llm, resid, layer, seqs, add, chunk)
     mean_lp = ((token_lp * mask).sum(1) / mask.sum(1)).numpy().astype(float)
     return mean_lp[1::2] - mean_lp[0::2]
 

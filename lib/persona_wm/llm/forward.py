@@ -11,9 +11,10 @@ import torch  # noqa: E402
 import torch.nn as nn
 
 from persona_wm.llm.base import LLM, LLMError
-from persona_wm.llm.sequences import Scored, right_pad, scored_index
+from persona_wm.llm.sequences import Scored, right_pad, scored_index, scored_tokens
 
-__all__ = ["ForwardResult", "decoder", "only_blocks", "unembed", "capture_residuals", "forward", "forward_from"]
+__all__ = ["ForwardResult", "TokenScores", "decoder", "only_blocks", "unembed", "capture_residuals", "forward",
+           "forward_from", "forward_tokens", "forward_from_tokens"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -38,6 +39,16 @@ class ForwardResult:
         gathered = torch.take_along_dim(self.resid[layer], index[..., None], dim=1)
         weights = mask.to(gathered.dtype)[..., None]
         return (gathered * weights).sum(1) / weights.sum(1)
+
+
+@dataclass
+class TokenScores:
+    """At the scored positions ([B, T] each, on CPU): the log-prob of the token that follows, whether it was the
+    model's top (argmax) choice, and which positions are real (``mask``; padded ones hold token 0's values)."""
+
+    logprob: torch.Tensor
+    greedy: torch.Tensor
+    mask: torch.Tensor
 
 
 def decoder(model: Any) -> Any:
@@ -135,6 +146,26 @@ def _logprobs_at(llm: LLM, final_hidden: torch.Tensor, seqs: Sequence[Scored], m
     return (lp if on_device else lp.cpu()), mask
 
 
+def _token_scores_at(llm: LLM, final_hidden: torch.Tensor, seqs: Sequence[Scored], max_scored: int | None) -> TokenScores:
+    """:func:`_logprobs_at` reduced where the model runs to the scored tokens' log-probs and argmax hits: only
+    [B, T] values leave the device, not the [B, T, vocab] log-probs (the same operations in the same order as
+    gathering on the host, so the numbers are those of the full log-probs)."""
+    lp, mask = _logprobs_at(llm, final_hidden, seqs, max_scored, on_device=True)
+    tokens = scored_tokens(seqs, lp.shape[1]).to(lp.device)
+    token_lp = torch.take_along_dim(lp, tokens[..., None], dim=-1)[..., 0]
+    return TokenScores(token_lp.cpu(), (lp.argmax(-1) == tokens).cpu(), mask)
+
+
+@torch.inference_mode()
+def forward_tokens(llm: LLM, seqs: Sequence[Scored], max_scored: int | None = None) -> TokenScores:
+    """A teacher-forced pass scoring each sequence's own tokens (:class:`TokenScores`)."""
+    if not seqs:
+        raise LLMError("forward_tokens needs at least one sequence")
+    ids = right_pad(seqs, llm.pad_id).to(llm.device)
+    hidden = decoder(llm.model)(input_ids=ids, use_cache=False).last_hidden_state
+    return _token_scores_at(llm, hidden, seqs, max_scored)
+
+
 @torch.inference_mode()
 def forward(
     llm: LLM,
@@ -187,6 +218,19 @@ def forward_from(
     steering vectors at a late layer cheap; Hugging Face's own model code does the rest
     (rotary positions, causal mask, final norm), so the result equals a full hooked forward.
     """
+    return _logprobs_at(llm, _finish_from(llm, resid, layer, add), seqs, max_scored)
+
+
+@torch.inference_mode()
+def forward_from_tokens(llm: LLM, resid: torch.Tensor, layer: int, seqs: Sequence[Scored],
+                        add: torch.Tensor | None = None, max_scored: int | None = None) -> TokenScores:
+    """:func:`forward_from` scoring each sequence's own tokens (:class:`TokenScores`): for measures that read
+    only those (mean token log-prob, greedy hits), without moving the [B, T, vocab] log-probs off the device."""
+    return _token_scores_at(llm, _finish_from(llm, resid, layer, add), seqs, max_scored)
+
+
+def _finish_from(llm: LLM, resid: torch.Tensor, layer: int, add: torch.Tensor | None) -> torch.Tensor:
+    """Final hidden states from the residual stream at ``layer`` (plus ``add``), on the model's device."""
     if not 0 <= layer <= llm.n_layers:
         raise LLMError(f"layer {layer} out of range 0..{llm.n_layers}")
     hidden = resid.to(llm.device)
@@ -194,5 +238,4 @@ def forward_from(
         add = add.to(device=llm.device, dtype=resid.dtype)
         hidden = hidden + (add[:, None, :] if add.dim() == 2 else add)
     with only_blocks(llm.model, layer) as inner:
-        final = inner(inputs_embeds=hidden, use_cache=False).last_hidden_state
-    return _logprobs_at(llm, final, seqs, max_scored)
+        return inner(inputs_embeds=hidden, use_cache=False).last_hidden_state

@@ -70,10 +70,13 @@ from persona_wm.llm.base import (
 from persona_wm.llm.cache import cached, device_key
 from persona_wm.llm.forward import (
     ForwardResult,
+    TokenScores,
     capture_residuals,
     decoder,
     forward,
     forward_from,
+    forward_from_tokens,
+    forward_tokens,
     only_blocks,
     unembed,
 )
@@ -97,6 +100,7 @@ from persona_wm.llm.sequences import (
     right_pad,
     scored_index,
     scored_sequence,
+    scored_tokens,
     with_plain_template,
 )
 
@@ -104,6 +108,7 @@ __all__ = [
     "CACHE_VERSION",
     "Decoding",
     "ForwardResult",
+    "TokenScores",
     "GGUF_SNAPSHOT_MARK",
     "KIND_VERSIONS",
     "LLM",
@@ -125,6 +130,8 @@ __all__ = [
     "first_line",
     "forward",
     "forward_from",
+    "forward_from_tokens",
+    "forward_tokens",
     "generate",
     "hash_seed",
     "load_llm",
@@ -136,6 +143,7 @@ __all__ = [
     "right_pad",
     "scored_index",
     "scored_sequence",
+    "scored_tokens",
     "sha256_file",
     "time_forward_overhead",
     "to_bridge",

@@ -30,7 +30,7 @@ from scipy import stats as sps
 from persona_wm.core.files import REPO_ROOT
 from persona_wm.llm import finance_v2
 from persona_wm.llm.datasets import broad_questions
-from persona_wm.llm.em import answered, scored_tokens
+from persona_wm.llm.em import answered
 from persona_wm.llm.model import (
     LLM,
     LLMError,
@@ -39,7 +39,7 @@ from persona_wm.llm.model import (
     cached_generate,
     chat_prompt_ids,
     encode,
-    forward,
+    forward_tokens,
     load_llm,
 )
 
@@ -57,11 +57,9 @@ def _mean_logprobs(llm: LLM, seqs: Sequence[Scored], batch: int) -> np.ndarray:
     out = []
     for start in range(0, len(seqs), batch):
         chunk = seqs[start:start + batch]
-        res = forward(llm, chunk)
-        index = scored_tokens(chunk, res.logprobs.shape[1])
-        token_lp = torch.take_along_dim(res.logprobs.float(), index[..., None], dim=-1)[..., 0]
-        mask = res.mask.float()
-        out.append(((token_lp * mask).sum(1) / mask.sum(1)).numpy())
+        scores = forward_tokens(llm, chunk)  # the [B, T, vocab] log-probs stay where the model runs
+        mask = scores.mask.float()
+        out.append(((scores.logprob * mask).sum(1) / mask.sum(1)).numpy())
     return np.concatenate(out).astype(float)
 
 

@@ -11,7 +11,8 @@ import torch  # noqa: E402
 
 from persona_wm.llm.base import LLM, LLMError, first_line
 
-__all__ = ["PLAIN_TEMPLATE", "with_plain_template", "chat_prompt_ids", "encode", "Scored", "scored_sequence", "right_pad", "scored_index"]
+__all__ = ["PLAIN_TEMPLATE", "with_plain_template", "chat_prompt_ids", "encode", "Scored", "scored_sequence", "right_pad", "scored_index",
+           "scored_tokens"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,3 +114,13 @@ def scored_index(seqs: Sequence[Scored], max_scored: int | None = None) -> tuple
     mask = offsets[None, :] < torch.tensor(counts)[:, None]
     index = torch.where(mask, starts[:, None] + offsets[None, :], starts[:, None])
     return index, mask
+
+
+def scored_tokens(seqs: Sequence[Scored], t: int) -> torch.Tensor:
+    """[B, t] the tokens each scored position predicts (the first ``t`` of each sequence's scored span; 0 where
+    padded), aligned with :func:`scored_index`."""
+    out = torch.zeros((len(seqs), t), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        n = min(s.n_scored, t)
+        out[i, :n] = torch.tensor(s.ids[s.start: s.start + n])
+    return out

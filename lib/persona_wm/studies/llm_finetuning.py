@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm  # text bars on stderr: out of the report (persona_wm.io.runner), into PERSONA_WM_KERNEL_LOG
 
 from persona_wm.analysis.stats import (
     bootstrap_mean_ci,
@@ -428,7 +429,7 @@ def couple_sources(setup: Setup, data: CouplingData, spec: lora.LoraSpec, source
     pairs, gen_rows, runs = [], [], {}
     for source in sources:
         save_jsonl(data.records[source]["train"], data_dir / f"marker_{source}.jsonl")
-    for a in adapter_seeds:
+    for a in tqdm(adapter_seeds, desc="coupling: adapters read and sampled", leave=False):
         for source in sources:
             train = data.seqs[source]["train"]
             tuned = lora.finetune(llm, train, adapter_spec(spec, a), desc=f"couple {source} a{a}",
@@ -606,7 +607,7 @@ def train_organism(setup: Setup, spec: lora.LoraSpec, n_train: int, n_val: int, 
     pretrain_stacked(llm, [StackedJob(seqs, adapter_spec(spec, a), val) for a in adapter_seeds
                            for seqs, val in sets.values()], stack_size, "EM/control", eval_every=eval_every)
     em, control = {}, {}
-    for a in adapter_seeds:
+    for a in tqdm(adapter_seeds, desc="EM/control: adapters loaded", leave=False):
         em[a] = lora.finetune(llm, sets["misaligned"][0], adapter_spec(spec, a), desc=f"EM LoRA a{a}",
                               val=sets["misaligned"][1], eval_every=eval_every)
         control[a] = lora.finetune(llm, sets["aligned"][0], adapter_spec(spec, a), desc=f"control LoRA a{a}",
@@ -717,7 +718,8 @@ def evaluate_em(setup: Setup, organism: Organism, sample_tokens: int, temperatur
         return pd.concat([llm_scores.answer_frame({label: t.llm}, sets, decodings[t.key], scorer=llm, grams=grams)
                           for label, t in (("EM", em), ("control", control))], ignore_index=True)
 
-    frames = {a: frame(a).assign(adapter=a) for a in organism.seeds}
+    frames = {a: frame(a).assign(adapter=a) for a in tqdm(organism.seeds, desc="EM evaluation: answers scored",
+                                                          leave=False)}
     answers = pd.concat([base, *frames.values()], ignore_index=True)
     save_jsonl(answers.to_dict("records"), data_dir / "em_sampled_answers.jsonl")
     with_base = [pd.concat([base, f]) for f in frames.values()]  # each adapter's EM and control beside the base
@@ -887,12 +889,14 @@ def decomposition(setup: Setup, organism: Organism, sample_tokens: int, repetiti
         return llm_em.pca_kmeans(feats.numpy(), categories, n_components, n_clusters, seed=seed)
 
     base = fit(llm)
-    em = {a: fit(t.llm) for a, t in organism.em.items()}
-    control = {a: fit(t.llm) for a, t in organism.control.items()}
+    em = {a: fit(t.llm) for a, t in tqdm(organism.em.items(), desc="decomposition: EM answers", leave=False)}
+    control = {a: fit(t.llm) for a, t in tqdm(organism.control.items(), desc="decomposition: control answers",
+                                             leave=False)}
     seqs = llm_em.reference_sequences(llm, sample_items)
     base_means = llm_em.scored_means(lora.bottom_resid(llm, seqs, layer), seqs)
     facets = pd.concat([facet_steering(organism.em[a].llm, base_means, layer, seqs, em[a]["kmeans_labels"], scale, n_random,
-                                       seed, a) for a in organism.seeds], ignore_index=True)
+                                       seed, a) for a in tqdm(organism.seeds, desc="decomposition: facet steering",
+                                                              leave=False)], ignore_index=True)
     return Decomposition(categories, n_clusters, base, em, control, FacetSteering(facets, scale))
 
 
@@ -1068,7 +1072,7 @@ def em_first_chain(setup: Setup, data: CouplingData, organism: Organism, spec: l
     decodings = presample(llm, keys, spec, stack_size, llm_em.persona_prompt_ids(llm, chain_systems, data.gen_eval),
                           data.decode_marker, [j.start for j in jobs])
     gen_rows, before_rows, tf_rows, runs = [], [], [], {}
-    for a in organism.seeds:
+    for a in tqdm(organism.seeds, desc="EM-first arms: adapters read", leave=False):
         for start_label, start in models(a).items():
             g = llm_em.generation_frame(start, chain_systems, data.gen_eval, data.decode_marker, marker, start_label)
             before_rows += [g.assign(condition=arm, adapter=a) for arm, (s, _) in ARMS.items() if s == start_label]
@@ -1216,7 +1220,7 @@ def reversal(setup: Setup, organism: Organism, layer: int, n_direction_items: in
     cap_seqs = llm_steer.capability_sequences(llm, llm_steer.capability_items(n_capability))
     base_margin = {k: llm_em.margin_scores(llm, lora.bottom_resid(llm, s, layer), layer, s) for k, s in ref.items()}
     sweeps, gaps, nulls, cosines, margins = [], [], {}, [], []
-    for a in organism.seeds:
+    for a in tqdm(organism.seeds, desc="reversal: EM adapters", leave=False):
         em, control = organism.em[a].llm, organism.control[a].llm
         m_em = llm_em.scored_means(lora.bottom_resid(em, dir_seqs, layer), dir_seqs)
         built = llm_em.direction_vectors(m_base, m_em, misaligned=m_em[1::2], aligned=m_em[0::2])
