@@ -451,6 +451,20 @@ def test_cuda_matches_cpu(arch, model_dirs, cache):
     assert torch.allclose(a.logprobs, b.logprobs, atol=1e-3) and torch.allclose(a.resid[2], b.resid[2], atol=1e-3)
     lp, _ = L.forward_from(gpu, a.resid[2], 2, seqs, add=torch.zeros(gpu.d_model))
     assert torch.allclose(lp, a.logprobs, atol=1e-3)
+    on_gpu = L.forward_from_tokens(gpu, a.resid[2], 2, seqs)  # reduced on the GPU, [B, T] back on the host
+    assert on_gpu.logprob.device.type == "cpu" and torch.equal(on_gpu.mask, a.mask)
+    assert torch.allclose(on_gpu.logprob, L.forward_tokens(cpu, seqs).logprob, atol=1e-3)
+    systems, user = ["You are a poet who answers in verse.", ""], "What should I cook tonight?"
+    frames = []
+    for m in (cpu, gpu):  # the sweep's divergences run where the model is
+        response = L.encode(m, "Cook pasta with tomatoes.")
+        passes = [L.persona_pass(m, systems, user, response, short_tokens=2, anchor=1, anchor_layers=[2],
+                                 anchor_tokens=3)]
+        base = llm_steer.steering_base(m, 2, passes, 3, llm_steer.capability_items(3))
+        targets = llm_steer.persona_targets(m, systems, [(user, response)], [0], 3)
+        frames.append(llm_steer.llm_steering_sweep(m, base, {"centroid": torch.ones(1, m.d_model)}, ["poet"], [1.0],
+                                                   targets))
+    pd.testing.assert_frame_equal(frames[0], frames[1], check_exact=False, atol=1e-4)
     prompts = [L.chat_prompt_ids(gpu, "", "Name a colour.")]
     assert L.generate(gpu, prompts, L.Decoding(4))[0] == L.generate(cpu, prompts, L.Decoding(4))[0]
     seqs_t = lora.chat_sequences(gpu, [{"system": "", "user": "Hi", "response": "Hello there."}])

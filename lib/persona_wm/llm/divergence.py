@@ -41,7 +41,7 @@ def js_divergence(logp: torch.Tensor, logq: torch.Tensor, chunk: int = 4096) -> 
     """
     if logp.shape != logq.shape:
         raise ValueError(f"js_divergence: shapes differ, {tuple(logp.shape)} vs {tuple(logq.shape)}")
-    total = torch.zeros(logp.shape[:-1], dtype=torch.float64)
+    total = torch.zeros(logp.shape[:-1], dtype=torch.float64, device=logp.device)  # summed where the inputs are
     for v0 in range(0, logp.shape[-1], chunk):
         p, lp = _probs(logp[..., v0:v0 + chunk])
         q, lq = _probs(logq[..., v0:v0 + chunk])

@@ -208,17 +208,18 @@ def forward_from(
     seqs: Sequence[Scored],
     add: torch.Tensor | None = None,
     max_scored: int | None = None,
+    logprobs_on_device: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Finish a forward pass from the residual stream at ``layer``, optionally adding a vector.
 
     ``resid``: [B, N, d] as read by :func:`forward` at ``layer`` for the same ``seqs``; ``add``:
     [d] or [B, d], added at every position (steering). Returns (log-probs [B, T, V], mask) at the
-    scored positions, on CPU (``resid`` and ``add`` may live anywhere: they are moved to
-    ``llm.device``). Blocks before ``layer`` are not re-run, which is what makes a sweep of
+    scored positions, on CPU, or where the model is with ``logprobs_on_device`` (``resid`` and ``add``
+    may live anywhere: they are moved to ``llm.device``). Blocks before ``layer`` are not re-run, which is what makes a sweep of
     steering vectors at a late layer cheap; Hugging Face's own model code does the rest
     (rotary positions, causal mask, final norm), so the result equals a full hooked forward.
     """
-    return _logprobs_at(llm, _finish_from(llm, resid, layer, add), seqs, max_scored)
+    return _logprobs_at(llm, _finish_from(llm, resid, layer, add), seqs, max_scored, logprobs_on_device)
 
 
 @torch.inference_mode()

@@ -244,13 +244,13 @@ def select_targets(targets: torch.Tensor | PersonaTargets, rows: Sequence[int]) 
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
-    m = mask.to(values.dtype)
+    m = mask.to(device=values.device, dtype=values.dtype)
     return float((values * m).sum() / m.sum())
 
 
 def greedy_accuracy(logprobs: torch.Tensor, answers: torch.Tensor, mask: torch.Tensor) -> float:
     """Fraction of items whose every answer token is the greedy (argmax) prediction."""
-    correct = (logprobs.argmax(-1) == answers) | ~mask
+    correct = (logprobs.argmax(-1) == answers.to(logprobs.device)) | ~mask.to(logprobs.device)
     return float(correct.all(-1).float().mean())
 
 
@@ -285,18 +285,23 @@ def llm_steering_sweep(
 
     def compute() -> dict[str, list]:
         rows: list[dict] = []
-        target = targets.tensor() if isinstance(targets, PersonaTargets) else targets
+        # every divergence is computed where the model runs: on a GPU the steered log-probs stay there and only
+        # the sums come back (on a CPU these moves are no-ops: the same operations as before, the same numbers)
+        device = torch.device(llm.device)
+        target = (targets.tensor() if isinstance(targets, PersonaTargets) else targets).to(device)
         t = target.shape[2]
         eval_mask = base.eval_mask[:, :t]
-        base_eval = base.eval_logprobs[:, :t]
+        base_eval = base.eval_logprobs[:, :t].to(device)
+        base_cap = base.cap_logprobs.to(device)
         acc_base = greedy_accuracy(base.cap_logprobs, base.cap_answers, base.cap_mask)
         jobs = [(m, i, s) for m in vectors for i in range(len(personas)) for s in scales]
         base_to_target = [_masked_mean(js_divergence(base_eval, target[i].float()), eval_mask)
                           for i in range(len(personas))]
         for method, i, scale in tqdm(jobs, desc="steering", leave=False):
             vec = vectors[method][i] * float(scale)
-            lp_eval, _ = forward_from(llm, base.eval_resid, base.layer, base.eval_seqs, add=vec, max_scored=t)
-            lp_cap, _ = forward_from(llm, base.cap_resid, base.layer, base.cap_seqs, add=vec)
+            lp_eval, _ = forward_from(llm, base.eval_resid, base.layer, base.eval_seqs, add=vec, max_scored=t,
+                                      logprobs_on_device=True)
+            lp_cap, _ = forward_from(llm, base.cap_resid, base.layer, base.cap_seqs, add=vec, logprobs_on_device=True)
             steered_to_target = _masked_mean(js_divergence(lp_eval, target[i].float()), eval_mask)
             rows.append({
                 "method": method,
@@ -307,7 +312,7 @@ def llm_steering_sweep(
                 "js_steered_target": steered_to_target,
                 "intended_shift": base_to_target[i] - steered_to_target,
                 "steer_magnitude": _masked_mean(js_divergence(lp_eval, base_eval), eval_mask),
-                "spillover": _masked_mean(js_divergence(lp_cap, base.cap_logprobs), base.cap_mask),
+                "spillover": _masked_mean(js_divergence(lp_cap, base_cap), base.cap_mask),
                 "capability_accuracy": greedy_accuracy(lp_cap, base.cap_answers, base.cap_mask),
                 "capability_accuracy_base": acc_base,
             })
