@@ -4,6 +4,8 @@ design-respecting leakage statistics, and the coupling-data builders."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -113,6 +115,15 @@ def test_paired_shift_and_breadth_with_cis():
     assert np.isclose(b["breadth"], 0.5, atol=0.03) and b["ci_low"] < 0.5 < b["ci_high"]
     assert np.isnan(llm_scores.breadth_ci(_answers(0.5, 0.0) .assign(tone=lambda f: f["tone"].round(0) * 0), "tone",
                                           "EM", "control")["breadth"])
+    # an in-domain shift of 0 in some resamples: the interval is undefined (NaN), without scipy's warning
+    shifts = {"in_domain": [1.0, 0.0, 0.0], "broad": [0.5, 0.5, 0.6]}  # a resample of items 1 and 2 only: 0 / 0
+    few = pd.DataFrame([{"model": model, "set": set_name, "item": i, "sample": 0, "answered": 1,
+                         "tone": d if model == "EM" else 0.0}
+                        for set_name, ds in shifts.items() for i, d in enumerate(ds) for model in ("EM", "control")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        odd = llm_scores.breadth_ci(few, "tone", "EM", "control", n_boot=500)
+    assert np.isfinite(odd["breadth"]) and np.isnan(odd["ci_low"]) and np.isnan(odd["ci_high"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -154,6 +154,22 @@ def test_kernel_log_receives_the_progress_bars_that_leave_the_report(repo: Path,
     assert log.read_text() == text
 
 
+def test_stderr_leaves_the_report_and_only_real_messages_reach_the_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    """Progress bars, nested ones included (tqdm moves the cursor up with ESC [ A between them), are not printed
+    again; a warning is printed once, with its cell number; stdout and results stay in the notebook."""
+    nb = nbformat.v4.new_notebook()
+    nested = ("outer:  50%|#####     | 1/2 [00:01<00:01,  1.0s/it]\n\x1b[A\r"
+              "inner: 100%|##########| 3/3 [00:00<00:00, 9.9it/s]\x1b[A\n\x1b[A\n")
+    nb.cells = [nbformat.v4.new_code_cell("run()", outputs=[
+        nbformat.v4.new_output("stream", name="stderr", text=nested + "UserWarning: something real\n"),
+        nbformat.v4.new_output("stream", name="stdout", text="a result\n")]),
+        nbformat.v4.new_code_cell("again()", outputs=[
+            nbformat.v4.new_output("stream", name="stderr", text="UserWarning: something real\n\x1b[A\n")])]
+    out = runner.stderr_to_terminal(nb, "90_demo")
+    assert [o["name"] for c in out.cells for o in c["outputs"]] == ["stdout"]
+    assert capsys.readouterr().err == "   90_demo cell 0: UserWarning: something real\n"
+
+
 def test_failing_notebook_leaves_previous_outputs_untouched(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     previous = repo / "outputs" / f"{STUDY}_fail"  # params/<study>/fail.yaml writes outputs/<study>_fail
     previous.mkdir(parents=True)

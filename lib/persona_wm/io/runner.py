@@ -285,6 +285,8 @@ def _drop_parameter_inference_warnings(record: logging.LogRecord) -> bool:
 
 #: A progress-bar line (tqdm): "desc:  40%|####      | 4/10 [00:01<00:02, 2.9it/s]".
 _PROGRESS_LINE = re.compile(r"\d+%\||\|\s*\d+/\d+ \[|\d+/\d+ \[\d|it/s\]|s/it\]")
+#: Terminal control sequences (nested tqdm bars move the cursor up with ESC [ A between their lines).
+_ANSI_CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def stderr_to_terminal(notebook: Any, study: str) -> Any:
@@ -299,7 +301,7 @@ def stderr_to_terminal(notebook: Any, study: str) -> Any:
         for output in cell.get("outputs", []):
             if output.get("output_type") == "stream" and output.get("name") == "stderr":
                 for raw in output.get("text", "").split("\n"):
-                    line = raw.split("\r")[-1].strip()
+                    line = _ANSI_CONTROL.sub("", raw.split("\r")[-1]).strip()
                     if line and not _PROGRESS_LINE.search(line) and line not in seen:
                         seen.add(line)
                         print(f"   {study} cell {index}: {line}", file=sys.stderr)

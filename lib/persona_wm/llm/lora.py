@@ -364,6 +364,9 @@ def finetune(
     and the chosen step are in ``meta["val_curve"]`` / ``meta["best_step"]``).
     """
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    # save_embedding_layers=False: our targets are projections, never the embeddings, and the vocabulary is never
+    # resized; peft's "auto" would look for the base model's config.json in a GGUF package folder and warn
     from safetensors.torch import load_file
 
     if not seqs:
@@ -423,7 +426,7 @@ def finetune(
                     val_curve.append([step + 1, v])
                     if best is None or v < best[0]:
                         best = (v, step + 1, {k: t.detach().clone()
-                                              for k, t in get_peft_model_state_dict(peft_model).items()})
+                                              for k, t in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()})
         train_s = time.perf_counter() - start_t
         if best is not None:
             set_peft_model_state_dict(peft_model, best[2])
@@ -435,7 +438,7 @@ def finetune(
             meta.update(val_curve=val_curve, best_step=best[1], best_val_loss=best[0])
         if cache:
             save_adapter(directory, {k: v.detach().cpu().contiguous()
-                                     for k, v in get_peft_model_state_dict(peft_model).items()}, meta)
+                                     for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()}, meta)
         from_cache = False
     merged = peft_model.merge_and_unload()
     merged.eval().requires_grad_(False)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -277,7 +278,9 @@ def breadth_ci(frame: pd.DataFrame, score: str, a: str, b: str, broad: str = "br
                n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
     """EM breadth = mean broad shift / mean in-domain shift of ``score`` (model ``a`` minus the control
     ``b``, paired by question), with a 95% percentile bootstrap CI resampling the questions of each set
-    independently (scipy.stats.bootstrap, two samples). NaN when the in-domain shift is 0."""
+    independently (scipy.stats.bootstrap, two samples). NaN when the in-domain shift is 0, and a NaN interval
+    when it is 0 in some resamples (few questions, e.g. smoke params): the ratio is undefined there, and keeping
+    only the other resamples would condition the interval on the denominator."""
 
     means = item_means(frame, score)
     d_b = (means.loc[broad][a] - means.loc[broad][b]).dropna().to_numpy(float)
@@ -292,8 +295,10 @@ def breadth_ci(frame: pd.DataFrame, score: str, a: str, b: str, broad: str = "br
            "in_domain_shift": float(d_n.mean()) if len(d_n) else float("nan"),
            "ci_low": float("nan"), "ci_high": float("nan")}
     if len(d_b) >= 2 and len(d_n) >= 2 and np.isfinite(value):
-        res = sps.bootstrap((d_b, d_n), ratio, n_resamples=n_boot, method="percentile", vectorized=True,
-                            random_state=np.random.default_rng(seed))
+        with warnings.catch_warnings():  # scipy warns of the NaN interval described above; it is reported as NaN
+            warnings.simplefilter("ignore", sps.DegenerateDataWarning)
+            res = sps.bootstrap((d_b, d_n), ratio, n_resamples=n_boot, method="percentile", vectorized=True,
+                                random_state=np.random.default_rng(seed))
         out.update(ci_low=float(res.confidence_interval.low), ci_high=float(res.confidence_interval.high))
     return out
 

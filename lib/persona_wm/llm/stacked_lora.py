@@ -136,7 +136,7 @@ def _initial_lora(start: LLM, spec: lora.LoraSpec) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
     peft_model = lora.peft_model_for(copy.deepcopy(start.model), spec, start.n_layers)
-    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()}
     del peft_model
     return state
 
