@@ -161,9 +161,13 @@ def forward_tokens(llm: LLM, seqs: Sequence[Scored], max_scored: int | None = No
     """A teacher-forced pass scoring each sequence's own tokens (:class:`TokenScores`)."""
     if not seqs:
         raise LLMError("forward_tokens needs at least one sequence")
+    return _token_scores_at(llm, _final_hidden(llm, seqs), seqs, max_scored)
+
+
+def _final_hidden(llm: LLM, seqs: Sequence[Scored]) -> torch.Tensor:
+    """Final (normed) hidden states of the right-padded ``seqs``, on the model's device."""
     ids = right_pad(seqs, llm.pad_id).to(llm.device)
-    hidden = decoder(llm.model)(input_ids=ids, use_cache=False).last_hidden_state
-    return _token_scores_at(llm, hidden, seqs, max_scored)
+    return decoder(llm.model)(input_ids=ids, use_cache=False).last_hidden_state
 
 
 @torch.inference_mode()
@@ -182,10 +186,9 @@ def forward(
     """
     if not seqs:
         raise LLMError("forward needs at least one sequence")
-    ids = right_pad(seqs, llm.pad_id).to(llm.device)
     store: dict[int, torch.Tensor] = {}
     with capture_residuals(llm, layers, store):
-        hidden = decoder(llm.model)(input_ids=ids, use_cache=False).last_hidden_state
+        hidden = _final_hidden(llm, seqs)
     if logprobs:
         lp, mask = _logprobs_at(llm, hidden, seqs, max_scored, logprobs_on_device)
     else:

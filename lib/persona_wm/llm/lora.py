@@ -65,6 +65,7 @@ from persona_wm.llm.model import (
 
 __all__ = [
     "LORA_VERSION",
+    "adapter_state",
     "validation_loss",
     "select_recipe",
     "LoraSpec",
@@ -320,6 +321,16 @@ def adapter_dir(start: LLM, key: str) -> Path:
     return start.cache_dir / "adapters" / key[:16]
 
 
+def adapter_state(peft_model: Any) -> dict[str, torch.Tensor]:
+    """A peft model's LoRA tensors by peft state-dict key (what :func:`save_adapter` writes). The embeddings are
+    never among them (our targets are projections and the vocabulary is never resized), so
+    ``save_embedding_layers=False`` gives peft's "auto" result without its check, which looks for the base model's
+    config.json (absent from a GGUF package folder) and warns."""
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+
+
 def save_adapter(directory: Path, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
     """Write an adapter's peft state dict and its meta into ``directory``, each file replaced atomically (the
     weights first: a reader that finds the meta finds the weights)."""
@@ -363,10 +374,7 @@ def finetune(
     loss is the one returned (early stopping: the step count is chosen on held-out data; the curve
     and the chosen step are in ``meta["val_curve"]`` / ``meta["best_step"]``).
     """
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-    # save_embedding_layers=False: our targets are projections, never the embeddings, and the vocabulary is never
-    # resized; peft's "auto" would look for the base model's config.json in a GGUF package folder and warn
+    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     if not seqs:
@@ -426,7 +434,7 @@ def finetune(
                     val_curve.append([step + 1, v])
                     if best is None or v < best[0]:
                         best = (v, step + 1, {k: t.detach().clone()
-                                              for k, t in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()})
+                                              for k, t in adapter_state(peft_model).items()})
         train_s = time.perf_counter() - start_t
         if best is not None:
             set_peft_model_state_dict(peft_model, best[2])
@@ -438,7 +446,7 @@ def finetune(
             meta.update(val_curve=val_curve, best_step=best[1], best_val_loss=best[0])
         if cache:
             save_adapter(directory, {k: v.detach().cpu().contiguous()
-                                     for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()}, meta)
+                                     for k, v in adapter_state(peft_model).items()}, meta)
         from_cache = False
     merged = peft_model.merge_and_unload()
     merged.eval().requires_grad_(False)

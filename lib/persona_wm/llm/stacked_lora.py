@@ -133,10 +133,8 @@ def _check_group(jobs: Sequence[StackedJob]) -> lora.LoraSpec:
 
 def _initial_lora(start: LLM, spec: lora.LoraSpec) -> dict[str, torch.Tensor]:
     """peft's initial LoRA state for ``spec`` (its seed included), by peft state-dict key."""
-    from peft import get_peft_model_state_dict
-
     peft_model = lora.peft_model_for(copy.deepcopy(start.model), spec, start.n_layers)
-    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()}
+    state = {k: v.detach().clone() for k, v in lora.adapter_state(peft_model).items()}
     del peft_model
     return state
 

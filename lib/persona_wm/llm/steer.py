@@ -290,9 +290,9 @@ def llm_steering_sweep(
         device = torch.device(llm.device)
         target = (targets.tensor() if isinstance(targets, PersonaTargets) else targets).to(device)
         t = target.shape[2]
-        eval_mask = base.eval_mask[:, :t]
+        eval_mask = base.eval_mask[:, :t].to(device)
         base_eval = base.eval_logprobs[:, :t].to(device)
-        base_cap = base.cap_logprobs.to(device)
+        base_cap, cap_mask, cap_answers = (x.to(device) for x in (base.cap_logprobs, base.cap_mask, base.cap_answers))
         acc_base = greedy_accuracy(base.cap_logprobs, base.cap_answers, base.cap_mask)
         jobs = [(m, i, s) for m in vectors for i in range(len(personas)) for s in scales]
         base_to_target = [_masked_mean(js_divergence(base_eval, target[i].float()), eval_mask)
@@ -312,8 +312,8 @@ def llm_steering_sweep(
                 "js_steered_target": steered_to_target,
                 "intended_shift": base_to_target[i] - steered_to_target,
                 "steer_magnitude": _masked_mean(js_divergence(lp_eval, base_eval), eval_mask),
-                "spillover": _masked_mean(js_divergence(lp_cap, base_cap), base.cap_mask),
-                "capability_accuracy": greedy_accuracy(lp_cap, base.cap_answers, base.cap_mask),
+                "spillover": _masked_mean(js_divergence(lp_cap, base_cap), cap_mask),
+                "capability_accuracy": greedy_accuracy(lp_cap, cap_answers, cap_mask),
                 "capability_accuracy_base": acc_base,
             })
         return {c: [r[c] for r in rows] for c in rows[0]}
