@@ -43,6 +43,10 @@ and a run merges into the existing file, so a GPU run adds its keys next to the 
   whole calls (copying the model, the bottom residual, saving or merging included) and, as ``loop_speedup_k<K>``,
   of the training loops alone (what a run of many more steps approaches). ``--matmul-precision high`` runs both arms
   with TF32 matmuls on a GPU (``lora_stacked.<device>_tf32``; every study keeps full fp32).
+* ``sweep`` (not run by default) -> ``sweep_<params>_grid_<device>``: study 04's grid sweep
+  (:func:`persona_wm.studies.persona_engineering_sweep.run_sweep`, params ``--sweep-params``, default ``full``, with
+  the driver's default worker count) ``--repeats`` times, each from its own empty model cache: ``wall_s`` and
+  ``train_s`` are the medians, with their min, max and every run (``wall_s_runs``, ``train_s_runs``).
 
 * ``cold`` (not run by default; on the 2-core CPU about 11 minutes a repeat for 01-02 with both trainers, 9 for
   03-04 stacked; one model at a time, organism v3's 03 alone takes over an hour) -> ``cold_minutes.<study>``
@@ -91,7 +95,7 @@ OUTPUT = REPO_ROOT / "outputs" / "bench" / "metrics.json"  # the committed numbe
 SCRATCH = REPO_ROOT / ".cache" / "bench" / "metrics.json"  # the default destination
 #: The settings the committed ratios were measured with, as defaults: training steps per measured run.
 DEFAULT_STEPS = {"cpu": 50, "cuda": 300}
-SECTIONS = ("hmm", "sampler", "stacked", "llm", "study02", "cold", "lora_stacked")
+SECTIONS = ("hmm", "sampler", "stacked", "llm", "study02", "cold", "lora_stacked", "sweep")
 DEFAULT_SECTIONS = ("hmm", "sampler", "stacked", "llm")
 STUDY = "02_steering_specificity"
 
@@ -427,6 +431,27 @@ def bench_lora_stacked(device: torch.device, threads: int, ks: list[int], steps:
     return entry
 
 
+def bench_sweep(device: torch.device, params_name: str = "full", repeats: int = 3) -> dict:
+    """Study 04's grid sweep ``repeats`` times, each from an empty model cache: median wall and training seconds
+    with their min and max, and every run."""
+    from persona_wm.io.params import load_params
+    from persona_wm.studies.persona_engineering_sweep import STUDY, run_sweep
+
+    params = load_params(STUDY, params_name)
+    runs = []
+    for _ in tqdm(range(repeats), desc=f"sweep {params_name} on {device.type}", leave=False):
+        with tempfile.TemporaryDirectory() as tmp:
+            runs.append(run_sweep(params, params_name, Path(tmp) / "grid.json", device=str(device),
+                                  cache_dir=str(Path(tmp) / "models")))
+    walls, trains = [r["wall_s"] for r in runs], [r["train_s"] for r in runs]
+    entry = {**_spread("wall_s", walls), **_spread("train_s", trains), "wall_s_runs": walls, "train_s_runs": trains,
+             "repeats": repeats, "params": params_name, "device": runs[0]["device"], "trainer": runs[0]["trainer"],
+             "workers": runs[0]["workers"], "n_jobs": runs[0]["n_jobs"]}
+    print(f"sweep {params_name} on {entry['device']}: {entry['wall_s']:.1f} s wall [{min(walls):.1f}, "
+          f"{max(walls):.1f}], median of {repeats} cold runs", flush=True)
+    return entry
+
+
 def _packaged() -> bool:
     try:
         return L.weights_path().exists()
@@ -594,6 +619,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--llm", choices=("auto", "smollm2", "tiny", "smollm2-shape"), default="auto",
                         help="model of the llm and lora_stacked sections (smollm2-shape: lora_stacked only)")
     parser.add_argument("--params", default="default", help="study 02 params file (study02 section)")
+    parser.add_argument("--sweep-params", default="full", help="sweep section: study 04 params file")
     parser.add_argument("--studies", default=",".join(COLD_STUDIES),
                         help="cold section: comma-separated studies (default: %(default)s)")
     parser.add_argument("--arms", default=",".join(COLD_ARMS),
@@ -603,7 +629,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "them together, key suffix _jobs<N>")
     parser.add_argument("--lora-ks", type=_ints, default=[8], help="lora_stacked section: adapters per stacked run")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="hmm, stacked, lora_stacked and cold sections: runs per ratio (median, with min and max)")
+                        help="hmm, sampler, stacked, lora_stacked, sweep and cold sections: runs per ratio "
+                             "(median, with min and max)")
     parser.add_argument("--matmul-precision", choices=("highest", "high"), default="highest",
                         help="lora_stacked only: torch.set_float32_matmul_precision for both arms (high: TF32 "
                              "matmuls on a GPU, keys lora_stacked.<device>_tf32; the studies use highest)")
@@ -686,6 +713,15 @@ def main(argv: list[str] | None = None) -> dict:
         result["matmul_precision"] = args.matmul_precision
         current.setdefault("lora_stacked", {})[label] = result
         current.setdefault("meta", {})[f"lora_stacked.{label}"] = machine(device, threads[0])
+        write_metrics(current, args.output)
+        metrics.clear()
+        metrics.update(current)
+    if "sweep" in args.sections:
+        key = f"sweep_{args.sweep_params}_grid_{device.type}"
+        result = bench_sweep(device, args.sweep_params, args.repeats)
+        current = read_metrics(args.output)
+        current[key] = result
+        current.setdefault("meta", {})[key] = machine(device, None)  # one meta line per key, cpu and cuda apart
         write_metrics(current, args.output)
         metrics.clear()
         metrics.update(current)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -151,3 +153,25 @@ def test_matmul_precision_is_for_the_lora_section_alone_and_labels_its_key(tmp_p
         torch.set_float32_matmul_precision("highest")
     assert seen == ["high"] and out["lora_stacked"]["cpu_tf32"]["matmul_precision"] == "high"
     assert "lora_stacked.cpu_tf32" in out["meta"] and "cpu" not in out["lora_stacked"]
+
+
+def test_sweep_section_runs_each_repeat_from_its_own_empty_cache(tmp_path, monkeypatch) -> None:
+    """``--sections sweep``: one run_sweep per repeat, each with a fresh, empty model cache; the median wall and
+    training seconds with min, max and every run under ``sweep_<params>_grid_<device>``."""
+    from persona_wm.studies import persona_engineering_sweep as driver
+
+    caches, walls = [], iter([30.0, 10.0, 20.0])
+
+    def fake_run(params, params_name, out, workers=None, scheduler=None, device=None, cache_dir=None):
+        assert not any(Path(cache_dir).glob("*")) and cache_dir not in caches
+        caches.append(cache_dir)
+        wall = next(walls)
+        return {"wall_s": wall, "train_s": wall / 2, "device": "cpu", "trainer": "stacked", "workers": 1, "n_jobs": 4}
+
+    monkeypatch.setattr(driver, "run_sweep", fake_run)
+    out = bench.main(["--sections", "sweep", "--device", "cpu", "--sweep-params", "smoke", "--repeats", "3",
+                      "--output", str(tmp_path / "m.json")])
+    entry = out["sweep_smoke_grid_cpu"]
+    assert (entry["wall_s"], entry["wall_s_min"], entry["wall_s_max"]) == (20.0, 10.0, 30.0)
+    assert entry["train_s"] == 10.0 and entry["wall_s_runs"] == [30.0, 10.0, 20.0] and len(caches) == 3
+    assert "sweep_smoke_grid_cpu" in out["meta"] and "sweep" not in out["meta"]

@@ -213,5 +213,12 @@ def test_finetuning_figures_have_labelled_axes() -> None:
     _, ax = plt.subplots()
     ft_plots.plot_losses(pd.DataFrame({"run": ["em"] * 3, "step": [1, 2, 3], "loss": [3.0, 2.0, 1.5]}), ax)
     assert ax.get_xlabel() == "training step" and "nats/token" in ax.get_ylabel()
+    # 85 runs (gpu.yaml) of 8 kinds: one legend entry per kind, one line per run
+    runs = [f"couple:p{i}:a{a}" for i in range(10) for a in range(5)] + [f"{k}:a{a}" for k in ("em", "control")
+                                                                       for a in range(5)]
+    runs += [f"{arm}:librarian:a{a}" for arm in ("C1", "C2", "C2prime", "C3", "C3prime") for a in range(5)]
+    _, ax = plt.subplots()
+    ft_plots.plot_losses(pd.DataFrame([{"run": r, "step": s, "loss": 1.0 / s} for r in runs for s in (1, 2)]), ax)
+    assert len(ax.get_legend().get_texts()) == 8 and len(ax.get_lines()) >= len(runs)
     plt.close("all")
     assert math.isfinite(float(bys["js"].sum()))

@@ -98,9 +98,12 @@ def plot_reversal(shown: pd.DataFrame, layer: int, ax: plt.Axes) -> None:
 
 
 def plot_losses(losses: pd.DataFrame, ax: plt.Axes) -> None:
-    """Training loss per step of every LoRA run (``run``, ``step``, ``loss``)."""
-    sns.lineplot(data=losses, x="step", y="loss", hue="run", ax=ax)
+    """Training loss per step of every LoRA run (``run``, ``step``, ``loss``): one line per run, coloured by the
+    run's kind (the name before its first ``:``, e.g. ``couple``, ``em``, ``C2``), so that the legend stays short
+    however many adapters a run trains (gpu.yaml: 85)."""
+    frame = losses.assign(kind=losses["run"].str.split(":").str[0])
+    sns.lineplot(data=frame, x="step", y="loss", hue="kind", units="run", estimator=None, lw=0.8, alpha=0.7, ax=ax)
     ax.set_xlabel("training step")
     ax.set_ylabel("cross-entropy on trained tokens (nats/token)")
-    ax.set_title("LoRA training losses")
-    ax.legend(fontsize=7)
+    ax.set_title(f"LoRA training losses ({frame['run'].nunique()} runs)")
+    ax.legend(title="run kind", fontsize=7, ncol=2)
