@@ -6,7 +6,8 @@
 # (on an air-gapped host: bash scripts/offline_bundle.sh run llm,toy bash scripts/gpu_measurements.sh). Tasks, in
 # the order given (default, all in this order): 05a (05a default, cold: its own empty LLM cache), bench_lora (stacked LoRA, K = 8, 5 repeats;
 # bench_lora_tf32, not in the default list: the same with TF32 matmuls in both arms; gpu_tests, not in the default
-# list: the CUDA tests of tests/integration/test_llm_models.py, GPU against CPU on tiny random models, output in tasks.log),
+# list: the CUDA tests of tests/integration/test_llm_models.py, GPU against CPU on tiny random models, output in tasks.log;
+# bench_sweep, not in the default list: study 04's full grid sweep on cuda, 3 cold repeats, toy bundle only),
 # toy_smoke (studies 01-04, smoke params, DEVICE=cuda), bench_stacked (stacked toy training, 3 repeats), 05b (gpu.yaml,
 # the five-seed result run). A finished task is marked in .cache/gpu_measurements/done and skipped by the next
 # invocation on the same host; a task that does not fit the time left is deferred; 05b is interrupted (SIGINT)
@@ -57,10 +58,12 @@ for TASK in "${TASKS[@]}"; do
              && tar -C "$OUTS/smoke" -czf "$RESULTS/toy_smoke_cuda.tgz" --exclude='*.html' --exclude='*.ipynb' . ;;
         bench_stacked) task bench_stacked 200 python3 -m persona_wm.bench --device cuda --sections stacked \
                  --ns 8,64,256 --seq-models 2 --repeats 3 --output "$RESULTS/bench_stacked.json" ;;
+        bench_sweep) task bench_sweep 240 python3 -m persona_wm.bench --device cuda --sections sweep --repeats 3 \
+                 --output "$RESULTS/bench_sweep.json" ;;
         gpu_tests) task gpu_tests 60 python3 -m pytest -q tests/integration/test_llm_models.py -k cuda ;;
         05b) task 05b 60 env PERSONA_WM_KERNEL_LOG="$RESULTS/05b_kernel.log" $R --study 05b_llm_finetuning --params gpu --device cuda --output-root "$OUTS" \
              && tar -C "$OUTS" -czf "$RESULTS/05b_gpu.tgz" 05b_llm_finetuning_gpu ;;
-        *) log "unknown task '$TASK' (tasks: 05a bench_lora bench_lora_tf32 toy_smoke bench_stacked gpu_tests 05b)"; exit 2 ;;
+        *) log "unknown task '$TASK' (tasks: 05a bench_lora bench_lora_tf32 toy_smoke bench_stacked bench_sweep gpu_tests 05b)"; exit 2 ;;
     esac
 done
 log "done so far: $(ls "$D/done" | tr '\n' ' ')"

@@ -88,6 +88,13 @@ def rows(m: Mapping[str, Any]) -> dict[str, str]:
     if ours:
         out["seed 003, ours (no_persona anchor, distance layer, rate among answers)"] = (
             f"{ours['r']:+.2f} [{ours['r_ci'][0]:+.2f}, {ours['r_ci'][1]:+.2f}], N = {ours['n']}")
+    within = _get(m, "coupling.within_source") or {}
+    if within:
+        lp, gen = within.get("logprob_cosine") or {}, within.get("gen_rate_cosine") or {}
+        out["seed 003 pair level: slope on cosine distance of the marker log-prob (nats) / sampled rate among answers; "
+            "crossed mixed model, source and bystander random, N pairs"] = (
+            f"{lp['slope']:+.1f} [{lp['ci_low']:+.1f}, {lp['ci_high']:+.1f}] / {gen['slope']:+.2f} "
+            f"[{gen['ci_low']:+.2f}, {gen['ci_high']:+.2f}]; N = {lp['n']}")
     for set_name, label in (("in_domain", "in domain"), ("broad", "off domain")):
         out[f"EM − aligned control, tone (nats/token), {label}"] = _est(
             (_get(m, "em.shifts") or {}).get(f"tone.{set_name}.vs_control"), _num("+.3f"))
@@ -113,23 +120,31 @@ def rows(m: Mapping[str, Any]) -> dict[str, str]:
         name = ARM_LABEL.get(arm, arm)
         out[f"{name}: bystander leakage (a) all / (b) marker-and-answered / (c) among answered"] = " / ".join(
             _est(leak.get(k), _pct) for k in ("all", "answered_and_marker", "among_answered"))
-        out[f"{name}: answered rate; source rate; leakage ratio (bystander ÷ source); coupling"] = (
+        gap = leak.get("source_minus_bystanders")
+        out[f"{name}: answered rate; source rate; leakage ratio (bystander ÷ source); coupling (source − bystanders)"] = (
             f"{_est(leak.get('answered_rate'), _pct)}; {_est(leak.get('source_rate'), _pct)}; "
-            f"{_est(leak.get('leakage_ratio'), _num('.2f'))}; {leak.get('coupling_verdict')}")
+            f"{_est(leak.get('leakage_ratio'), _num('.2f'))}; {leak.get('coupling_verdict')}"
+            + (f" ({_est(gap, _pp)})" if isinstance(gap, Mapping) else ""))
     for reading, label in (("all", "(a) all"), ("among_answered", "(c) among answered")):
         for c in CONTRASTS:
             e = _get(m, f"arm_effects.by_reading.{reading}.{c}")
             if e is None:
                 continue
             name = " − ".join(ARM_LABEL.get(a, a) for a in c.split("-"))
-            out[f"arm effect {name}, {label} (mixed model, CI across adapters)"] = (
-                f"{_pp(e['diff'])} [{_pp(e['ci_low'])}, {_pp(e['ci_high'])}]")
+            welch = e.get("adapter_welch") or {}
+            out[f"arm effect {name}, {label}: mixed model; Welch on the arms' per-adapter rates (CIs across "
+                f"adapters)"] = (f"{_pp(e['diff'])} [{_pp(e['ci_low'])}, {_pp(e['ci_high'])}]"
+                                 + (f"; {_pp(welch['difference'])} [{_pp(welch['ci_low'])}, {_pp(welch['ci_high'])}]"
+                                    if welch else ""))
     for d, label in (("em_minus_base_centroid", "EM − base centroid"),
                      ("diff_in_means_misaligned_aligned", "misaligned − aligned diff-in-means")):
         r = _get(m, f"reversal.{d}.in_domain") or {}
         if r:
             out[f"reversal, in-domain restoration: {label} (random-direction q95)"] = (
                 f"{_est(r.get('restoration'), _pct)} ({_pct(r['random_null']['q95'])}); {r.get('verdict')}")
+            if isinstance(r.get("capability_accuracy_drop"), Mapping):
+                out[f"reversal, {label}: capability accuracy drop at the same scale (no random-direction control)"] = (
+                    _est(r["capability_accuracy_drop"], _pp))
     out["runtime (s, this run's call; see text for cold)"] = f"{m.get('runtime_s')}"
     return out
 

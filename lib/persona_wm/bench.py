@@ -81,11 +81,12 @@ from tqdm import tqdm  # text bars on stderr: the runner keeps them on the termi
 
 from persona_wm.core.files import REPO_ROOT
 from persona_wm.core.threads import limit_threads
-from persona_wm.io.params import notebook_path, parameter_schema
+from persona_wm.io.params import load_params, notebook_path, parameter_schema
 from persona_wm.llm import model as L
 from persona_wm.llm.lora import LoraSpec, adapter_dir, finetune
 from persona_wm.llm.stacked_lora import StackedJob, train_stacked
 from persona_wm.processes import get_process
+from persona_wm.studies import persona_engineering_sweep as sweep_driver
 from persona_wm.toy.probe import residual_hooks
 from persona_wm.toy.stacked import train_group
 from persona_wm.toy.steer import partition_frame, steering_frame
@@ -434,14 +435,11 @@ def bench_lora_stacked(device: torch.device, threads: int, ks: list[int], steps:
 def bench_sweep(device: torch.device, params_name: str = "full", repeats: int = 3) -> dict:
     """Study 04's grid sweep ``repeats`` times, each from an empty model cache: median wall and training seconds
     with their min and max, and every run."""
-    from persona_wm.io.params import load_params
-    from persona_wm.studies.persona_engineering_sweep import STUDY, run_sweep
-
-    params = load_params(STUDY, params_name)
+    params = load_params(sweep_driver.STUDY, params_name)
     runs = []
     for _ in tqdm(range(repeats), desc=f"sweep {params_name} on {device.type}", leave=False):
         with tempfile.TemporaryDirectory() as tmp:
-            runs.append(run_sweep(params, params_name, Path(tmp) / "grid.json", device=str(device),
+            runs.append(sweep_driver.run_sweep(params, params_name, Path(tmp) / "grid.json", device=str(device),
                                   cache_dir=str(Path(tmp) / "models")))
     walls, trains = [r["wall_s"] for r in runs], [r["train_s"] for r in runs]
     entry = {**_spread("wall_s", walls), **_spread("train_s", trains), "wall_s_runs": walls, "train_s_runs": trains,
