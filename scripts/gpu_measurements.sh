@@ -15,7 +15,10 @@
 # (a tar of its output folder or the bench's JSON) and the logs go to RESULTS (default .cache/gpu_results), with
 # every invocation's task times appended to RESULTS/history.log (how cold times over several invocations add up), and
 # the 05a/05b kernels' progress bars (each long step with its elapsed time) to RESULTS/05a_kernel.log, 05b_kernel.log
-# (PERSONA_WM_KERNEL_LOG): where an interrupted run spent its time.
+# (PERSONA_WM_KERNEL_LOG): where an interrupted run spent its time. Where a process started in its own session
+# (setsid ... &) outlives the job that started it, start this script that way once, with RESULTS outside the job's
+# scratch folder, and let later jobs only wait for it and copy RESULTS: it then runs uninterrupted, and nothing is
+# resumed (05b's result run of 2026-12-07 ran so; copy a task's tar only after its "end" line in driver.log).
 set -u
 T0=$(date +%s); LIMIT=${DEADLINE_S:-100000}
 RESULTS=${RESULTS:-.cache/gpu_results}; D=.cache/gpu_measurements
