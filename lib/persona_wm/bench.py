@@ -440,7 +440,7 @@ def bench_sweep(device: torch.device, params_name: str = "full", repeats: int = 
     for _ in tqdm(range(repeats), desc=f"sweep {params_name} on {device.type}", leave=False):
         with tempfile.TemporaryDirectory() as tmp:
             runs.append(sweep_driver.run_sweep(params, params_name, Path(tmp) / "grid.json", device=str(device),
-                                  cache_dir=str(Path(tmp) / "models")))
+                                               cache_dir=str(Path(tmp) / "models")))
     walls, trains = [r["wall_s"] for r in runs], [r["train_s"] for r in runs]
     entry = {**_spread("wall_s", walls), **_spread("train_s", trains), "wall_s_runs": walls, "train_s_runs": trains,
              "repeats": repeats, "params": params_name, "device": runs[0]["device"], "trainer": runs[0]["trainer"],
