@@ -456,8 +456,7 @@ display(Markdown(
         f"{a} {leakage[a].all.text('.1%')} (answered {leakage[a].answered_rate.mean:.0%}, source "
         f"{leakage[a].source_rate.mean:.0%}, ratio {leakage[a].leakage_ratio.mean:.2f}: {leakage[a].verdict})"
         for a in arms)
-    + ". Mixed-model arm effects, reading (a): " + "; ".join(
-        f"{k} {e.diff:+.1%} {ci_text(e.ci_low, e.ci_high, '+.1%')}" for k, e in effects["all"].items()) + "."))
+    + ". Mixed-model arm effects, reading (a): " + "; ".join(e.text() for e in effects["all"].values()) + "."))
 
 # %% [markdown]
 # ## 7. Reversal: steering the EM model back
@@ -570,10 +569,8 @@ display(Markdown(
     "Bystander marker rate among all completions, across adapters: "
     + ", ".join(f"{a} {leakage[a].all.text('.1%')} ({leakage[a].verdict})" for a in arms)
     + " (seed 004, among answers: C1 27.4%, C2 57.6%, C2′ 3.4%, C3 95.9%). Mixed-model contrasts (adapter, bystander, "
-    "prompt random): " + "; ".join(f"{k} {e.diff:+.1%} {ci_text(e.ci_low, e.ci_high, '+.1%')}"
-                                   for k, e in e_all.items())
-    + "; the gated reading (c) gives " + "; ".join(
-        f"{k} {e.diff:+.1%} {ci_text(e.ci_low, e.ci_high, '+.1%')}" for k, e in effects["among_answered"].items())
+    "prompt random), each beside Welch on the two arms' per-adapter rates: " + "; ".join(e.text() for e in e_all.values())
+    + "; the gated reading (c) gives " + "; ".join(e.text() for e in effects["among_answered"].values())
     + ".\n"
     f"- **Reversal, control: {n_random_directions} random directions of the same norm per adapter.** In-domain "
     "restoration at scale " + f"{headline_scale:g}: " + "; ".join(

@@ -226,3 +226,17 @@ def test_finetuning_figures_have_labelled_axes() -> None:
         fig.tight_layout()
     plt.close("all")
     assert math.isfinite(float(bys["js"].sum()))
+
+
+def test_arm_effect_text_puts_welch_beside_the_mixed_model_and_flags_disagreement() -> None:
+    """gpu.yaml's C2 - C1: the mixed model's interval excludes 0, Welch's over the adapters does not; the text says so."""
+    welch = {"difference": -0.074, "ci_low": -0.168, "ci_high": 0.021, "p": 0.1, "n_a": 5.0, "n_b": 5.0, "a": 0.25,
+             "b": 0.33}
+    split = ft.ArmEffect("C2-C1", "all", -0.074, -0.121, -0.026, 0.002, 5, welch)
+    assert split.excludes_zero and not split.welch_excludes_zero
+    assert split.text() == ("C2-C1 -7.4% [-12.1%, -2.6%] (Welch over adapters [-16.8%, +2.1%]; the two intervals "
+                            "disagree about 0)")
+    both = ft.ArmEffect("C2-C2prime", "all", 0.246, 0.198, 0.293, 1e-9, 5, welch | {"ci_low": 0.158, "ci_high": 0.334})
+    assert both.text() == "C2-C2prime +24.6% [+19.8%, +29.3%] (Welch over adapters [+15.8%, +33.4%])"
+    missing = ft.ArmEffect("C3-C1", "all", 0.01, -0.1, 0.1, 0.5, 1, {})
+    assert "Welch over adapters n/a" in missing.text() and not missing.welch_excludes_zero

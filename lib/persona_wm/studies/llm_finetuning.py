@@ -973,6 +973,21 @@ class ArmEffect:
     def excludes_zero(self) -> bool:
         return bool(self.ci_low > 0 or self.ci_high < 0)
 
+    @property
+    def welch_excludes_zero(self) -> bool:
+        """Whether Welch's interval on the per-adapter rates excludes 0 (False where it is missing)."""
+        low, high = self.adapter_welch.get("ci_low", np.nan), self.adapter_welch.get("ci_high", np.nan)
+        return bool(low > 0 or high < 0)
+
+    def text(self, spec: str = "+.1%") -> str:
+        """'C2-C1 -7.4% [-12.1%, -2.6%] (Welch over adapters [-16.8%, +2.1%])', flagged where the mixed model's
+        interval and Welch's disagree about 0 (the mixed model pools one adapter variance over every arm)."""
+        w = self.adapter_welch
+        welch = ci_text(w["ci_low"], w["ci_high"], spec) if {"ci_low", "ci_high"} <= set(w) else "n/a"
+        flag = "" if self.excludes_zero == self.welch_excludes_zero else "; the two intervals disagree about 0"
+        return (f"{self.contrast} {self.diff:{spec}} {ci_text(self.ci_low, self.ci_high, spec)} "
+                f"(Welch over adapters {welch}{flag})")
+
     def as_dict(self) -> dict[str, Any]:
         return {"diff": _num(self.diff), "ci_low": _num(self.ci_low), "ci_high": _num(self.ci_high),
                 "p": _num(self.p), "n_adapters": self.n_adapters,
