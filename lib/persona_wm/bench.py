@@ -715,14 +715,8 @@ def main(argv: list[str] | None = None) -> dict:
         metrics.clear()
         metrics.update(current)
     if "sweep" in args.sections:
-        key = f"sweep_{args.sweep_params}_grid_{device.type}"
-        result = bench_sweep(device, args.sweep_params, args.repeats)
-        current = read_metrics(args.output)
-        current[key] = result
-        current.setdefault("meta", {})[key] = machine(device, None)  # one meta line per key, cpu and cuda apart
-        write_metrics(current, args.output)
-        metrics.clear()
-        metrics.update(current)
+        key = f"sweep_{args.sweep_params}_grid_{device.type}"  # also the meta key: cpu and cuda lines apart
+        save(key, key, bench_sweep(device, args.sweep_params, args.repeats), None)
     if "cold" in args.sections:
         result = bench_cold(device, studies, arms, args.params, threads=args.threads[0] if args.threads else None,
                             repeats=args.repeats,
